@@ -1,0 +1,268 @@
+"""Configuration dataclasses: the parent architecture and the elastic space.
+
+Layer 0 of the package: no torch. Every dataclass here validates itself on construction,
+reports *all* problems at once, and round-trips through plain dicts (JSON / YAML / TOML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration or sub-network spec is invalid. The message names every bad field."""
+
+
+def _check(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    """Build dataclass `cls` from `data`, refusing unknown keys (named, with the allowed set)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            if isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _int_in(problems: list[str], name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        problems.append(f"{name}={value!r} must be an integer")
+    elif value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        problems.append(f"{name}={value} is out of range; allowed {rng}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The parent (or a child) architecture.
+
+    The block follows Mixtral / Qwen3-MoE: pre-RMSNorm, RoPE (rotate-half convention),
+    grouped-query attention, softmax router whose top-k probabilities are renormalised to sum
+    to one, SwiGLU experts. `qk_norm=True` adds Qwen3's per-head RMSNorm on queries and keys;
+    `shared_expert_width > 0` adds an always-on SwiGLU expert (not elastic, not exportable to a
+    stock transformers architecture).
+    """
+
+    vocab_size: int = 2048
+    d_model: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    experts: int = 8
+    top_k: int = 2
+    expert_width: int = 256
+    shared_expert_width: int = 0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 512
+    tie_embeddings: bool = False
+    qk_norm: bool = False
+    # Per-layer (experts, top_k, expert_width), only for children extracted from a per-layer
+    # sub-network; empty means every layer has (experts, top_k, expert_width).
+    layer_shapes: tuple[tuple[int, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_shapes", tuple(tuple(s) for s in self.layer_shapes))
+        p: list[str] = []
+        _int_in(p, "vocab_size", self.vocab_size, 2)
+        _int_in(p, "d_model", self.d_model, 1)
+        _int_in(p, "layers", self.layers, 1)
+        _int_in(p, "heads", self.heads, 1)
+        _int_in(p, "kv_heads", self.kv_heads, 1, self.heads if isinstance(self.heads, int) else None)
+        _int_in(p, "head_dim", self.head_dim, 2)
+        _int_in(p, "experts", self.experts, 1)
+        _int_in(p, "top_k", self.top_k, 1, self.experts if isinstance(self.experts, int) else None)
+        _int_in(p, "expert_width", self.expert_width, 1)
+        _int_in(p, "shared_expert_width", self.shared_expert_width, 0)
+        _int_in(p, "max_seq_len", self.max_seq_len, 1)
+        if not p:
+            if self.heads % self.kv_heads:
+                p.append(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+            if self.head_dim % 2:
+                p.append(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+            p.append(f"rope_theta={self.rope_theta!r} must be a positive number")
+        if not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
+            p.append(f"norm_eps={self.norm_eps!r} must be in (0, 1)")
+        if self.layer_shapes and not p:
+            if len(self.layer_shapes) != self.layers:
+                p.append(f"layer_shapes has {len(self.layer_shapes)} entries; expected layers={self.layers}")
+            for i, shape in enumerate(self.layer_shapes):
+                if len(shape) != 3:
+                    p.append(f"layer_shapes[{i}]={list(shape)} must be [experts, top_k, width]")
+                    continue
+                e, k, w = shape
+                _int_in(p, f"layer_shapes[{i}] experts", e, 1, self.experts)
+                _int_in(p, f"layer_shapes[{i}] top_k", k, 1, min(e, self.experts) if isinstance(e, int) else None)
+                _int_in(p, f"layer_shapes[{i}] width", w, 1, self.expert_width)
+        for name in ("tie_embeddings", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                p.append(f"{name}={getattr(self, name)!r} must be true or false")
+        _check(p)
+
+    def layer_shape(self, i: int) -> tuple[int, int, int]:
+        """(experts, top_k, expert_width) of layer i."""
+        return self.layer_shapes[i] if self.layer_shapes else (self.experts, self.top_k, self.expert_width)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_shapes"] = [list(s) for s in self.layer_shapes]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data, "model")
+
+
+@dataclass(frozen=True)
+class ElasticSpace:
+    """What may shrink and to what. Values are uniform choices offered to every kept layer.
+
+    depths: allowed numbers of kept layers; experts: allowed numbers of kept experts per layer
+    (a prefix of the importance-ordered experts); top_ks: allowed routing top-k; widths: allowed
+    expert hidden widths (a prefix of the importance-ordered neurons).
+    """
+
+    depths: tuple[int, ...] = ()
+    experts: tuple[int, ...] = ()
+    top_ks: tuple[int, ...] = ()
+    widths: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("depths", "experts", "top_ks", "widths"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(sorted(set(value))))
+
+    def validate(self, config: ModelConfig) -> None:
+        """Raise ConfigError naming every value that the parent `config` cannot provide."""
+        p: list[str] = []
+        limits = {
+            "depths": config.layers,
+            "experts": config.experts,
+            "top_ks": config.top_k,
+            "widths": config.expert_width,
+        }
+        for name, hi in limits.items():
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or not values:
+                p.append(f"space.{name} must be a non-empty list of integers in [1, {hi}]")
+                continue
+            for v in values:
+                _int_in(p, f"space.{name} value", v, 1, hi)
+        if not p and min(self.top_ks) > min(self.experts):
+            p.append(
+                f"space.top_ks minimum {min(self.top_ks)} exceeds space.experts minimum "
+                f"{min(self.experts)}: the smallest sub-network would route to more experts than it keeps"
+            )
+        _check(p)
+
+    @classmethod
+    def full(cls, config: ModelConfig) -> ElasticSpace:
+        """The degenerate space holding only the parent."""
+        return cls((config.layers,), (config.experts,), (config.top_k,), (config.expert_width,))
+
+    @classmethod
+    def default_for(cls, config: ModelConfig) -> ElasticSpace:
+        """A sensible space: depth down to half, experts and width down to a quarter, top-k to 1."""
+
+        def ladder(hi: int, lo: int) -> tuple[int, ...]:
+            vals, v = {hi}, hi
+            while v // 2 >= max(lo, 1):
+                v //= 2
+                vals.add(v)
+            return tuple(sorted(vals))
+
+        return cls(
+            depths=tuple(range(max(1, config.layers // 2), config.layers + 1)),
+            experts=ladder(config.experts, max(config.top_k, config.experts // 4)),
+            top_ks=tuple(range(1, config.top_k + 1)),
+            widths=ladder(config.expert_width, config.expert_width // 4),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ElasticSpace:
+        return _from_dict(cls, data, "space")
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a JSON, YAML or TOML file into a dict, with a one-line error on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # parse errors from three libraries: report uniformly
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML scalar/list) to a nested dict copy."""
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+__all__ = [
+    "ConfigError",
+    "ElasticSpace",
+    "ModelConfig",
+    "apply_overrides",
+    "dump_yaml",
+    "load_mapping",
+]

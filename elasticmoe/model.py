@@ -1,0 +1,349 @@
+"""The elastic MoE transformer, top to bottom: norm, RoPE, attention, router + experts, block, model.
+
+Any sub-network runs directly: `model(tokens, subnet=spec)` runs only the kept layers; in each,
+the router scores only the first `experts` experts and the experts use only their first `width`
+neurons, all through slices (views) of the shared parameters: nothing is copied, masked or
+computed and thrown away. The per-call choice is an argument, never a mode stored on modules.
+
+Math follows Mixtral / Qwen3-MoE so an exporter can write a stock transformers checkpoint:
+pre-RMSNorm (computed in float32), rotate-half RoPE, grouped-query attention through
+`scaled_dot_product_attention`, softmax router over the kept experts in float32 whose top-k
+probabilities are renormalised to sum to one, SwiGLU experts `down(silu(gate x) * up x)`.
+
+Shape legend (suffixes on tensor names): B batch, T time (new tokens), S keys (cached + new),
+D d_model, H query heads, G kv heads, Dh head dim, V vocab, E experts kept, K top-k,
+W expert width kept, N tokens (B*T), A token-expert assignments (N*K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .subnet import LayerSpec, Subnet
+
+
+# -- norm and rotary embedding ----------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    freqs_TF = positions.float()[:, None] * inv_freq[None, :]
+    emb_TDh = torch.cat([freqs_TF, freqs_TF], dim=-1)
+    return emb_TDh.cos().to(dtype), emb_TDh.sin().to(dtype)
+
+
+def apply_rope(x_BHTDh: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tensor) -> torch.Tensor:
+    half = x_BHTDh.shape[-1] // 2
+    rotated = torch.cat([-x_BHTDh[..., half:], x_BHTDh[..., :half]], dim=-1)
+    return x_BHTDh * cos_TDh + rotated * sin_TDh
+
+
+# -- KV cache ---------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated keys/values for the kept layers of one sub-network (slot n = n-th kept layer)."""
+
+    def __init__(self, depth: int, batch: int, max_len: int, kv_heads: int, head_dim: int, device, dtype):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, slot: int, k_BGTDh: torch.Tensor, v_BGTDh: torch.Tensor):
+        start, end = self.length, self.length + k_BGTDh.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[slot][:, :, start:end] = k_BGTDh
+        self.v[slot][:, :, start:end] = v_BGTDh
+        return self.k[slot][:, :, :end], self.v[slot][:, :, :end]
+
+
+# -- attention --------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.d_model, c.heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.heads * c.head_dim, c.d_model, bias=False)
+        self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+
+    def forward(self, x_BTD, cos_TDh, sin_TDh, cache: KVCache | None = None, slot: int = 0):
+        B, T, _ = x_BTD.shape
+        q_BTHDh = self.q_proj(x_BTD).view(B, T, self.heads, self.head_dim)
+        k_BTGDh = self.k_proj(x_BTD).view(B, T, self.kv_heads, self.head_dim)
+        v_BGTDh = self.v_proj(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q_BTHDh, k_BTGDh = self.q_norm(q_BTHDh), self.k_norm(k_BTGDh)
+        q_BHTDh = apply_rope(q_BTHDh.transpose(1, 2), cos_TDh, sin_TDh)
+        k_BGTDh = apply_rope(k_BTGDh.transpose(1, 2), cos_TDh, sin_TDh)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k_BGTDh, v_BGTDh = cache.update(slot, k_BGTDh, v_BGTDh)
+        if start == 0:
+            mask, causal = None, T > 1
+        else:  # new queries sit at positions start..start+T-1 and see every earlier key
+            S = k_BGTDh.shape[2]
+            mask = torch.arange(S, device=x_BTD.device)[None, :] <= (start + torch.arange(T, device=x_BTD.device))[:, None]
+            causal = False
+        y_BHTDh = F.scaled_dot_product_attention(
+            q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=mask, is_causal=causal, enable_gqa=self.heads != self.kv_heads
+        )
+        return self.o_proj(y_BHTDh.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+
+# -- experts and dispatch ---------------------------------------------------------------------
+def _grouped_mm_available() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+class _GroupedMM(torch.autograd.Function):
+    """`torch._grouped_mm` with a backward that zeroes the weight gradient of empty groups.
+
+    grouped-mm writes nothing for an expert that received no rows, so its slice of the weight
+    gradient would be uninitialised memory (NaN or garbage) if taken straight from the kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x_AI, w_EIO, offs_E):
+        ctx.save_for_backward(x_AI, w_EIO, offs_E)
+        return torch._grouped_mm(x_AI, w_EIO, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, g_AO):
+        x_AI, w_EIO, offs_E = ctx.saved_tensors
+        g_AO = g_AO.contiguous()
+        gx_AI = torch._grouped_mm(g_AO, w_EIO.transpose(-2, -1), offs=offs_E)
+        gw_EIO = torch._grouped_mm(x_AI.transpose(0, 1), g_AO, offs=offs_E)
+        sizes_E = offs_E - F.pad(offs_E[:-1], (1, 0))
+        gw_EIO = torch.where((sizes_E == 0)[:, None, None], torch.zeros_like(gw_EIO), gw_EIO)
+        return gx_AI, gw_EIO, None
+
+
+def experts_loop(x_AD, counts: list[int], w_gate_EWD, w_up_EWD, w_down_EDW) -> torch.Tensor:
+    """SwiGLU experts over expert-sorted rows: one contiguous chunk per expert, empty ones skipped."""
+    outs = []
+    for e, chunk_CD in enumerate(x_AD.split(counts)):
+        if counts[e] == 0:
+            continue
+        h_CW = F.silu(chunk_CD @ w_gate_EWD[e].T) * (chunk_CD @ w_up_EWD[e].T)
+        outs.append(h_CW @ w_down_EDW[e].T)
+    return torch.cat(outs) if outs else x_AD.new_zeros(x_AD.shape)
+
+
+def experts_grouped(x_AD, counts_E: torch.Tensor, w_gate_EWD, w_up_EWD, w_down_EDW) -> torch.Tensor:
+    """The same computation as `experts_loop` through grouped GEMMs (three kernel launches)."""
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    g_AW = _GroupedMM.apply(x_AD, w_gate_EWD.transpose(-2, -1), offs_E)
+    u_AW = _GroupedMM.apply(x_AD, w_up_EWD.transpose(-2, -1), offs_E)
+    y_AD = _GroupedMM.apply(F.silu(g_AW) * u_AW, w_down_EDW.transpose(-2, -1), offs_E)
+    rows = int(offs_E[-1]) if offs_E.numel() else 0
+    if rows < y_AD.shape[0]:  # rows past the last offset are never written by the kernel
+        y_AD = torch.cat([y_AD[:rows], y_AD.new_zeros(y_AD.shape[0] - rows, y_AD.shape[1])])
+    return y_AD
+
+
+def moe_dispatch(x_ND, weights_NK, experts_NK, w_gate_EWD, w_up_EWD, w_down_EDW, method: str = "loop"):
+    """Sort token-expert assignments by expert, run each expert on its contiguous chunk,
+    scale by the gate weights and scatter back with `index_add_`. No O(E x N) masks."""
+    N, K = experts_NK.shape
+    E = w_gate_EWD.shape[0]
+    flat_A = experts_NK.reshape(-1)
+    order_A = flat_A.argsort(stable=True)
+    token_A = order_A // K
+    counts_E = torch.bincount(flat_A, minlength=E)
+    x_AD = x_ND[token_A]
+    if method == "grouped":
+        y_AD = experts_grouped(x_AD, counts_E, w_gate_EWD, w_up_EWD, w_down_EDW)
+    else:
+        y_AD = experts_loop(x_AD, counts_E.tolist(), w_gate_EWD, w_up_EWD, w_down_EDW)
+    y_AD = y_AD * weights_NK.reshape(-1)[order_A, None].to(y_AD.dtype)
+    return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, width, bias=False)
+        self.up_proj = nn.Linear(d_model, width, bias=False)
+        self.down_proj = nn.Linear(width, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Router + stacked experts (+ optional shared expert). Expert tensors are (E, W, D) for
+    gate/up and (E, D, W) for down, so an expert-prefix and a width-prefix are plain slices."""
+
+    dispatch = "auto"  # "auto" (grouped GEMM on CUDA, loop elsewhere), "loop" or "grouped"
+
+    def __init__(self, d_model: int, experts: int, width: int, shared_width: int):
+        super().__init__()
+        self.router = nn.Linear(d_model, experts, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(experts, width, d_model))
+        self.w_up = nn.Parameter(torch.empty(experts, width, d_model))
+        self.w_down = nn.Parameter(torch.empty(experts, d_model, width))
+        self.shared = SwiGLU(d_model, shared_width) if shared_width > 0 else None
+
+    def forward(self, x_ND: torch.Tensor, spec: LayerSpec):
+        E, K, W = spec.experts, spec.top_k, spec.width
+        logits_NE = F.linear(x_ND, self.router.weight[:E])
+        probs_NE = logits_NE.float().softmax(dim=-1)
+        top_p_NK, top_i_NK = probs_NE.topk(K, dim=-1)
+        top_p_NK = top_p_NK / top_p_NK.sum(dim=-1, keepdim=True)
+        method = self.dispatch
+        if method == "auto":
+            method = "grouped" if x_ND.is_cuda and _grouped_mm_available() else "loop"
+        y_ND = moe_dispatch(
+            x_ND, top_p_NK, top_i_NK, self.w_gate[:E, :W], self.w_up[:E, :W], self.w_down[:E, :, :W], method
+        )
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(x_ND)
+        # Switch Transformer load balance (Fedus et al. 2021, eq. 4) over the kept experts:
+        # E * sum_e f_e * P_e, f_e = fraction of assignments to e, P_e = mean router probability.
+        f_E = torch.bincount(top_i_NK.reshape(-1), minlength=E).float() / top_i_NK.numel()
+        aux = E * (f_E * probs_NE.mean(dim=0)).sum()
+        # Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean squared log-partition.
+        z = torch.logsumexp(logits_NE.float(), dim=-1).square().mean()
+        return y_ND, aux, z
+
+
+# -- block and model --------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, index: int):
+        super().__init__()
+        experts, _, width = c.layer_shape(index)
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.attn = Attention(c)
+        self.moe_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.moe = MoE(c.d_model, experts, width, c.shared_expert_width)
+
+    def forward(self, x_BTD, cos, sin, spec: LayerSpec, cache=None, slot=0):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, slot)
+        B, T, D = x_BTD.shape
+        y_ND, aux, z = self.moe(self.moe_norm(x_BTD).reshape(B * T, D), spec)
+        return x_BTD + y_ND.view(B, T, D), aux, z
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    aux_loss: torch.Tensor  # load-balance loss, mean over kept layers
+    z_loss: torch.Tensor  # router z-loss, mean over kept layers
+
+
+class ElasticMoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Layers in keep-priority order (most important first): `L6` keeps the first 6 of these.
+        self.layer_order: list[int] = list(range(config.layers))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        out_std = std / (2 * self.config.layers) ** 0.5  # GPT-2 style scaling of residual writes
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "w_down", "down_proj.weight")):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+
+    def resolve(self, subnet: Subnet | None) -> Subnet:
+        return Subnet.full(self.config) if subnet is None else subnet.validate(self.config)
+
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        subnet: Subnet | None = None,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:
+        subnet = self.resolve(subnet)
+        B, T = tokens_BT.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        x_BTD = self.embed(tokens_BT)
+        positions = torch.arange(start, start + T, device=tokens_BT.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x_BTD.dtype)
+        aux = x_BTD.new_zeros((), dtype=torch.float32)
+        z = x_BTD.new_zeros((), dtype=torch.float32)
+        for slot, (i, spec) in enumerate(zip(subnet.layers, subnet.specs)):
+            x_BTD, a, zz = self.blocks[i](x_BTD, cos, sin, spec, cache, slot)
+            aux, z = aux + a, z + zz
+        if cache is not None:
+            cache.length += T
+        x_BTD = self.norm(x_BTD)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x_BTD, weight)
+        return ModelOutput(logits, aux / subnet.depth, z / subnet.depth)
+
+    def new_cache(self, batch: int, max_len: int, subnet: Subnet | None = None) -> KVCache:
+        c = self.config
+        p = self.embed.weight
+        return KVCache(self.resolve(subnet).depth, batch, max_len, c.kv_heads, c.head_dim, p.device, p.dtype)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_BT: torch.Tensor,
+        max_new_tokens: int,
+        subnet: Subnet | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        eos_id: int | None = None,
+    ) -> torch.Tensor:
+        """KV-cached sampling; temperature 0 is greedy. Returns prompt + new tokens."""
+        B, T = prompt_BT.shape
+        total = min(T + max_new_tokens, self.config.max_seq_len)
+        cache = self.new_cache(B, total, subnet)
+        out, nxt = prompt_BT, prompt_BT
+        done = torch.zeros(B, dtype=torch.bool, device=prompt_BT.device)
+        for _ in range(total - T):
+            logits_BV = self(nxt, subnet, cache).logits[:, -1].float()
+            if temperature <= 0:
+                tok_B = logits_BV.argmax(-1)
+            else:
+                logits_BV = logits_BV / temperature
+                if top_k:
+                    kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+                    logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+                tok_B = torch.multinomial(logits_BV.softmax(-1), 1, generator=generator)[:, 0]
+            if eos_id is not None:
+                tok_B = torch.where(done, torch.full_like(tok_B, eos_id), tok_B)
+                done |= tok_B == eos_id
+            nxt = tok_B[:, None]
+            out = torch.cat([out, nxt], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,246 @@
+"""Subnet: one point of the elastic space, and how to sample, print and parse it.
+
+Text grammar (uniform sub-networks), four space-separated fields in any order:
+
+    L[0-3,5]   kept parent layer indices (ranges and single indices, increasing)
+    L6         shorthand: keep 6 layers, chosen by the parent's layer order
+               (`layer_order`, most important first; identity if not given)
+    E8         experts kept per layer (a prefix of the importance-ordered experts)
+    k2         routing top-k
+    W256       expert hidden width kept (a prefix of the importance-ordered neurons)
+
+`str(subnet)` always prints the explicit `L[...]` form, so printing then parsing is the
+identity. A per-layer sub-network prints as JSON:
+`{"layers": [{"index": 0, "experts": 8, "top_k": 2, "width": 256}, ...]}`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ConfigError, ElasticSpace, ModelConfig
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one kept layer keeps."""
+
+    experts: int
+    top_k: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """Kept parent layer indices and, for each kept layer, its LayerSpec."""
+
+    layers: tuple[int, ...]
+    specs: tuple[LayerSpec, ...]
+
+    # construction -------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, layers: tuple[int, ...] | list[int], experts: int, top_k: int, width: int) -> Subnet:
+        layers = tuple(layers)
+        return cls(layers, tuple(LayerSpec(experts, top_k, width) for _ in layers))
+
+    @classmethod
+    def full(cls, config: ModelConfig) -> Subnet:
+        layers = tuple(range(config.layers))
+        return cls(layers, tuple(LayerSpec(*config.layer_shape(i)) for i in layers))
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    @property
+    def is_uniform(self) -> bool:
+        return len(set(self.specs)) <= 1
+
+    def spec_for(self, layer: int) -> LayerSpec:
+        return self.specs[self.layers.index(layer)]
+
+    # validation ---------------------------------------------------------------------------
+    def validate(self, config: ModelConfig) -> Subnet:
+        """Raise ConfigError naming every field outside what `config` allows; return self."""
+        p: list[str] = []
+        if len(self.layers) == 0:
+            p.append(f"layers: depth 0 is not allowed; keep between 1 and {config.layers} layers")
+        if len(self.layers) != len(self.specs):
+            p.append(f"layers: {len(self.layers)} indices but {len(self.specs)} layer specs")
+        for i in self.layers:
+            if not isinstance(i, int) or not 0 <= i < config.layers:
+                p.append(f"layer index {i} is out of range; allowed [0, {config.layers - 1}]")
+        if list(self.layers) != sorted(set(self.layers)):
+            p.append(f"layers {list(self.layers)} must be strictly increasing without repeats")
+        for i, s in zip(self.layers, self.specs):
+            if not isinstance(i, int) or not 0 <= i < config.layers:
+                continue
+            where = f"layer {i}"
+            max_e, _, max_w = config.layer_shape(i)
+            if not 1 <= s.experts <= max_e:
+                p.append(f"{where}: experts={s.experts} out of range; allowed [1, {max_e}]")
+            if not 1 <= s.top_k <= min(s.experts, max_e):
+                p.append(
+                    f"{where}: top_k={s.top_k} out of range; allowed [1, {max(1, min(s.experts, max_e))}]"
+                    " (top-k cannot exceed the experts kept)"
+                )
+            if not 1 <= s.width <= max_w:
+                p.append(f"{where}: width={s.width} out of range; allowed [1, {max_w}]")
+        if p:
+            raise ConfigError("invalid subnet: " + "; ".join(dict.fromkeys(p)))
+        return self
+
+    def in_space(self, space: ElasticSpace) -> bool:
+        return self.depth in space.depths and all(
+            s.experts in space.experts and s.top_k in space.top_ks and s.width in space.widths
+            for s in self.specs
+        )
+
+    # text and JSON ------------------------------------------------------------------------
+    def __str__(self) -> str:
+        if not self.is_uniform:
+            return self.to_json()
+        s = self.specs[0]
+        return f"L[{_ranges(self.layers)}] E{s.experts} k{s.top_k} W{s.width}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [
+                {"index": i, "experts": s.experts, "top_k": s.top_k, "width": s.width}
+                for i, s in zip(self.layers, self.specs)
+            ]
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Subnet:
+        if not isinstance(data, dict) or set(data) != {"layers"} or not isinstance(data["layers"], list):
+            raise ConfigError('subnet JSON must be {"layers": [{"index", "experts", "top_k", "width"}, ...]}')
+        layers, specs = [], []
+        want = {"index", "experts", "top_k", "width"}
+        for n, entry in enumerate(data["layers"]):
+            if not isinstance(entry, dict) or set(entry) != want:
+                got = sorted(entry) if isinstance(entry, dict) else entry
+                raise ConfigError(f"subnet JSON layers[{n}] has fields {got}; expected exactly {sorted(want)}")
+            for key in want:
+                if not isinstance(entry[key], int) or isinstance(entry[key], bool):
+                    raise ConfigError(f"subnet JSON layers[{n}].{key}={entry[key]!r} must be an integer")
+            layers.append(entry["index"])
+            specs.append(LayerSpec(entry["experts"], entry["top_k"], entry["width"]))
+        return cls(tuple(layers), tuple(specs))
+
+    @classmethod
+    def parse(cls, text: str, config: ModelConfig, layer_order: list[int] | None = None) -> Subnet:
+        """Parse the text grammar (or JSON) and validate against `config`."""
+        text = text.strip()
+        if text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"subnet JSON does not parse: {exc}") from None
+            return cls.from_dict(data).validate(config)
+        fields_: dict[str, str] = {}
+        for tok in text.split():
+            m = re.fullmatch(r"([LEkW])(.+)", tok)
+            if not m:
+                raise ConfigError(
+                    f"subnet spec {text!r}: cannot read {tok!r}; expected fields like "
+                    "'L6' or 'L[0-3,5]', 'E8', 'k2', 'W256'"
+                )
+            if m.group(1) in fields_:
+                raise ConfigError(f"subnet spec {text!r}: field {m.group(1)} given twice")
+            fields_[m.group(1)] = m.group(2)
+        missing = [f for f in "LEkW" if f not in fields_]
+        if missing:
+            raise ConfigError(f"subnet spec {text!r}: missing field(s) {missing}; e.g. 'L6 E8 k2 W256'")
+        nums = {}
+        for f in "EkW":
+            if not fields_[f].isdigit():
+                raise ConfigError(f"subnet spec {text!r}: {f}{fields_[f]} must be {f} followed by an integer")
+            nums[f] = int(fields_[f])
+        layers = _parse_layers(fields_["L"], config, layer_order, text)
+        return cls.uniform(layers, nums["E"], nums["k"], nums["W"]).validate(config)
+
+
+def _ranges(idx: tuple[int, ...]) -> str:
+    parts, start = [], None
+    for n, i in enumerate(idx):
+        if start is None:
+            start = i
+        if n + 1 == len(idx) or idx[n + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(parts)
+
+
+def _parse_layers(raw: str, config: ModelConfig, layer_order: list[int] | None, text: str) -> tuple[int, ...]:
+    if raw.isdigit():
+        depth = int(raw)
+        if not 1 <= depth <= config.layers:
+            raise ConfigError(f"subnet spec {text!r}: depth L{depth} out of range; allowed [1, {config.layers}]")
+        order = list(layer_order) if layer_order is not None else list(range(config.layers))
+        return tuple(sorted(order[:depth]))
+    m = re.fullmatch(r"\[([0-9,\-\s]*)\]", raw)
+    if not m:
+        raise ConfigError(f"subnet spec {text!r}: layers must be 'L<depth>' or 'L[<indices>]' like L[0-3,5]")
+    out: list[int] = []
+    for part in filter(None, (s.strip() for s in m.group(1).split(","))):
+        if "-" in part:
+            a, _, b = part.partition("-")
+            if not (a.isdigit() and b.isdigit()) or int(a) > int(b):
+                raise ConfigError(f"subnet spec {text!r}: bad layer range {part!r}")
+            out.extend(range(int(a), int(b) + 1))
+        elif part.isdigit():
+            out.append(int(part))
+        else:
+            raise ConfigError(f"subnet spec {text!r}: bad layer index {part!r}")
+    return tuple(out)
+
+
+# sampling -----------------------------------------------------------------------------------
+def largest(space: ElasticSpace, layer_order: list[int]) -> Subnet:
+    d = max(space.depths)
+    return Subnet.uniform(sorted(layer_order[:d]), max(space.experts), max(space.top_ks), max(space.widths))
+
+
+def smallest(space: ElasticSpace, layer_order: list[int]) -> Subnet:
+    d = min(space.depths)
+    return Subnet.uniform(sorted(layer_order[:d]), min(space.experts), min(space.top_ks), min(space.widths))
+
+
+def sample_uniform(space: ElasticSpace, layer_order: list[int], rng: random.Random) -> Subnet:
+    """One uniform sub-network drawn from the space; top-k never exceeds the experts kept."""
+    d = rng.choice(space.depths)
+    e = rng.choice(space.experts)
+    k = rng.choice([k for k in space.top_ks if k <= e])
+    w = rng.choice(space.widths)
+    return Subnet.uniform(sorted(layer_order[:d]), e, k, w)
+
+
+def sample_per_layer(space: ElasticSpace, layer_order: list[int], rng: random.Random) -> Subnet:
+    """A per-layer (heterogeneous) sub-network: depth uniform, each layer's E/k/W drawn independently."""
+    d = rng.choice(space.depths)
+    layers = sorted(layer_order[:d])
+    specs = []
+    for _ in layers:
+        e = rng.choice(space.experts)
+        specs.append(LayerSpec(e, rng.choice([k for k in space.top_ks if k <= e]), rng.choice(space.widths)))
+    return Subnet(tuple(layers), tuple(specs))
+
+
+def enumerate_uniform(space: ElasticSpace, layer_order: list[int]) -> list[Subnet]:
+    """Every uniform sub-network of the space (small spaces only)."""
+    return [
+        Subnet.uniform(sorted(layer_order[:d]), e, k, w)
+        for d in space.depths
+        for e in space.experts
+        for k in space.top_ks
+        if k <= e
+        for w in space.widths
+    ]
