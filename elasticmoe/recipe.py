@@ -1,0 +1,181 @@
+"""The run recipe: every knob of a run in one validated, serialisable tree (layer 0, no torch).
+
+A recipe file (YAML, TOML or JSON) has the sections below; any key may be overridden on the
+command line as `section.key=value`. The resolved recipe is saved as `recipe.yaml` in the run
+folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, ElasticSpace, ModelConfig, _from_dict, apply_overrides, load_mapping
+
+SAMPLING_MODES = ("sandwich", "progressive", "budget")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "default"  # "default" (embedded corpus) or "files"
+    paths: tuple[str, ...] = ()  # text files/globs, .jsonl, HF dataset folders (source=files)
+    text_field: str = "text"
+    scale: float = 1.0  # size of the embedded corpus's generated tasks
+    vocab_size: int = 1024  # tokenizer trained on the corpus unless `tokenizer` is given
+    tokenizer: str = ""  # path of an existing tokenizer.json
+    seq_len: int = 128
+    task_weights: dict[str, float] = field(default_factory=dict)  # training mix; empty = natural
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    aux_weight: float = 0.01
+    z_weight: float = 0.001
+    eval_every: int = 100
+    eval_windows: int = 16
+    ckpt_every: int = 50
+    keep_last: int = 3
+    log_every: int = 10
+    max_bad_steps: int = 5
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    mode: str = "sandwich"
+    n_random: int = 2
+    per_layer: bool = False  # random sub-networks with per-layer choices
+    targets: tuple[str, ...] = ()  # fixed Subnet specs trained every step (sandwich) or sampled (budget)
+    target_weights: tuple[float, ...] = ()  # budget mode: probabilities over targets
+    # progressive shrinking: fractions of the steps spent in each phase, in this order
+    phases: dict[str, float] = field(
+        default_factory=lambda: {"full": 0.1, "depth": 0.15, "experts": 0.15, "all": 0.6}
+    )
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    kd_weight: float = 1.0  # KL(largest || sub-network) weight, for all but the largest
+    ce_weight: float = 1.0  # data cross-entropy weight, for all but the largest
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class ReorderConfig:
+    at_steps: tuple[int, ...] = ()  # steps after which importance re-ordering is applied
+    experts_by: str = "mass"  # "mass" (routed probability) or "output" (gate x output norm)
+    neurons: bool = True
+    layers: bool = True
+    batches: int = 4
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    space: ElasticSpace | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    reorder: ReorderConfig = field(default_factory=ReorderConfig)
+
+    def __post_init__(self) -> None:
+        if self.space is None:
+            object.__setattr__(self, "space", ElasticSpace.default_for(self.model))
+        self.validate()
+
+    def validate(self) -> None:
+        p: list[str] = []
+        try:
+            self.space.validate(self.model)
+        except ConfigError as exc:
+            p.append(str(exc))
+        t, d, s = self.train, self.data, self.sampling
+        for name in ("steps", "batch_size", "eval_every", "eval_windows", "ckpt_every", "keep_last", "log_every",
+                     "max_bad_steps"):
+            v = getattr(t, name)
+            if not isinstance(v, int) or v < 1:
+                p.append(f"train.{name}={v!r} must be an integer >= 1")
+        if not isinstance(t.warmup, int) or t.warmup < 0:
+            p.append(f"train.warmup={t.warmup!r} must be an integer >= 0")
+        if not (isinstance(t.lr, (int, float)) and t.lr > 0):
+            p.append(f"train.lr={t.lr!r} must be > 0")
+        if t.device not in DEVICE_CHOICES:
+            p.append(f"train.device={t.device!r}; allowed {list(DEVICE_CHOICES)}")
+        if d.source not in ("default", "files"):
+            p.append(f"data.source={d.source!r}; allowed ['default', 'files']")
+        if d.source == "files" and not d.paths:
+            p.append("data.paths is empty; give text/jsonl files or globs when data.source=files")
+        if not isinstance(d.seq_len, int) or not 2 <= d.seq_len <= self.model.max_seq_len:
+            p.append(f"data.seq_len={d.seq_len!r} out of range; allowed [2, {self.model.max_seq_len}] (model.max_seq_len)")
+        if not d.tokenizer and (not isinstance(d.vocab_size, int) or d.vocab_size != self.model.vocab_size):
+            p.append(f"data.vocab_size={d.vocab_size!r} must equal model.vocab_size={self.model.vocab_size}")
+        if s.mode not in SAMPLING_MODES:
+            p.append(f"sampling.mode={s.mode!r}; allowed {list(SAMPLING_MODES)}")
+        if not isinstance(s.n_random, int) or s.n_random < 0:
+            p.append(f"sampling.n_random={s.n_random!r} must be an integer >= 0")
+        if s.mode == "budget" and not s.targets:
+            p.append("sampling.mode=budget needs sampling.targets (Subnet specs)")
+        if s.target_weights and len(s.target_weights) != len(s.targets):
+            p.append(f"sampling.target_weights has {len(s.target_weights)} values for {len(s.targets)} targets")
+        if s.mode == "progressive":
+            bad = sorted(set(s.phases) - {"full", "depth", "experts", "all"})
+            if bad:
+                p.append(f"sampling.phases has unknown phase(s) {bad}; allowed full, depth, experts, all")
+        if self.distill.temperature <= 0:
+            p.append(f"distill.temperature={self.distill.temperature!r} must be > 0")
+        if self.reorder.experts_by not in ("mass", "output"):
+            p.append(f"reorder.experts_by={self.reorder.experts_by!r}; allowed ['mass', 'output']")
+        if p:
+            raise ConfigError("; ".join(p))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model.to_dict(), "space": self.space.to_dict()}
+        for name in ("data", "train", "sampling", "distill", "reorder"):
+            section = dataclasses.asdict(getattr(self, name))
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"recipe: unknown section(s) {unknown}; allowed: {sorted(allowed)}")
+        model = ModelConfig.from_dict(data.get("model", {}))
+        space = ElasticSpace.from_dict(data["space"]) if data.get("space") else None
+        kwargs = {
+            "data": _from_dict(DataConfig, data.get("data", {}), "data"),
+            "train": _from_dict(TrainConfig, data.get("train", {}), "train"),
+            "sampling": _from_dict(SamplingConfig, data.get("sampling", {}), "sampling"),
+            "distill": _from_dict(DistillConfig, data.get("distill", {}), "distill"),
+            "reorder": _from_dict(ReorderConfig, data.get("reorder", {}), "reorder"),
+        }
+        return cls(model=model, space=space, **kwargs)
+
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file (or a preset name like `tiny`), apply `key=value` overrides, validate."""
+    if path is None:
+        path = "tiny"
+    p = Path(path)
+    if not p.exists() and (PRESETS_DIR / f"{path}.yaml").exists():
+        p = PRESETS_DIR / f"{path}.yaml"
+    data = load_mapping(p)
+    return Recipe.from_dict(apply_overrides(data, overrides or []))

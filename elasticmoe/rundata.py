@@ -1,0 +1,134 @@
+"""A run's data, prepared once and kept in the run folder: corpus, tokenizer, token arrays.
+
+    RUN_DIR/data/corpus/<split>/<task>.jsonl   the documents (checksummed, see data.Corpus)
+    RUN_DIR/data/tokenizer.json                trained here or copied from data.tokenizer
+    RUN_DIR/data/tokens/<split>.<task>.npy     EOS-terminated token ids
+
+Every later phase (search, extraction, fine-tuning, evaluation, baselines) reads this folder, so
+all of them see exactly the data, splits and tokenizer the parent was trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+from .data import (
+    SPLITS,
+    BatchIterator,
+    Corpus,
+    build_default_corpus,
+    corpus_from_texts,
+    eval_windows,
+    load_user_texts,
+    mix_tasks,
+    tokenize_docs,
+)
+from .recipe import Recipe
+from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    folder: Path
+    tokenizer: Tokenizer
+    seq_len: int
+    task_weights: dict[str, float]
+    seed: int
+    tokens: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    corpus: Corpus | None = None
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.folder / "tokenizer.json"
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.tokens["train"])
+
+    def train_stream(self, seed: int | None = None) -> np.ndarray:
+        arrays = {t: a for t, a in self.tokens["train"].items() if len(a)}
+        weights = self.task_weights or None
+        return mix_tasks(arrays, weights, eos_id=self.tokenizer.eos_id, seed=self.seed if seed is None else seed)
+
+    def train_batches(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                      task_weights: dict[str, float] | None = None) -> BatchIterator:
+        arrays = {t: a for t, a in self.tokens["train"].items() if len(a)}
+        weights = task_weights if task_weights is not None else (self.task_weights or None)
+        stream = mix_tasks(arrays, weights, eos_id=self.tokenizer.eos_id, seed=seed)
+        return BatchIterator(stream, self.seq_len, batch_size, seed, rank, world_size)
+
+    def eval_windows(self, split: str, max_windows: int) -> dict[str, torch.Tensor]:
+        """Held-out windows per task (split "val" for validation, "search" for search)."""
+        if split not in self.tokens:
+            raise ConfigError(f"no split {split!r}; have {sorted(self.tokens)}")
+        out = {}
+        for task, arr in self.tokens[split].items():
+            if len(arr) > self.seq_len + 1:
+                out[task] = eval_windows(arr, self.seq_len, max_windows)
+        if not out:
+            raise ConfigError(f"split {split!r} has too little data for one window of {self.seq_len + 1} tokens")
+        return out
+
+
+def _build_corpus(recipe: Recipe) -> Corpus:
+    d = recipe.data
+    if d.source == "default":
+        return build_default_corpus(recipe.train.seed, d.scale)
+    texts = load_user_texts(list(d.paths), d.text_field)
+    if not texts:
+        raise ConfigError(f"data.paths {list(d.paths)} gave an empty corpus")
+    return corpus_from_texts(texts)
+
+
+def prepare_run_data(recipe: Recipe, run_dir: Path) -> RunData:
+    """Build (or reload) the run's corpus, tokenizer and token arrays under RUN_DIR/data."""
+    folder = Path(run_dir) / "data"
+    d = recipe.data
+    if not (folder / "ready").exists():
+        if d.source == "files":  # fail on bad paths before anything is written
+            _build_corpus(recipe)
+        tmp = folder.with_name("data.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        corpus = _build_corpus(recipe)
+        corpus.save(tmp / "corpus")
+        if d.tokenizer:
+            tok = load_tokenizer(d.tokenizer)
+            shutil.copyfile(Path(d.tokenizer) / "tokenizer.json" if Path(d.tokenizer).is_dir() else d.tokenizer,
+                            tmp / "tokenizer.json")
+        else:
+            tok = train_tokenizer(corpus.texts("train"), d.vocab_size, tmp / "tokenizer.json")
+        if tok.vocab_size > recipe.model.vocab_size:
+            raise ConfigError(f"tokenizer has {tok.vocab_size} ids but model.vocab_size={recipe.model.vocab_size}")
+        (tmp / "tokens").mkdir()
+        for split, by_task in corpus.docs.items():
+            for task, docs in by_task.items():
+                np.save(tmp / "tokens" / f"{split}.{task}.npy", tokenize_docs(tok, docs))
+        (tmp / "ready").write_text("ok\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return load_run_data(run_dir, recipe)
+
+
+def load_run_data(run_dir: Path, recipe: Recipe) -> RunData:
+    folder = Path(run_dir) / "data"
+    if not (folder / "ready").exists():
+        raise ConfigError(f"{run_dir} has no prepared data (run `elasticmoe train` first)")
+    tok = load_tokenizer(folder / "tokenizer.json")
+    tokens: dict[str, dict[str, np.ndarray]] = {}
+    for path in sorted((folder / "tokens").glob("*.npy")):
+        split, task = path.stem.split(".", 1)
+        tokens.setdefault(split, {})[task] = np.load(path, allow_pickle=False)
+    missing = [s for s in SPLITS if s not in tokens]
+    if missing:
+        raise ConfigError(f"{folder} lacks split(s) {missing}")
+    return RunData(folder, tok, recipe.data.seq_len, dict(recipe.data.task_weights), recipe.train.seed, tokens)

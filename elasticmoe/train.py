@@ -1,0 +1,477 @@
+"""Elastic training of the parent (train once), as one readable loop.
+
+Each step samples sub-networks by the sandwich rule (largest, smallest, n random, optional fixed
+targets), runs and back-propagates each right after its forward (gradient accumulation: peak
+memory is one sub-network plus the teacher's logits), and takes one AdamW step. The largest
+learns from the data; every other sub-network from the data and from the largest's detached
+logits (in-place distillation, Yu & Huang 2019; Cai et al. 2020). Sampling derives from
+(seed, step) only, so resumes and ranks agree without storing sampler state.
+
+Run folder written here:
+
+    recipe.yaml              the resolved recipe
+    data/                    the corpus (JSONL) and tokenizer.json
+    checkpoints/step-NNNNNN  model + optimizer + train_state.json (RNG, data position), manifest
+    parent/                  the final elastic parent (model folder), with tokenizer.json
+    metrics.jsonl            one line per logged step / evaluation
+    ledger.jsonl             tokens, FLOPs and seconds of every phase
+    loss.png                 loss curves
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import cost as costmod
+from .checkpoint import (
+    AtomicFolder,
+    CheckpointError,
+    read_json,
+    save_model,
+    save_model_files,
+    verify_manifest,
+    write_json,
+)
+from .config import ConfigError, ElasticSpace, dump_yaml
+from .ledger import Ledger
+from .model import ElasticMoE
+from .recipe import Recipe
+from .reorder import reorder
+from .subnet import Subnet, largest, sample_per_layer, sample_uniform, smallest
+
+log = logging.getLogger(__name__)
+
+
+# -- devices -----------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; float32 on CPU (bf16 matmul is ~100x slower on the CPUs we measured)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# -- sampling ----------------------------------------------------------------------------------
+def _phase_space(recipe: Recipe, step: int) -> ElasticSpace:
+    """Progressive shrinking: the part of the space open at `step` (full, +depth, +experts, all)."""
+    space, c = recipe.space, recipe.model
+    phases = recipe.sampling.phases
+    order = [p for p in ("full", "depth", "experts", "all") if p in phases]
+    total = sum(phases[p] for p in order) or 1.0
+    edge, current = 0.0, order[-1] if order else "all"
+    for p in order:
+        edge += phases[p] / total * recipe.train.steps
+        if step < edge:
+            current = p
+            break
+    top = (max(space.depths), max(space.experts), max(space.top_ks), max(space.widths))
+    if current == "full":
+        return ElasticSpace((top[0],), (top[1],), (top[2],), (top[3],))
+    if current == "depth":
+        return ElasticSpace(space.depths, (top[1],), (top[2],), (top[3],))
+    if current == "experts":
+        return ElasticSpace(space.depths, space.experts, (top[2],), (top[3],))
+    del c
+    return space
+
+
+def sample_step(recipe: Recipe, step: int, layer_order: list[int]) -> list[tuple[str, Subnet]]:
+    """The sub-networks of one step, largest first. Deterministic in (seed, step)."""
+    s = recipe.sampling
+    rng = random.Random(recipe.train.seed * 1_000_003 + step)
+    space = _phase_space(recipe, step) if s.mode == "progressive" else recipe.space
+    out = [("largest", largest(recipe.space, layer_order))]
+    targets = [Subnet.parse(t, recipe.model, layer_order) for t in s.targets]
+    if s.mode == "budget":
+        weights = list(s.target_weights) or [1.0] * len(targets)
+        for n in range(s.n_random):
+            pick = rng.choices(range(len(targets)), weights=weights)[0]
+            out.append((f"budget{n}", targets[pick]))
+    else:
+        out.append(("smallest", smallest(space, layer_order)))
+        draw = sample_per_layer if s.per_layer else sample_uniform
+        out += [(f"random{n}", draw(space, layer_order, rng)) for n in range(s.n_random)]
+        out += [(f"target{n}", t) for n, t in enumerate(targets)]
+    seen, unique = set(), []
+    for name, sn in out:  # a tiny space may draw the same sub-network twice: train it once
+        if sn not in seen:
+            seen.add(sn)
+            unique.append((name, sn))
+    return unique
+
+
+# -- losses ------------------------------------------------------------------------------------
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, times T^2 (Hinton et al. 2015), mean over tokens."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return kl.mean() * t * t
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Linear warmup then cosine decay to lr * min_lr_ratio."""
+    t = recipe.train
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: ElasticMoE, recipe: Recipe) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    t = recipe.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr, betas=(t.beta1, t.beta2), foreach=False,
+    )
+
+
+@torch.no_grad()
+def eval_losses(model: ElasticMoE, windows: dict[str, torch.Tensor], subnets: dict[str, Subnet],
+                device: torch.device, batch: int = 8) -> dict[str, dict[str, float]]:
+    """Mean next-token cross-entropy per task for each named sub-network, on held-out windows."""
+    was = model.training
+    model.eval()
+    out: dict[str, dict[str, float]] = {}
+    for name, sn in subnets.items():
+        out[name] = {}
+        for task, w in windows.items():
+            total, count = 0.0, 0
+            for i in range(0, len(w), batch):
+                chunk = w[i : i + batch].to(device)
+                with autocast(device):
+                    logits = model(chunk[:, :-1], sn).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+                total += loss.item()
+                count += chunk[:, 1:].numel()
+            out[name][task] = total / max(count, 1)
+    model.train(was)
+    return out
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def _optimizer_tensors(opt: torch.optim.Optimizer, model: ElasticMoE) -> tuple[dict[str, torch.Tensor], dict]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, meta = {}, {"param_groups": []}
+    for g in opt.param_groups:
+        meta["param_groups"].append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+                                    | {"params": [names[id(p)] for p in g["params"]]})
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            tensors[f"{names[id(p)]}::{k}"] = v.detach().contiguous().cpu() if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, meta
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, model: ElasticMoE, tensors: dict, meta: dict) -> None:
+    params = dict(model.named_parameters())
+    state: dict[Any, dict] = {}
+    for key, v in tensors.items():
+        name, _, k = key.rpartition("::")
+        state.setdefault(params[name], {})[k] = v.to(params[name].device) if k != "step" else v
+    opt.state.clear()
+    for p, st in state.items():
+        opt.state[p] = st
+    for g, saved in zip(opt.param_groups, meta["param_groups"]):
+        for k, v in saved.items():
+            if k != "params":
+                g[k] = tuple(v) if isinstance(v, list) else v
+
+
+def save_checkpoint(run_dir: Path, step: int, model, opt, train_state: dict, keep_last: int) -> Path:
+    path = run_dir / "checkpoints" / f"step-{step:06d}"
+    with AtomicFolder(path) as tmp:
+        save_model_files(tmp, model, meta={"step": step})
+        tensors, meta = _optimizer_tensors(opt, model)
+        tensors["rng::torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        py_state = random.getstate()
+        np_state = np.random.get_state()
+        write_json(tmp / "train_state.json", {
+            **train_state,
+            "step": step,
+            "optimizer": meta,
+            "rng": {
+                "python": [py_state[0], list(py_state[1]), py_state[2]],
+                "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            },
+        })
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    for old in ckpts[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """Newest checkpoint whose manifest verifies; corrupted ones are reported and skipped."""
+    for path in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):
+        try:
+            verify_manifest(path)
+            return path
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+    return None
+
+
+def load_checkpoint(path: Path, model: ElasticMoE, opt) -> dict:
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    model.layer_order = list(read_json(path / "config.json")["layer_order"])
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    state = read_json(path / "train_state.json")
+    torch.set_rng_state(tensors.pop("rng::torch"))
+    _load_optimizer(opt, model, tensors, state["optimizer"])
+    py = state["rng"]["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["rng"]["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+    return state
+
+
+# -- the loop ----------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    final_eval: dict[str, dict[str, float]]
+    tokens_per_s: float
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output folder {run_dir} is not writable: {exc.strerror}") from None
+
+
+def train(recipe: Recipe, run_dir: Path | str, resume: bool = False, progress: bool = True,
+          stop_at: int | None = None) -> TrainResult:
+    """Train the elastic parent into `run_dir` (see module docstring). `stop_at` ends early
+    (for tests that simulate an interruption) without writing the final parent."""
+    from .rundata import prepare_run_data
+
+    run_dir = Path(run_dir)
+    fresh = not run_dir.exists()
+    if not resume and (run_dir / "checkpoints").exists():
+        raise ConfigError(f"{run_dir} already holds a training run; pass --resume or choose another --out")
+    if resume and not (run_dir / "recipe.yaml").exists():
+        raise ConfigError(f"nothing to resume in {run_dir}: no recipe.yaml")
+    _check_writable(run_dir)
+    try:
+        data = prepare_run_data(recipe, run_dir)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    (run_dir / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()))
+    device = resolve_device(recipe.train.device)
+    return _loop(recipe, run_dir, data, device, resume, progress, stop_at)
+
+
+def _loop(recipe: Recipe, run_dir: Path, data, device, resume: bool, progress: bool, stop_at) -> TrainResult:
+    t = recipe.train
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    model = ElasticMoE(recipe.model).to(device)
+    opt = make_optimizer(model, recipe)
+    batches = data.train_batches(t.batch_size, t.seed)
+    step, bad_in_row, tokens_seen = 0, 0, 0
+    metrics_path = run_dir / "metrics.jsonl"
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    if resume:
+        ckpt = find_checkpoint(run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, opt)
+            step, bad_in_row, tokens_seen = state["step"], state["bad_in_row"], state["tokens_seen"]
+            batches.load_state_dict(state["data"])
+            log.info("resumed from %s", ckpt)
+        _truncate_metrics(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    windows = data.eval_windows("val", t.eval_windows)
+    tokens_per_step = t.batch_size * recipe.data.seq_len
+    seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
+    bar = _Progress(t.steps, step, enabled=progress, every=t.log_every)
+    result_eval: dict = {}
+    with ledger.phase("train", device=str(device), counted=False, run=str(run_dir.resolve()),
+                      resumed_from=step if resume else None) as _:
+        model.train()
+        while step < t.steps and (stop_at is None or step < stop_at):
+            t0 = time.perf_counter()
+            lr = lr_at(step, recipe)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = (v.to(device) for v in next(batches))
+            subnets = sample_step(recipe, step, model.layer_order)
+            losses, finite, step_flops = {}, True, 0
+            teacher = None
+            for name, sn in subnets:
+                with autocast(device):
+                    out = model(x, sn)
+                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+                if teacher is None:
+                    loss = ce
+                    teacher = out.logits.detach()
+                else:
+                    d = recipe.distill
+                    loss = d.ce_weight * ce + d.kd_weight * kd_loss(out.logits, teacher, d.temperature)
+                loss = loss + t.aux_weight * out.aux_loss + t.z_weight * out.z_loss
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                losses[name] = ce.item()
+                step_flops += costmod.cost(recipe.model, sn, recipe.data.seq_len).flops_train * x.numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if finite else None
+            if not finite or not torch.isfinite(grad_norm):
+                opt.zero_grad(set_to_none=True)
+                bad_in_row += 1
+                _append_metrics(metrics_path, {"step": step, "skipped": True, "reason": "non-finite loss or gradient"})
+                log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, bad_in_row)
+                if bad_in_row >= t.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{bad_in_row} non-finite steps in a row at step {step}; the last good checkpoint is intact"
+                    )
+                step += 1
+                continue
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bad_in_row = 0
+            step += 1
+            tokens_seen += x.numel()
+            dt = time.perf_counter() - t0
+            seg["tokens"] += x.numel()
+            seg["flops"] += step_flops
+            seg["seconds"] += dt
+            rec = {"step": step, "lr": lr, "loss": losses, "aux": out.aux_loss.item(), "grad_norm": grad_norm.item(),
+                   "subnets": {n: str(s) for n, s in subnets}, "ms": dt * 1000, "tok_per_s": tokens_per_step / dt}
+            _append_metrics(metrics_path, rec)
+            bar.update(step, losses.get("largest", float("nan")), lr, dt, len(subnets))
+            if step in recipe.reorder.at_steps:
+                summary = reorder(model, [w[:, :-1].to(device) for w in windows.values()], opt,
+                                  recipe.reorder.experts_by, recipe.reorder.neurons, recipe.reorder.layers)
+                _append_metrics(metrics_path, {"step": step, "reorder": summary})
+            if step % t.eval_every == 0 or step == t.steps:
+                result_eval = eval_losses(model, windows, _eval_subnets(recipe, model), device)
+                _append_metrics(metrics_path, {"step": step, "val": result_eval})
+            if step % t.ckpt_every == 0 or step == t.steps:
+                state = {"bad_in_row": bad_in_row, "tokens_seen": tokens_seen, "data": batches.state_dict()}
+                save_checkpoint(run_dir, step, model, opt, state, t.keep_last)
+                ledger.append({"event": "progress", "phase": "train", "run": str(run_dir.resolve()),
+                               "device": str(device), "world_size": 1, "steps": [seg["from"], step],
+                               "tokens": seg["tokens"], "flops": seg["flops"], "seconds": seg["seconds"]})
+                seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
+        bar.close()
+        if step >= t.steps:
+            meta = {"kind": "elastic-parent", "steps": step, "tokens_seen": tokens_seen,
+                    "space": recipe.space.to_dict(), "val": result_eval}
+            save_model(run_dir / "parent", model, meta, extra_files={"tokenizer.json": data.tokenizer_path})
+            _plot_losses(metrics_path, run_dir / "loss.png")
+    tok_s = _mean_tok_per_s(metrics_path)
+    return TrainResult(run_dir, step, result_eval, tok_s)
+
+
+def _eval_subnets(recipe: Recipe, model: ElasticMoE) -> dict[str, Subnet]:
+    out = {"largest": largest(recipe.space, model.layer_order), "smallest": smallest(recipe.space, model.layer_order)}
+    for n, spec in enumerate(recipe.sampling.targets):
+        out[f"target{n}"] = Subnet.parse(spec, recipe.model, model.layer_order)
+    return out
+
+
+def _append_metrics(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def _mean_tok_per_s(path: Path) -> float:
+    vals = [r["tok_per_s"] for r in read_metrics(path) if "tok_per_s" in r]
+    vals = vals[len(vals) // 10 :]  # skip warm-up steps
+    return float(np.median(vals)) if vals else 0.0
+
+
+def _plot_losses(metrics: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ("largest", "smallest"):
+        pts = [(r["step"], r["loss"][name]) for r in recs if "loss" in r and name in r["loss"]]
+        if pts:
+            ax.plot(*zip(*pts), label=f"train CE, {name}", alpha=0.8)
+    for name in ("largest", "smallest"):
+        pts = [(r["step"], float(np.mean(list(r["val"][name].values())))) for r in recs if "val" in r and name in r["val"]]
+        if pts:
+            ax.plot(*zip(*pts), "o--", label=f"val CE (task mean), {name}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.set_title("elastic training")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+class _Progress:
+    """A rich progress bar with ETA, or plain log lines when disabled/not a terminal."""
+
+    def __init__(self, total: int, start: int, enabled: bool, every: int = 10):
+        self.total, self.enabled, self.bar, self.every = total, enabled, None, every
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, loss: float, lr: float, dt: float, n: int) -> None:
+        info = f"loss {loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {n} subnets"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif step % self.every == 0 or step == self.total:
+            log.info("step %d/%d | %s", step, self.total, info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
