@@ -1,0 +1,284 @@
+"""Hugging Face transformers export/import: stock-architecture parity, round trips, hostile folders.
+
+Everything offline: transformers models are built from configs, tokenizers from the `tokenizers`
+library in memory.
+"""
+
+import json
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from elasticmoe import checkpoint  # noqa: E402
+from elasticmoe.config import ConfigError, ElasticSpace  # noqa: E402
+from elasticmoe.extract import extract_to_folder  # noqa: E402
+from elasticmoe.hf import HFError, export_hf, import_hf, max_logit_diff_hf  # noqa: E402
+from elasticmoe.model import ElasticMoE  # noqa: E402
+from elasticmoe.subnet import LayerSpec, Subnet  # noqa: E402
+
+TOL = 1e-4
+
+
+def make_model(config, seed=0) -> ElasticMoE:
+    torch.manual_seed(seed)
+    model = ElasticMoE(config)
+    with torch.no_grad():  # norms away from 1 so a misplaced norm shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def load_hf(folder):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return model.eval()
+
+
+def tokens_for(config, batch=2, length=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, length), generator=g)
+
+
+def write_tokenizer(path, vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)}
+    vocab["<|endoftext|>"] = vocab_size - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("qk_norm,arch", [(False, "MixtralForCausalLM"), (True, "Qwen3MoeForCausalLM")])
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_logits_match(tiny_config, tmp_path, qk_norm, arch, tied):
+    config = replace(tiny_config, qk_norm=qk_norm, tie_embeddings=tied, rope_theta=500.0, norm_eps=1e-5)
+    model = make_model(config)
+    tokens = tokens_for(config)
+    record = export_hf(model, tmp_path / "hf", provenance={"note": "parity test"}, verify_tokens=tokens)
+    hf = load_hf(tmp_path / "hf")
+    assert type(hf).__name__ == arch
+    assert "lm_head.weight" not in load_file(str(tmp_path / "hf" / "model.safetensors")) or not tied
+    diff = max_logit_diff_hf(model, hf, tokens_for(config, 3, 40, seed=2))
+    assert diff <= TOL
+    assert record["hf_verification"]["max_abs_logit_diff"] <= TOL
+    assert hf.config.elasticmoe_provenance["note"] == "parity test"
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert arch in card and "parity test" in card
+
+
+def test_export_keys_identical_to_save_pretrained(tiny_config, tmp_path):
+    for qk_norm in (False, True):
+        export_hf(make_model(replace(tiny_config, qk_norm=qk_norm)), tmp_path / f"ours{qk_norm}")
+        load_hf(tmp_path / f"ours{qk_norm}").save_pretrained(tmp_path / f"theirs{qk_norm}")
+        ours = load_file(str(tmp_path / f"ours{qk_norm}" / "model.safetensors"))
+        theirs = load_file(str(tmp_path / f"theirs{qk_norm}" / "model.safetensors"))
+        assert sorted(ours) == sorted(theirs)
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_extracted_child_exports_with_provenance_and_tokenizer(tiny_config, tmp_path):
+    parent = make_model(replace(tiny_config, qk_norm=True))
+    subnet = Subnet.uniform([0, 2], 3, 1, 16)
+    tok = write_tokenizer(tmp_path / "tokenizer.json", tiny_config.vocab_size)
+    tokens = tokens_for(tiny_config)
+    extract_to_folder(parent, subnet, tmp_path / "child", tokens, tokenizer_path=tok, parent_meta={"path": "parent"})
+    record = export_hf(tmp_path / "child", tmp_path / "hf", verify_tokens=tokens)
+    hf = load_hf(tmp_path / "hf")
+    assert hf.config.num_hidden_layers == 2 and hf.config.num_experts == 3 and hf.config.num_experts_per_tok == 1
+    diff = max_logit_diff_hf(checkpoint.load_model(tmp_path / "child")[0], hf, tokens_for(tiny_config, seed=3))
+    assert diff <= TOL
+    assert (hf(tokens).logits - parent(tokens, subnet).logits).abs().max() <= TOL
+    assert record["subnet"] == str(subnet) and record["parent"]["path"] == "parent"
+    assert hf.config.elasticmoe_provenance["verification"]["max_abs_logit_diff"] <= TOL
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    eos = tiny_config.vocab_size - 1
+    assert hf_tok.eos_token == hf_tok.bos_token == hf_tok.pad_token == "<|endoftext|>"
+    assert hf_tok.eos_token_id == eos and hf.config.eos_token_id == eos
+    assert hf.generation_config.eos_token_id == eos
+    assert "sub-network" in (tmp_path / "hf" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_greedy_generation_matches(tiny_config, tmp_path, qk_norm):
+    config = replace(tiny_config, qk_norm=qk_norm)
+    model = make_model(config, seed=4)
+    with torch.no_grad():  # sharper logits: fewer near-ties for argmax to break differently
+        model.embed.weight.mul_(20.0)
+    export_hf(model, tmp_path / "hf")
+    hf = load_hf(tmp_path / "hf")
+    prompt = tokens_for(config, 2, 6, seed=5)
+    ours = model.generate(prompt, 32)
+    theirs = hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert ours.shape == (2, 38)
+    assert torch.equal(ours, theirs)
+
+
+def random_hf_model(kind: str, tied: bool):
+    common = dict(
+        vocab_size=101,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+        rms_norm_eps=1e-5,
+    )
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=20, num_local_experts=4, **common)
+    else:
+        cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=20, num_experts=4, norm_topk_prob=True, **common)
+    torch.manual_seed(6)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # transformers' init leaves norms at 1 and may zero routers
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind,tied", [("mixtral", False), ("qwen3_moe", True)])
+def test_import_export_round_trip(tmp_path, kind, tied):
+    hf = random_hf_model(kind, tied)
+    hf.save_pretrained(tmp_path / "src")
+    model = import_hf(tmp_path / "src", space=ElasticSpace((1, 2), (2, 4), (1, 2), (10, 20)))
+    assert model.config.qk_norm == (kind == "qwen3_moe") and model.config.tie_embeddings == tied
+    assert model.config.rope_theta == 1000.0 and model.config.norm_eps == 1e-5
+    tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(7))
+    assert max_logit_diff_hf(model, hf, tokens) <= TOL
+    export_hf(model, tmp_path / "out")
+    assert max_logit_diff_hf(model, load_hf(tmp_path / "out"), tokens) <= TOL
+    again = import_hf(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_import_space_validated(tmp_path):
+    random_hf_model("mixtral", False).save_pretrained(tmp_path / "src")
+    with pytest.raises(ConfigError, match="experts"):
+        import_hf(tmp_path / "src", space=ElasticSpace((2,), (8,), (2,), (20,)))
+
+
+# -- hostile and unsupported folders -----------------------------------------------------------
+@pytest.fixture
+def good_folder(tiny_config, tmp_path):
+    export_hf(make_model(tiny_config), tmp_path / "good")
+    import_hf(tmp_path / "good")  # sanity: the untouched folder imports
+    return tmp_path / "good"
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "weights.pt", "extra/optimizer.pth", "x.pkl"])
+def test_pickle_beside_safetensors_refused(good_folder, name):
+    (good_folder / name).parent.mkdir(exist_ok=True)
+    (good_folder / name).write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(HFError, match="pickle"):
+        import_hf(good_folder)
+
+
+def test_remote_code_refused(good_folder):
+    cfg = json.loads((good_folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (good_folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HFError, match="auto_map"):
+        import_hf(good_folder)
+    del cfg["auto_map"]
+    (good_folder / "config.json").write_text(json.dumps(cfg))
+    (good_folder / "modeling_evil.py").write_text("raise SystemExit('ran code from the folder')\n")
+    with pytest.raises(HFError, match="Python files"):
+        import_hf(good_folder)
+
+
+def test_unsupported_config_refused(good_folder):
+    path = good_folder / "config.json"
+    base = json.loads(path.read_text())
+    cases = [
+        ({"model_type": "llama"}, "model_type"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type"),
+        ({"sliding_window": 16}, "sliding_window"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ]
+    for patch, match in cases:
+        path.write_text(json.dumps({**base, **patch}))
+        with pytest.raises(HFError, match=match):
+            import_hf(good_folder)
+
+
+def test_qwen3_dense_layers_refused(tiny_config, tmp_path):
+    export_hf(make_model(replace(tiny_config, qk_norm=True)), tmp_path / "q")
+    path = tmp_path / "q" / "config.json"
+    base = json.loads(path.read_text())
+    for patch in ({"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}):
+        path.write_text(json.dumps({**base, **patch}))
+        with pytest.raises(HFError, match="dense"):
+            import_hf(tmp_path / "q")
+    path.write_text(json.dumps({**base, "norm_topk_prob": False}))
+    with pytest.raises(HFError, match="norm_topk_prob"):
+        import_hf(tmp_path / "q")
+
+
+def test_header_lying_about_shapes_refused(good_folder):
+    weights = good_folder / "model.safetensors"
+    raw = weights.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    key = "model.layers.0.self_attn.k_proj.weight"  # (16, 32): claim (32, 16), same byte count
+    header[key]["shape"] = header[key]["shape"][::-1]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    weights.write_bytes(raw[:8] + text + raw[8 + n :])
+    with pytest.raises(HFError, match="shapes disagree.*k_proj"):
+        import_hf(good_folder)
+    header[key]["shape"] = [999, 32]  # larger than the bytes stored: safetensors' own check fails
+    weights.write_bytes(raw[:8] + json.dumps(header, separators=(",", ":")).encode().ljust(n) + raw[8 + n :])
+    with pytest.raises(HFError, match="invalid safetensors header"):
+        import_hf(good_folder)
+
+
+def test_wrong_or_missing_tensors_refused(good_folder):
+    weights = good_folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.0.block_sparse_moe.gate.weight"] = torch.zeros(3, 32)
+    del tensors["model.layers.1.block_sparse_moe.experts.0.w1.weight"]
+    tensors["model.layers.0.block_sparse_moe.bias"] = torch.zeros(4)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(HFError) as err:
+        import_hf(good_folder)
+    message = str(err.value)
+    assert "gate.weight" in message and "experts.0.w1" in message and "block_sparse_moe.bias" in message
+
+
+def test_shared_expert_and_per_layer_export_refused(tiny_config, tmp_path):
+    with pytest.raises(HFError, match="shared"):
+        export_hf(make_model(replace(tiny_config, shared_expert_width=16)), tmp_path / "a")
+    parent = make_model(tiny_config)
+    subnet = Subnet((0, 1), (LayerSpec(2, 1, 8), LayerSpec(4, 2, 24)))
+    extract_to_folder(parent, subnet, tmp_path / "child", tokens_for(tiny_config))
+    with pytest.raises(HFError, match="per-layer"):
+        export_hf(tmp_path / "child", tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_failed_export_verification_leaves_nothing(tiny_config, tmp_path):
+    model = make_model(tiny_config)
+    with pytest.raises(HFError, match="does not reproduce"):
+        export_hf(model, tmp_path / "hf", verify_tokens=tokens_for(tiny_config), tolerance=-1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_files_without_project_tokenizer_module(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "elasticmoe.tokenizer", None)  # import fails: fallback writer
+    tok = write_tokenizer(tmp_path / "tokenizer.json", tiny_config.vocab_size)
+    export_hf(make_model(tiny_config), tmp_path / "hf", tokenizer_path=tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf_tok.eos_token_id == hf_tok.pad_token_id == tiny_config.vocab_size - 1
+    assert hf_tok.decode(hf_tok("w3 w5")["input_ids"]) == "w3 w5"
+    assert load_hf(tmp_path / "hf").config.bos_token_id == tiny_config.vocab_size - 1
