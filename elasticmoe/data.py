@@ -1,0 +1,728 @@
+"""Data: the embedded default corpus, user data, token shards, and resumable batches.
+
+Why an embedded corpus: the pipeline must run on a machine with no network. The default mixes
+one "high-entropy" natural-language task with three structured tasks whose answers can be
+checked by exact match, so retention of a sub-network is measurable per skill:
+
+    text    English prose from the Python installation (pydoc topics + stdlib docstrings)
+    kv      key-value retrieval from context (a stand-in for search)
+            kv: q7f=382 a1c=907 m2d=115 ? a1c -> 907
+    arith   addition / subtraction of numbers of up to `arith_digits` digits, never negative
+            arith: 482+39 = 521
+    sort    sorting single-digit numbers
+            sort: 7 2 9 4 -> 2 4 7 9
+
+Answer convention (`split_prompt_answer`): a structured example is one line; the prompt is the
+line up to and including the *last* separator (" -> " for kv and sort, " = " for arith), so it
+ends with a space; the answer is the rest of the line (always starting with a digit). Every
+document is followed by EOS in the token stream (`tokenize_docs`), so a model learns to emit EOS
+right after the answer; an evaluator feeds [EOS] + encode(prompt), generates until EOS or a
+newline, and compares the decoded continuation with the answer exactly.
+
+Splits: "train"; "val" (importance / model selection); "search" (sub-network search); "test"
+(final evaluation only). Text documents go to a split by a hash of their content; structured
+examples come from disjoint seeded RNG streams, and each split excludes every string already in
+a held-out split (test, then search, then val, then train), so no string is in two splits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import random
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("text", "kv", "arith", "sort")
+STRUCTURED_TASKS = ("kv", "arith", "sort")
+SPLITS = ("train", "val", "search", "test")
+SEPARATORS = {"kv": " -> ", "arith": " = ", "sort": " -> "}
+# Fraction of text documents per split (by content hash); structured counts are in TaskSpec.
+TEXT_FRACTIONS = {"train": 0.90, "val": 0.04, "search": 0.03, "test": 0.03}
+CORPUS_FILE = "corpus.json"
+
+# Pure-python (or always-built) standard library modules whose docstrings are English prose.
+# The list is fixed so the corpus is the same on every run on a given Python installation.
+DOC_MODULES = tuple(
+    """
+    abc argparse ast base64 bisect calendar cmd code codecs collections colorsys concurrent.futures
+    configparser contextlib copy csv dataclasses datetime decimal difflib doctest email.message enum
+    filecmp fnmatch fractions ftplib functools getopt gettext glob graphlib gzip heapq hmac
+    html.parser http.client imaplib inspect io ipaddress json locale logging mailbox netrc numbers
+    operator optparse os pathlib pickle pkgutil platform plistlib poplib pprint queue quopri random
+    re runpy sched secrets selectors shlex shutil smtplib statistics string struct subprocess
+    symtable tarfile tempfile textwrap threading timeit tokenize trace traceback types typing
+    unittest urllib.parse uuid warnings wave weakref xml.dom.minidom xml.etree.ElementTree zipfile
+    zoneinfo
+    """.split()
+)
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+@dataclass
+class Corpus:
+    """Documents by split and task: `docs[split][task]` is a list of strings."""
+
+    docs: dict[str, dict[str, list[str]]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({task for by_task in self.docs.values() for task in by_task}, key=_task_order)
+
+    def texts(self, split: str = "train") -> Iterator[str]:
+        """All documents of one split, task by task (e.g. to train the tokenizer on)."""
+        if split not in self.docs:
+            raise ConfigError(f"corpus has no split {split!r}; allowed: {sorted(self.docs)}")
+        for task in sorted(self.docs[split], key=_task_order):
+            yield from self.docs[split][task]
+
+    def stats(self) -> dict[str, dict[str, dict[str, int]]]:
+        """{split: {task: {"docs": n, "chars": n}}} for logs and the run report."""
+        return {
+            s: {t: {"docs": len(d), "chars": sum(map(len, d))} for t, d in by_task.items()}
+            for s, by_task in self.docs.items()
+        }
+
+    def merged(self, other: Corpus) -> Corpus:
+        """A copy where `other`'s tasks are added, replacing same-named tasks (e.g. user text)."""
+        docs = {s: dict(by_task) for s, by_task in self.docs.items()}
+        for s, by_task in other.docs.items():
+            docs.setdefault(s, {}).update(by_task)
+        return Corpus(docs, {**self.meta, "merged": other.meta})
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `folder/<split>/<task>.jsonl` (one {"text": ...} per line) and corpus.json."""
+        folder = Path(folder)
+        files = {}
+        for s, by_task in self.docs.items():
+            (folder / s).mkdir(parents=True, exist_ok=True)
+            for task, docs in by_task.items():
+                path = folder / s / f"{task}.jsonl"
+                lines = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+                path.write_text(lines, encoding="utf-8")
+                files[f"{s}/{task}.jsonl"] = hashlib.sha256(lines.encode()).hexdigest()
+        info = {"format": "elasticmoe-corpus", "meta": self.meta, "stats": self.stats(), "sha256": files}
+        (folder / CORPUS_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Corpus:
+        """Read a folder written by `save`; checksums must match (the run trains on exactly this)."""
+        folder = Path(folder)
+        if not (folder / CORPUS_FILE).is_file():
+            raise ConfigError(f"{folder} is not a saved corpus (no {CORPUS_FILE})")
+        info = json.loads((folder / CORPUS_FILE).read_text())
+        docs: dict[str, dict[str, list[str]]] = {}
+        for rel, digest in info["sha256"].items():
+            path = folder / rel
+            if not path.is_file():
+                raise ConfigError(f"corpus file {path} is missing")
+            raw = path.read_bytes()
+            if hashlib.sha256(raw).hexdigest() != digest:
+                raise ConfigError(f"corpus file {path} does not match its checksum in {CORPUS_FILE}")
+            split, task = rel[: -len(".jsonl")].split("/")
+            # split on "\n" only: JSON escapes it, but not U+2028 and friends that splitlines() breaks on
+            lines = [line for line in raw.decode("utf-8").split("\n") if line]
+            docs.setdefault(split, {})[task] = [json.loads(line)["text"] for line in lines]
+        return cls(docs, info.get("meta", {}))
+
+
+def _task_order(task: str) -> tuple[int, str]:
+    return (TASKS.index(task) if task in TASKS else len(TASKS), task)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Shape of the structured tasks and how many examples each split gets at scale 1.0.
+
+    At scale 1.0 the train split is about 0.9 MB of text plus about 0.8 MB of structured examples.
+    """
+
+    kv_pairs: tuple[int, int] = (3, 6)
+    kv_value_max: int = 999
+    arith_digits: int = 3
+    arith_ops: str = "+-"
+    sort_length: tuple[int, int] = (3, 8)
+    sort_value_max: int = 9
+    train: tuple[int, int, int] = (6000, 10000, 8000)  # kv, arith, sort
+    held_out: tuple[int, int, int] = (300, 300, 600)  # val, search, test (each task)
+
+    def __post_init__(self) -> None:
+        for name in ("kv_pairs", "sort_length", "train", "held_out"):  # lists from YAML -> tuples
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        p = []
+        for name in ("kv_pairs", "sort_length"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                p.append(f"{name}={[lo, hi]} must be [min, max] with 1 <= min <= max")
+        if not 1 <= self.arith_digits <= 18:
+            p.append(f"arith_digits={self.arith_digits} is out of range; allowed [1, 18]")
+        if not self.arith_ops or set(self.arith_ops) - set("+-"):
+            p.append(f"arith_ops={self.arith_ops!r} must be a non-empty mix of '+' and '-'")
+        if self.kv_value_max < 0 or self.sort_value_max < 0:
+            p.append("kv_value_max and sort_value_max must be >= 0")
+        if min(self.train + self.held_out) < 0:
+            p.append("example counts must be >= 0")
+        if p:
+            raise ConfigError("; ".join(p))
+
+    def counts(self, scale: float) -> dict[str, dict[str, int]]:
+        """{task: {split: n}}; every non-zero count stays at least 1 however small the scale."""
+
+        def scaled(n: int) -> int:
+            return max(1, round(n * scale)) if n else 0
+
+        val, search, test = self.held_out
+        return {
+            task: {"train": scaled(self.train[i]), "val": scaled(val), "search": scaled(search), "test": scaled(test)}
+            for i, task in enumerate(STRUCTURED_TASKS)
+        }
+
+
+_KEY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def make_example(task: str, rng: random.Random, spec: TaskSpec | None = None) -> str:
+    """One structured example line (no trailing newline) drawn from `rng`."""
+    spec = spec or TaskSpec()
+    if task == "kv":
+        n = rng.randint(*spec.kv_pairs)
+        keys: list[str] = []
+        while len(keys) < n:
+            key = "".join(rng.choice(_KEY_CHARS) for _ in range(3))
+            if key not in keys:
+                keys.append(key)
+        values = [rng.randint(0, spec.kv_value_max) for _ in keys]
+        query = rng.randrange(n)
+        pairs = " ".join(f"{k}={v}" for k, v in zip(keys, values))
+        return f"kv: {pairs} ? {keys[query]} -> {values[query]}"
+    if task == "arith":
+        # Digit count first, then the number: small operands are as common as large ones.
+        a, b = (rng.randint(0, 10 ** rng.randint(1, spec.arith_digits) - 1) for _ in range(2))
+        op = rng.choice(spec.arith_ops)
+        if op == "-" and a < b:
+            a, b = b, a  # answers stay non-negative, so every answer starts with a digit
+        return f"arith: {a}{op}{b} = {a + b if op == '+' else a - b}"
+    if task == "sort":
+        values = [rng.randint(0, spec.sort_value_max) for _ in range(rng.randint(*spec.sort_length))]
+        return f"sort: {' '.join(map(str, values))} -> {' '.join(map(str, sorted(values)))}"
+    raise ConfigError(f"unknown structured task {task!r}; allowed: {list(STRUCTURED_TASKS)}")
+
+
+def split_prompt_answer(task: str, example: str) -> tuple[str, str]:
+    """(prompt, answer): prompt ends with the task's separator (space included), answer is the rest.
+
+    Trailing newlines are dropped from the answer, so `prompt + answer == example.rstrip("\\n")`.
+    """
+    if task not in SEPARATORS:
+        raise ConfigError(f"task {task!r} has no prompt/answer form; allowed: {sorted(SEPARATORS)}")
+    line = example.rstrip("\n")
+    head, sep, answer = line.rpartition(SEPARATORS[task])
+    if not sep or not line.startswith(f"{task}: "):
+        raise ConfigError(f"not a {task} example (expected '{task}: ...{SEPARATORS[task]}answer'): {example!r}")
+    return head + sep, answer
+
+
+def generate_examples(task: str, n: int, rng: random.Random, exclude: set[str], spec: TaskSpec) -> list[str]:
+    """Up to `n` distinct examples not in `exclude`. A small task space yields fewer (logged)."""
+    out: dict[str, None] = {}
+    attempts = 0
+    while len(out) < n and attempts < 20 * n + 1000:
+        attempts += 1
+        example = make_example(task, rng, spec)
+        if example not in exclude:
+            out[example] = None
+    if len(out) < n:
+        logger.warning("task %s: only %d distinct examples of %d requested (small task space)", task, len(out), n)
+    return list(out)
+
+
+def _rng(seed: int, task: str, split: str) -> random.Random:
+    # String seeds hash with SHA-512 inside `random`: stable across processes and PYTHONHASHSEED.
+    return random.Random(f"elasticmoe/{seed}/{task}/{split}")
+
+
+def build_structured(seed: int = 0, scale: float = 1.0, spec: TaskSpec | None = None) -> Corpus:
+    """The kv / arith / sort tasks; held-out splits first, each excluding all earlier splits."""
+    spec = spec or TaskSpec()
+    docs: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
+    for task, counts in spec.counts(scale).items():
+        taken: set[str] = set()
+        for split in ("test", "search", "val", "train"):
+            examples = generate_examples(task, counts[split], _rng(seed, task, split), taken, spec)
+            taken.update(examples)
+            docs[split][task] = examples
+    return Corpus(docs, {"seed": seed, "scale": scale, "task_spec": dataclasses.asdict(spec)})
+
+
+def chunk_text(text: str, target_chars: int = 400, max_chars: int = 1500) -> list[str]:
+    """Split on blank lines and merge paragraphs into documents of about `target_chars`.
+
+    Why: a whole pydoc topic is too big a unit for a hash split (val/test would get a handful
+    of topics); single paragraphs are too small to teach long-range structure.
+    """
+    pieces: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        para = para.strip("\n").rstrip()
+        if not para.strip():
+            continue
+        while len(para) > max_chars:  # cut an over-long paragraph at a line end, else a space
+            cut = para.rfind("\n", 0, max_chars)
+            cut = cut if cut > 0 else para.rfind(" ", 0, max_chars)
+            cut = cut if cut > 0 else max_chars
+            pieces.append(para[:cut].rstrip())
+            para = para[cut:].lstrip("\n ")
+        if para.strip():
+            pieces.append(para)
+    docs, current = [], ""
+    for piece in pieces:
+        current = f"{current}\n\n{piece}" if current else piece
+        if len(current) >= target_chars:
+            docs.append(current)
+            current = ""
+    if current:
+        docs.append(current)
+    return docs
+
+
+def stdlib_texts(modules: Sequence[str] = DOC_MODULES) -> list[str]:
+    """pydoc topics, then docstrings of `modules` (module, public classes/functions, methods)."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[key] for key in sorted(topics)]
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a trimmed Python build: skip, the corpus just gets smaller
+            logger.info("docstrings: module %s not importable, skipped", name)
+            continue
+        texts.extend(_module_docstrings(module))
+    return list(dict.fromkeys(texts))
+
+
+def _module_docstrings(module: Any) -> list[str]:
+    out = [module.__doc__] if isinstance(module.__doc__, str) else []
+    with warnings.catch_warnings():  # some attributes (typing.io ...) warn when touched
+        warnings.simplefilter("ignore")
+        for name in sorted(dir(module)):
+            obj = getattr(module, name, None)
+            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue  # private, or re-exported from another module
+            if isinstance(getattr(obj, "__doc__", None), str):
+                out.append(obj.__doc__)
+            if inspect.isclass(obj):
+                for attr, value in sorted(vars(obj).items()):
+                    value = getattr(value, "__func__", value)
+                    if not attr.startswith("_") and (inspect.isfunction(value) or isinstance(value, property)):
+                        if isinstance(value.__doc__, str):
+                            out.append(value.__doc__)
+    return [inspect.cleandoc(d) for d in out if d.strip()]
+
+
+def hash_split(doc: str, fractions: dict[str, float] | None = None, salt: str = "") -> str:
+    """The split of a document, from the SHA-256 of its text: stable, seed-independent, no leakage.
+
+    A different `salt` gives an independent draw (used to subsample without biasing the splits).
+    """
+    fractions = fractions or TEXT_FRACTIONS
+    u = int.from_bytes(hashlib.sha256((salt + doc).encode("utf-8")).digest()[:8], "big") / 2**64
+    total, acc = sum(fractions.values()), 0.0
+    for split, frac in fractions.items():
+        acc += frac / total
+        if u < acc:
+            return split
+    return next(reversed(fractions))
+
+
+def corpus_from_texts(texts: Iterable[str], task: str = "text", fractions: dict[str, float] | None = None) -> Corpus:
+    """One task from free text: exact duplicates dropped, each document hash-assigned to a split."""
+    fractions = fractions or TEXT_FRACTIONS
+    docs: dict[str, dict[str, list[str]]] = {s: {task: []} for s in fractions}
+    for doc in dict.fromkeys(texts):
+        docs[hash_split(doc, fractions)][task].append(doc)
+    return Corpus(docs, {"task": task, "fractions": fractions})
+
+
+def build_default_corpus(
+    seed: int = 0,
+    scale: float = 1.0,
+    *,
+    tasks: Sequence[str] = TASKS,
+    spec: TaskSpec | None = None,
+    text_fraction: float = 1.0,
+) -> Corpus:
+    """The embedded corpus: stdlib text + structured tasks, deterministic for (seed, scale).
+
+    `scale` multiplies the structured example counts (0.05 gives a corpus for tests);
+    `text_fraction` keeps that fraction of the text documents, chosen by hash (same docs every run).
+    """
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise ConfigError(f"tasks={list(tasks)}: unknown or empty; allowed: {list(TASKS)}")
+    if not scale > 0 or not 0 < text_fraction <= 1:
+        raise ConfigError(f"scale={scale} must be > 0 and text_fraction={text_fraction} in (0, 1]")
+    meta: dict[str, Any] = {"seed": seed, "scale": scale, "tasks": list(tasks), "text_fraction": text_fraction}
+    docs: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
+    if "text" in tasks:
+        texts = [d for t in stdlib_texts() for d in chunk_text(t)]
+        if text_fraction < 1:
+            keep = {"keep": text_fraction, "drop": 1 - text_fraction}
+            texts = [d for d in texts if hash_split(d, keep, salt="subsample/") == "keep"]
+        for s, by_task in corpus_from_texts(texts).docs.items():
+            docs[s]["text"] = by_task["text"]
+    structured = [t for t in tasks if t in STRUCTURED_TASKS]
+    if structured:
+        extra = build_structured(seed, scale, spec)
+        for s in SPLITS:
+            docs[s].update({t: extra.docs[s][t] for t in structured})
+        meta["task_spec"] = extra.meta["task_spec"]
+    return Corpus(docs, meta)
+
+
+# ----------------------------------------------------------------------------- user data
+
+_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+_HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def load_user_texts(paths: Sequence[str | Path], text_field: str = "text", doc_mode: str = "paragraphs") -> list[str]:
+    """Documents from text files, globs, folders, JSONL files and local HF dataset folders.
+
+    Text files become one document each (`doc_mode="file"`) or are chunked on blank lines
+    (`"paragraphs"`, the default, so a single large file still fills every split). JSONL gives
+    one document per line from `text_field`. A folder holding a saved Hugging Face dataset is read
+    with `datasets.load_from_disk` (all its splits); any other folder contributes its text and
+    JSONL files, recursively. Use `corpus_from_texts` to turn the result into task "text".
+    """
+    if doc_mode not in ("file", "paragraphs"):
+        raise ConfigError(f"doc_mode={doc_mode!r}; allowed: 'file', 'paragraphs'")
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    docs: list[str] = []
+    for raw in paths:
+        for path in _expand(str(raw)):
+            if path.is_dir():
+                docs.extend(_load_hf_dataset(path, text_field))
+            elif path.suffix == ".jsonl":
+                docs.extend(_load_jsonl(path, text_field))
+            else:
+                text = path.read_text(encoding="utf-8", errors="replace")
+                docs.extend([text] if doc_mode == "file" else chunk_text(text))
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ConfigError(f"user data {[str(p) for p in paths]} holds no non-empty document")
+    return docs
+
+
+def _expand(raw: str, what: str = "data path") -> list[Path]:
+    """A glob's sorted matches (files, HF dataset folders) or the path (a folder: its text files)."""
+    if any(c in raw for c in "*?["):
+        matches = [Path(m) for m in sorted(glob.glob(raw, recursive=True))]
+        if what == "token shard":
+            matches = [m for m in matches if m.suffix != ".json"]  # sidecars are not shards
+        if not matches:
+            raise ConfigError(f"{what} glob {raw!r} matches no file")
+        return [m for m in matches if m.is_file() or _is_hf_dataset(m)]
+    path = Path(raw)
+    if not path.exists():
+        raise ConfigError(f"{what} {raw} does not exist")
+    if what == "data path" and path.is_dir() and not _is_hf_dataset(path):
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (*_TEXT_SUFFIXES, ".jsonl"))
+        if not files:
+            raise ConfigError(f"data folder {raw} has no {', '.join((*_TEXT_SUFFIXES, '.jsonl'))} file")
+        return files
+    return [path]
+
+
+def _is_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in _HF_MARKERS)
+
+
+def _load_jsonl(path: Path, text_field: str) -> list[str]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ConfigError(f"{path}:{number}: no string field {text_field!r} (found {keys})")
+            docs.append(record[text_field])
+    return docs
+
+
+def _load_hf_dataset(path: Path, text_field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"{path} is a Hugging Face dataset folder: pip install datasets") from None
+    loaded = datasets.load_from_disk(str(path))
+    parts = [loaded[k] for k in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    docs = []
+    for part in parts:
+        if text_field not in part.column_names:
+            raise ConfigError(f"{path}: no column {text_field!r} (columns: {part.column_names})")
+        docs.extend(str(t) for t in part[text_field] if t is not None)
+    return docs
+
+
+# ----------------------------------------------------------------------------- tokens
+
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest shard dtype that holds every id of a vocabulary."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def tokenize_docs(tokenizer: Any, docs: Sequence[str], dtype: str | None = None) -> np.ndarray:
+    """Concatenate the documents' tokens, each document followed by EOS (`tokenizer.eos_id`)."""
+    dtype = dtype or token_dtype(tokenizer.vocab_size)
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r}; allowed: {sorted(_DTYPES)}")
+    if np.iinfo(_DTYPES[dtype]).max < tokenizer.vocab_size - 1:
+        raise ConfigError(f"dtype {dtype} cannot hold ids of a {tokenizer.vocab_size}-token vocabulary")
+    parts = []
+    for start in range(0, len(docs), 4096):  # bounded memory for the Python lists of ids
+        for ids in tokenizer.encode_batch(list(docs[start : start + 4096])):
+            parts.append(np.asarray([*ids, tokenizer.eos_id], dtype=_DTYPES[dtype]))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=_DTYPES[dtype])
+
+
+def mix_tasks(
+    arrays: dict[str, np.ndarray],
+    weights: dict[str, float] | None = None,
+    *,
+    eos_id: int,
+    seed: int = 0,
+    total_tokens: int | None = None,
+) -> np.ndarray:
+    """One token stream with each task's share of tokens set by `weights`, documents shuffled.
+
+    Each array is EOS-terminated documents (from `tokenize_docs`). A task with weight w gets
+    about w / sum(weights) * total_tokens tokens (default total: all tokens), repeating its
+    documents in a seeded order when up-sampled and taking a seeded subset when down-sampled;
+    all chosen documents are then shuffled together, so windows mix tasks. Weights None keeps
+    the natural proportions (every document once).
+    """
+    weights = dict(weights) if weights is not None else {t: float(len(a)) for t, a in arrays.items()}
+    problems = [f"weights[{t!r}]: no such task (have {sorted(arrays)})" for t in weights if t not in arrays]
+    problems += [f"weights[{t!r}]={w} must be >= 0" for t, w in weights.items() if not w >= 0]
+    if not problems and not sum(weights.get(t, 0.0) for t in arrays) > 0:
+        problems.append("weights must give at least one non-empty task a positive weight")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    total = total_tokens if total_tokens is not None else sum(len(a) for a in arrays.values())
+    norm = sum(weights.get(t, 0.0) for t in arrays if len(arrays[t]))
+    rng = np.random.default_rng([seed, 7])
+    chosen: list[np.ndarray] = []
+    for task in sorted(arrays, key=_task_order):
+        weight, tokens = weights.get(task, 0.0), arrays[task]
+        if weight <= 0 or len(tokens) == 0:
+            continue
+        docs = _split_docs(tokens, eos_id)
+        want, have, order = round(weight / norm * total), 0, rng.permutation(len(docs))
+        i = 0
+        while have < want:
+            doc = docs[order[i % len(docs)]]
+            chosen.append(doc)
+            have += len(doc)
+            i += 1
+        logger.info("mix: %s %d tokens (%.1f%%)", task, have, 100 * have / max(total, 1))
+    order = rng.permutation(len(chosen))
+    return np.concatenate([chosen[i] for i in order]) if chosen else np.zeros(0, np.uint32)
+
+
+def _split_docs(tokens: np.ndarray, eos_id: int) -> list[np.ndarray]:
+    ends = np.flatnonzero(tokens == eos_id) + 1
+    if len(ends) == 0 or ends[-1] != len(tokens):
+        ends = np.append(ends, len(tokens))  # a last document without EOS stays whole
+    return np.split(tokens, ends[:-1])
+
+
+def write_token_shard(path: str | Path, tokens: np.ndarray, vocab_size: int | None = None) -> Path:
+    """Write raw `tokens` (uint16 / uint32) to `path` plus a `<path>.json` sidecar with dtype."""
+    path = Path(path)
+    dtype = str(np.asarray(tokens[:0]).dtype)
+    if dtype not in _DTYPES:
+        raise ConfigError(f"token shard dtype {dtype}; allowed: {sorted(_DTYPES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.asarray(tokens).tofile(path)
+    sidecar = {"dtype": dtype, "tokens": int(len(tokens)), "vocab_size": vocab_size}
+    Path(f"{path}.json").write_text(json.dumps(sidecar) + "\n")
+    return path
+
+
+class TokenShards:
+    """Read-only memory-mapped token files: data larger than memory, shared by all workers.
+
+    Each `.bin` file is raw little-endian uint16 or uint32 ids; a `<file>.json` sidecar may state
+    {"dtype": ...}. `dtype=None` takes the sidecar's, else uint16. Globs are expanded (sorted).
+    """
+
+    def __init__(
+        self, paths: Sequence[str | Path] | str, dtype: str | None = None, vocab_size: int | None = None
+    ) -> None:
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        files = [p for raw in paths for p in _expand(str(raw), "token shard") if p.is_file()]
+        if not files:
+            raise ConfigError("TokenShards needs at least one .bin file")
+        self.paths = files
+        self.arrays: list[np.ndarray] = [self._open(p, dtype, vocab_size) for p in files]
+
+    @staticmethod
+    def _open(path: Path, dtype: str | None, vocab_size: int | None) -> np.ndarray:
+        sidecar = Path(f"{path}.json")
+        stated = json.loads(sidecar.read_text()).get("dtype") if sidecar.is_file() else None
+        if dtype is not None and stated is not None and dtype != stated:
+            raise ConfigError(f"{path}: dtype={dtype} but its sidecar {sidecar.name} says {stated}")
+        name = dtype or stated or "uint16"
+        if name not in _DTYPES:
+            raise ConfigError(f"{path}: dtype {name!r}; allowed: {sorted(_DTYPES)}")
+        itemsize, size = np.dtype(name).itemsize, path.stat().st_size
+        if size == 0 or size % itemsize:
+            raise ConfigError(f"{path}: {size} bytes is not a positive multiple of {itemsize} ({name})")
+        array = np.memmap(path, dtype=np.dtype(name).newbyteorder("<"), mode="r")
+        if vocab_size is not None:
+            top = max(int(array[i : i + (1 << 24)].max()) for i in range(0, len(array), 1 << 24))
+            if top >= vocab_size:
+                raise ConfigError(f"{path}: token id {top} >= vocab_size {vocab_size}")
+        return array
+
+    def __len__(self) -> int:
+        return sum(len(a) for a in self.arrays)
+
+
+class _Windows:
+    """Windows of seq_len+1 tokens at stride seq_len inside each array (never across shards)."""
+
+    def __init__(self, tokens: np.ndarray | TokenShards | Sequence[np.ndarray], seq_len: int) -> None:
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ConfigError(f"seq_len={seq_len!r} must be a positive integer")
+        arrays = tokens.arrays if isinstance(tokens, TokenShards) else tokens
+        self.arrays = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+        self.seq_len = seq_len
+        per_array = [max(0, (len(a) - 1) // seq_len) for a in self.arrays]
+        self.ends = np.cumsum(per_array)
+        self.count = int(self.ends[-1]) if len(self.ends) else 0
+        if self.count == 0:
+            sizes = [len(a) for a in self.arrays]
+            raise ConfigError(f"data too small: {sizes} tokens give no window of seq_len+1={seq_len + 1} tokens")
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        rows = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        for row, index in enumerate(indices):
+            which = int(np.searchsorted(self.ends, index, side="right"))
+            start = (int(index) - (int(self.ends[which - 1]) if which else 0)) * self.seq_len
+            rows[row] = self.arrays[which][start : start + self.seq_len + 1]
+        return torch.from_numpy(rows)
+
+
+class BatchIterator:
+    """Endless (inputs, targets) batches for one rank, resumable to the exact batch.
+
+    Each epoch visits the windows in a permutation seeded by (seed, epoch); global batch g takes
+    the next batch_size * world_size windows of it and rank r gets the r-th block of batch_size.
+    A partial global batch at the end of an epoch is skipped, so every rank takes the same steps.
+    State is {"epoch", "position"} (windows consumed this epoch, over all ranks), plus the seed and
+    window count to refuse resuming on other data. Since the position counts global windows, a
+    resume may change world_size or batch_size and still continue the same permutation.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray | TokenShards | Sequence[np.ndarray],
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need 0 <= rank < world")
+        self.windows = _Windows(tokens, seq_len)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        if self.windows.count < self.global_batch:
+            raise ConfigError(
+                f"data too small: {self.windows.count} windows of {seq_len + 1} tokens, but one global "
+                f"batch needs batch_size*world_size={self.global_batch}"
+            )
+        self.epoch, self.position = 0, 0
+        self._perm: np.ndarray | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.windows.count // self.global_batch
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm is None:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.windows.count)
+        return self._perm
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position + self.global_batch > self.windows.count:
+            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+        start = self.position + self.rank * self.batch_size
+        rows = self.windows.get(self._permutation()[start : start + self.batch_size])
+        self.position += self.global_batch
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "windows": self.windows.count}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, mine in (("seed", self.seed), ("windows", self.windows.count)):
+            if key in state and int(state[key]) != mine:
+                raise ConfigError(f"data state {key}={state[key]} does not match this data ({key}={mine})")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self.windows.count:
+            raise ConfigError(f"data state epoch={epoch}, position={position} out of range")
+        self.epoch, self.position, self._perm = epoch, position, None
+
+
+def eval_windows(
+    tokens: np.ndarray | TokenShards | Sequence[np.ndarray], seq_len: int, max_windows: int | None = None
+) -> torch.Tensor:
+    """(n, seq_len+1) LongTensor of windows for validation, the same on every call.
+
+    Windows sit at stride seq_len, so consecutive windows share one boundary token and their
+    targets (window[1:]) are disjoint and cover the data. More than `max_windows` available:
+    evenly spaced ones are kept, so the estimate covers the whole split, not just its start.
+    """
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"max_windows={max_windows} must be >= 1")
+    windows = _Windows(tokens, seq_len)
+    index = np.arange(windows.count)
+    if max_windows is not None and windows.count > max_windows:
+        index = np.unique(np.linspace(0, windows.count - 1, max_windows).round().astype(np.int64))
+    return windows.get(index)

@@ -1,0 +1,328 @@
+"""Invariants of elasticmoe.data: determinism, no leakage, correct answers, exact resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from elasticmoe.config import ConfigError
+from elasticmoe.data import (
+    SPLITS,
+    STRUCTURED_TASKS,
+    BatchIterator,
+    Corpus,
+    TaskSpec,
+    TokenShards,
+    build_default_corpus,
+    build_structured,
+    corpus_from_texts,
+    eval_windows,
+    hash_split,
+    load_user_texts,
+    mix_tasks,
+    split_prompt_answer,
+    tokenize_docs,
+    write_token_shard,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    return build_default_corpus(seed=0, scale=0.05)
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def test_corpus_is_deterministic_and_seeded(corpus: Corpus) -> None:
+    again = build_default_corpus(seed=0, scale=0.05)
+    assert again.docs == corpus.docs
+    other = build_default_corpus(seed=1, scale=0.05, tasks=STRUCTURED_TASKS)
+    for split in SPLITS:
+        for task in STRUCTURED_TASKS:
+            assert other.docs[split][task] != corpus.docs[split][task]
+    assert set(corpus.tasks) == {"text", "kv", "arith", "sort"}
+
+
+def test_corpus_sizes_follow_scale(corpus: Corpus) -> None:
+    counts = TaskSpec().counts(0.05)
+    for split in SPLITS:
+        for task in STRUCTURED_TASKS:
+            assert len(corpus.docs[split][task]) == counts[task][split] > 0
+    text = {split: corpus.docs[split]["text"] for split in SPLITS}
+    assert sum(map(len, text["train"])) > 500_000  # pydoc topics alone are ~465k characters
+    assert all(len(text[s]) >= 20 for s in ("val", "search", "test"))
+    assert max(len(d) for d in text["train"]) <= 3000
+
+
+@pytest.mark.parametrize("spec", [TaskSpec(), TaskSpec(arith_digits=1, sort_length=(1, 3), kv_pairs=(1, 1))])
+def test_no_leakage_between_splits(spec: TaskSpec) -> None:
+    # The second spec has tiny task spaces, so collisions are frequent and exclusion must act.
+    corpus = build_structured(seed=3, scale=0.05, spec=spec)
+    for task in STRUCTURED_TASKS:
+        sets = {split: set(corpus.docs[split][task]) for split in SPLITS}
+        for split in SPLITS:
+            assert len(sets[split]) == len(corpus.docs[split][task])  # distinct within a split
+        for a, b in itertools.combinations(SPLITS, 2):
+            assert not sets[a] & sets[b], (task, a, b)
+
+
+def test_text_split_is_content_hash(corpus: Corpus) -> None:
+    seen: set[str] = set()
+    for split in SPLITS:
+        for doc in corpus.docs[split]["text"]:
+            assert hash_split(doc) == split
+            assert doc not in seen
+            seen.add(doc)
+
+
+def _solve(task: str, prompt: str) -> str:
+    body = prompt[len(task) + 2 :]
+    if task == "kv":
+        pairs, query = re.fullmatch(r"(.*) \? (\w{3}) -> ", body).groups()
+        return dict(p.split("=") for p in pairs.split())[query]
+    if task == "arith":
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+) = ", body).groups()
+        return str(int(a) + int(b) if op == "+" else int(a) - int(b))
+    values = re.fullmatch(r"([\d ]+) -> ", body).group(1).split()
+    return " ".join(str(v) for v in sorted(int(v) for v in values))
+
+
+def test_every_structured_example_parses_and_is_correct(corpus: Corpus) -> None:
+    for split in SPLITS:
+        for task in STRUCTURED_TASKS:
+            for example in corpus.docs[split][task]:
+                prompt, answer = split_prompt_answer(task, example)
+                assert prompt + answer == example and "\n" not in example
+                assert prompt.endswith(" ") and answer[:1].isdigit()
+                assert answer == _solve(task, prompt), example
+
+
+def test_split_prompt_answer_convention_and_errors() -> None:
+    assert split_prompt_answer("arith", "arith: 482+39 = 521\n") == ("arith: 482+39 = ", "521")
+    assert split_prompt_answer("kv", "kv: q7f=382 a1c=907 ? a1c -> 907") == ("kv: q7f=382 a1c=907 ? a1c -> ", "907")
+    with pytest.raises(ConfigError):
+        split_prompt_answer("arith", "sort: 1 2 -> 1 2")
+    with pytest.raises(ConfigError):
+        split_prompt_answer("text", "hello")
+
+
+def test_task_spec_validation() -> None:
+    with pytest.raises(ConfigError) as err:
+        TaskSpec(kv_pairs=(3, 1), arith_ops="*")
+    assert "kv_pairs" in str(err.value) and "arith_ops" in str(err.value)
+    assert TaskSpec(train=[1, 2, 3]).train == (1, 2, 3)
+    with pytest.raises(ConfigError):
+        build_default_corpus(tasks=("text", "poetry"))
+
+
+def test_corpus_save_load_round_trip(tmp_path, corpus: Corpus) -> None:
+    small = Corpus(
+        {"train": {"kv": corpus.docs["train"]["kv"][:5], "text": ["a\u2028b\nc", "é 🙂"]}, "test": {"kv": []}}
+    )
+    small.save(tmp_path / "c")
+    line = (tmp_path / "c" / "train" / "text.jsonl").read_text(encoding="utf-8").split("\n")[1]
+    assert json.loads(line) == {"text": "é 🙂"}  # readable, not \u-escaped
+    assert Corpus.load(tmp_path / "c").docs == small.docs
+    path = tmp_path / "c" / "train" / "kv.jsonl"
+    path.write_text(path.read_text().replace("kv:", "kv :", 1))
+    with pytest.raises(ConfigError, match="checksum"):
+        Corpus.load(tmp_path / "c")
+    with pytest.raises(ConfigError):
+        Corpus.load(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- user data
+
+
+def test_user_text_glob_and_modes(tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("first paragraph\n\nsecond one")
+    (tmp_path / "b.md").write_text("# title\n")
+    (tmp_path / "skip.csv").write_text("x,y")
+    assert load_user_texts([str(tmp_path / "*.txt")], doc_mode="file") == ["first paragraph\n\nsecond one"]
+    docs = load_user_texts([str(tmp_path / "*.txt"), tmp_path / "b.md"], doc_mode="paragraphs")
+    assert docs == ["first paragraph\n\nsecond one", "# title"]  # short paragraphs merge up to ~400 chars
+    assert load_user_texts([tmp_path]) == docs  # a folder: its text files, sorted, csv skipped
+    long = "\n\n".join(f"paragraph {i}" + " word" * 100 for i in range(10))
+    (tmp_path / "long.txt").write_text(long)
+    chunks = load_user_texts([tmp_path / "long.txt"])
+    assert len(chunks) > 1 and "\n\n".join(chunks) == long.strip()
+
+
+def test_user_jsonl_and_errors(tmp_path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"body": "one"}\n\n{"body": "two", "id": 2}\n')
+    assert load_user_texts([good], text_field="body") == ["one", "two"]
+    with pytest.raises(ConfigError, match=r"good.jsonl:1: no string field 'text'"):
+        load_user_texts([good])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": oops}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: invalid JSON"):
+        load_user_texts([bad])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_user_texts([tmp_path / "missing.txt"])
+    with pytest.raises(ConfigError, match="matches no file"):
+        load_user_texts([str(tmp_path / "*.nothing")])
+    (tmp_path / "empty.txt").write_text("  \n\n \n")
+    with pytest.raises(ConfigError, match="no non-empty document"):
+        load_user_texts([tmp_path / "empty.txt"])
+
+
+def test_user_hf_dataset_folder_needs_datasets(tmp_path) -> None:
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{}")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install datasets"):
+            load_user_texts([folder])
+    else:
+        pytest.skip("datasets is installed; the one-line error path is not reachable")
+
+
+def test_user_texts_become_hash_split_text_task() -> None:
+    texts = [f"document number {i}" for i in range(400)] + ["document number 0"]
+    corpus = corpus_from_texts(texts)
+    assert corpus_from_texts(reversed(texts)).docs.keys() == corpus.docs.keys()
+    flat = [d for s in SPLITS for d in corpus.docs[s]["text"]]
+    assert sorted(flat) == sorted(set(texts))  # exact duplicate dropped, nothing lost
+    assert all(len(corpus.docs[s]["text"]) > 0 for s in SPLITS)
+    merged = build_default_corpus(scale=0.01, tasks=("kv",)).merged(corpus)
+    assert set(merged.tasks) == {"text", "kv"}
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+class CharTokenizer:
+    """Bytes as ids, EOS = 256: enough to test packing without training a tokenizer."""
+
+    vocab_size = 257
+    eos_id = 256
+
+    def encode_batch(self, texts):
+        return [list(t.encode()) for t in texts]
+
+
+def test_tokenize_docs_appends_eos() -> None:
+    tokens = tokenize_docs(CharTokenizer(), ["ab", "", "c"])
+    assert tokens.dtype == np.uint16
+    assert tokens.tolist() == [97, 98, 256, 256, 99, 256]
+    assert tokenize_docs(CharTokenizer(), ["a"], dtype="uint32").dtype == np.uint32
+
+
+def test_mix_tasks_weights() -> None:
+    tok = CharTokenizer()
+    arrays = {"text": tokenize_docs(tok, ["x" * 9] * 100), "kv": tokenize_docs(tok, [f"k{i}" for i in range(50)])}
+    natural = mix_tasks(arrays, eos_id=256, seed=1)
+    assert sorted(natural.tolist()) == sorted(np.concatenate(list(arrays.values())).tolist())
+    assert np.array_equal(natural, mix_tasks(arrays, eos_id=256, seed=1))
+    mixed = mix_tasks(arrays, {"text": 1.0, "kv": 1.0}, eos_id=256, seed=1, total_tokens=4000)
+    docs = bytes(mixed.astype(np.uint8)).split(b"\x00")  # EOS 256 wraps to 0 as a byte
+    kv_tokens = sum(len(d) + 1 for d in docs if d.startswith(b"k"))
+    assert abs(kv_tokens / len(mixed) - 0.5) < 0.02  # up-sampled from ~11% to ~50%
+    assert mixed[-1] == 256
+    with pytest.raises(ConfigError, match="no such task"):
+        mix_tasks(arrays, {"code": 1.0}, eos_id=256)
+    with pytest.raises(ConfigError, match="positive weight"):
+        mix_tasks(arrays, {"text": 0.0}, eos_id=256)
+
+
+def test_token_shards_round_trip_and_rejections(tmp_path) -> None:
+    a = np.arange(1000, dtype=np.uint16)
+    b = (np.arange(300, dtype=np.uint32) * 1000) % 70000
+    write_token_shard(tmp_path / "s0.bin", a)
+    write_token_shard(tmp_path / "s1.bin", b.astype(np.uint32))
+    shards = TokenShards(str(tmp_path / "s*.bin"))
+    assert [arr.dtype.itemsize for arr in shards.arrays] == [2, 4] and len(shards) == 1300
+    assert np.array_equal(shards.arrays[0], a) and np.array_equal(shards.arrays[1], b)
+    with pytest.raises(ConfigError, match="token id 69000 >= vocab_size"):
+        TokenShards([tmp_path / "s1.bin"], vocab_size=69000)
+    with pytest.raises(ConfigError, match="sidecar"):
+        TokenShards([tmp_path / "s0.bin"], dtype="uint32")
+    (tmp_path / "odd.bin").write_bytes(b"\x00" * 7)
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        TokenShards([tmp_path / "odd.bin"])
+    (tmp_path / "six.bin").write_bytes(b"\x00" * 6)
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        TokenShards([tmp_path / "six.bin"], dtype="uint32")
+    with pytest.raises(ConfigError, match="does not exist"):
+        TokenShards([tmp_path / "none.bin"])
+    # windows never straddle two shards: every window is consecutive ids of one shard
+    rows = eval_windows(TokenShards([tmp_path / "s0.bin", tmp_path / "s0.bin"]), seq_len=100)
+    assert rows.shape == (18, 101) and bool((rows.diff(dim=1) == 1).all())
+
+
+# ----------------------------------------------------------------------------- batches
+
+TOKENS = np.arange(5000, dtype=np.uint32)  # a token's value is its position: windows are readable
+
+
+def _take(iterator: BatchIterator, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [next(iterator) for _ in range(n)]
+
+
+def test_batches_shape_and_shift() -> None:
+    inputs, targets = next(BatchIterator(TOKENS, seq_len=16, batch_size=4, seed=0))
+    assert inputs.shape == targets.shape == (4, 16) and inputs.dtype == torch.long
+    assert torch.equal(inputs[:, 1:], targets[:, :-1]) and bool((targets - inputs == 1).all())
+    assert bool((inputs[:, 0] % 16 == 0).all())  # windows start on the seq_len grid
+    assert targets.is_contiguous()
+
+
+def test_resume_gives_the_same_batches_across_epochs() -> None:
+    reference = BatchIterator(TOKENS, seq_len=64, batch_size=5, seed=7)  # 78 windows: 15 steps/epoch
+    assert reference.steps_per_epoch == 15
+    expected = _take(reference, 40)
+    first = BatchIterator(TOKENS, seq_len=64, batch_size=5, seed=7)
+    _take(first, 13)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = BatchIterator(TOKENS, seq_len=64, batch_size=5, seed=7)
+    resumed.load_state_dict(state)
+    for (x, y), (ex, ey) in zip(_take(resumed, 27), expected[13:]):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    epoch0 = torch.cat([x[:, 0] for x, _ in expected[:15]])
+    assert len(set(epoch0.tolist())) == 75  # no window twice within an epoch
+    assert not torch.equal(epoch0, torch.cat([x[:, 0] for x, _ in expected[15:30]]))  # reshuffled
+
+
+def test_rank_shards_partition_the_global_batch() -> None:
+    for world in (2, 3):
+        single = BatchIterator(TOKENS, seq_len=32, batch_size=2 * world, seed=5)
+        ranks = [
+            BatchIterator(TOKENS, seq_len=32, batch_size=2, seed=5, rank=r, world_size=world) for r in range(world)
+        ]
+        for _ in range(30):  # crosses an epoch boundary
+            x_all, y_all = next(single)
+            parts = [next(it) for it in ranks]
+            starts = [set(x[:, 0].tolist()) for x, _ in parts]
+            assert all(not (a & b) for a, b in itertools.combinations(starts, 2))
+            assert torch.equal(torch.cat([x for x, _ in parts]), x_all)
+            assert torch.equal(torch.cat([y for _, y in parts]), y_all)
+
+
+def test_batch_errors() -> None:
+    with pytest.raises(ConfigError, match="no window"):
+        BatchIterator(np.arange(10, dtype=np.uint16), seq_len=16, batch_size=1, seed=0)
+    with pytest.raises(ConfigError, match="global batch"):
+        BatchIterator(np.arange(100, dtype=np.uint16), seq_len=16, batch_size=4, seed=0, world_size=2)
+    it = BatchIterator(TOKENS, seq_len=16, batch_size=4, seed=0)
+    with pytest.raises(ConfigError, match="seed"):
+        it.load_state_dict({"epoch": 0, "position": 0, "seed": 1})
+    with pytest.raises(ConfigError, match="windows"):
+        it.load_state_dict(BatchIterator(TOKENS[:1000], seq_len=16, batch_size=4, seed=0).state_dict())
+
+
+def test_eval_windows() -> None:
+    rows = eval_windows(TOKENS, seq_len=100)
+    assert rows.shape == (49, 101) and rows.dtype == torch.long
+    assert torch.equal(rows[1:, 0], rows[:-1, -1])  # share one boundary token: targets are disjoint
+    few = eval_windows(TOKENS, seq_len=100, max_windows=5)
+    assert torch.equal(few, eval_windows(TOKENS, seq_len=100, max_windows=5))
+    assert few.shape[0] == 5 and few[0, 0] == 0 and few[-1, 0] == 4800  # spread over the data
