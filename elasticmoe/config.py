@@ -28,8 +28,6 @@ def _from_dict(cls, data: dict[str, Any], where: str):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
     kwargs = {}
     for f in fields(cls):
         if f.name in data:
@@ -37,7 +35,13 @@ def _from_dict(cls, data: dict[str, Any], where: str):
             if isinstance(value, list):
                 value = tuple(value)
             kwargs[f.name] = value
-    return cls(**kwargs)
+    p = [f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}"] if unknown else []
+    try:  # validate the known fields too, so every problem is reported at once
+        obj = cls(**kwargs)
+    except ConfigError as exc:
+        p.append(str(exc))
+    _check(p)
+    return obj
 
 
 def _int_in(problems: list[str], name: str, value: Any, lo: int, hi: int | None = None) -> None:
@@ -79,7 +83,9 @@ class ModelConfig:
     layer_shapes: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layer_shapes", tuple(tuple(s) for s in self.layer_shapes))
+        object.__setattr__(
+            self, "layer_shapes", tuple(tuple(s) if isinstance(s, (list, tuple)) else s for s in self.layer_shapes)
+        )
         p: list[str] = []
         _int_in(p, "vocab_size", self.vocab_size, 2)
         _int_in(p, "d_model", self.d_model, 1)
@@ -92,11 +98,11 @@ class ModelConfig:
         _int_in(p, "expert_width", self.expert_width, 1)
         _int_in(p, "shared_expert_width", self.shared_expert_width, 0)
         _int_in(p, "max_seq_len", self.max_seq_len, 1)
-        if not p:
-            if self.heads % self.kv_heads:
-                p.append(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
-            if self.head_dim % 2:
-                p.append(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+        # Cross-field checks run whenever their own fields are valid, so all problems show at once.
+        if not any(q.startswith(("heads=", "kv_heads=")) for q in p) and self.heads % self.kv_heads:
+            p.append(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        if not any(q.startswith("head_dim=") for q in p) and self.head_dim % 2:
+            p.append(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
         if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
             p.append(f"rope_theta={self.rope_theta!r} must be a positive number")
         if not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
@@ -105,8 +111,8 @@ class ModelConfig:
             if len(self.layer_shapes) != self.layers:
                 p.append(f"layer_shapes has {len(self.layer_shapes)} entries; expected layers={self.layers}")
             for i, shape in enumerate(self.layer_shapes):
-                if len(shape) != 3:
-                    p.append(f"layer_shapes[{i}]={list(shape)} must be [experts, top_k, width]")
+                if not isinstance(shape, tuple) or len(shape) != 3:
+                    p.append(f"layer_shapes[{i}]={shape!r} must be [experts, top_k, width]")
                     continue
                 e, k, w = shape
                 _int_in(p, f"layer_shapes[{i}] experts", e, 1, self.experts)
@@ -149,7 +155,11 @@ class ElasticSpace:
         for name in ("depths", "experts", "top_ks", "widths"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
-                object.__setattr__(self, name, tuple(sorted(set(value))))
+                try:
+                    value = tuple(sorted(set(value)))
+                except TypeError:  # mixed or unhashable entries: keep them for validate() to name
+                    value = tuple(value)
+                object.__setattr__(self, name, value)
 
     def validate(self, config: ModelConfig) -> None:
         """Raise ConfigError naming every value that the parent `config` cannot provide."""

@@ -114,6 +114,13 @@ def _grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
+def _grouped_mm_aligned(x_AD: torch.Tensor, width: int, *weights: torch.Tensor) -> bool:
+    """`torch._grouped_mm` rejects operands whose strides are not multiples of 16 bytes (fp32: d_model,
+    the kept width and the stored width must be multiples of 4), e.g. W5 or d_model 30."""
+    dims = [x_AD.shape[-1], width] + [s for w in weights for s in w.stride() if s != 1]
+    return all(d * x_AD.element_size() % 16 == 0 for d in dims)
+
+
 class _GroupedMM(torch.autograd.Function):
     """`torch._grouped_mm` with a backward that zeroes the weight gradient of empty groups.
 
@@ -162,7 +169,8 @@ def experts_grouped(x_AD, counts_E: torch.Tensor, w_gate_EWD, w_up_EWD, w_down_E
 
 def moe_dispatch(x_ND, weights_NK, experts_NK, w_gate_EWD, w_up_EWD, w_down_EDW, method: str = "loop"):
     """Sort token-expert assignments by expert, run each expert on its contiguous chunk,
-    scale by the gate weights and scatter back with `index_add_`. No O(E x N) masks."""
+    scale by the gate weights and scatter back with `index_add_`. No O(E x N) masks.
+    "grouped" falls back to the (numerically equivalent) loop where grouped GEMM cannot run."""
     N, K = experts_NK.shape
     E = w_gate_EWD.shape[0]
     flat_A = experts_NK.reshape(-1)
@@ -170,7 +178,11 @@ def moe_dispatch(x_ND, weights_NK, experts_NK, w_gate_EWD, w_up_EWD, w_down_EDW,
     token_A = order_A // K
     counts_E = torch.bincount(flat_A, minlength=E)
     x_AD = x_ND[token_A]
-    if method == "grouped":
+    if (
+        method == "grouped"
+        and _grouped_mm_available()
+        and _grouped_mm_aligned(x_ND, w_gate_EWD.shape[1], w_gate_EWD, w_up_EWD, w_down_EDW)
+    ):
         y_AD = experts_grouped(x_AD, counts_E, w_gate_EWD, w_up_EWD, w_down_EDW)
     else:
         y_AD = experts_loop(x_AD, counts_E.tolist(), w_gate_EWD, w_up_EWD, w_down_EDW)

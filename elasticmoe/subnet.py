@@ -121,7 +121,9 @@ class Subnet:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Subnet:
         if not isinstance(data, dict) or set(data) != {"layers"} or not isinstance(data["layers"], list):
-            raise ConfigError('subnet JSON must be {"layers": [{"index", "experts", "top_k", "width"}, ...]}')
+            got = f"got fields {sorted(data)}" if isinstance(data, dict) else f"got {type(data).__name__}"
+            shape = '{"layers": [{"index", "experts", "top_k", "width"}, ...]}'
+            raise ConfigError(f"subnet JSON must be {shape}; {got}")
         layers, specs = [], []
         want = {"index", "experts", "top_k", "width"}
         for n, entry in enumerate(data["layers"]):
@@ -161,7 +163,7 @@ class Subnet:
             raise ConfigError(f"subnet spec {text!r}: missing field(s) {missing}; e.g. 'L6 E8 k2 W256'")
         nums = {}
         for f in "EkW":
-            if not fields_[f].isdigit():
+            if not _is_int(fields_[f]):
                 raise ConfigError(f"subnet spec {text!r}: {f}{fields_[f]} must be {f} followed by an integer")
             nums[f] = int(fields_[f])
         layers = _parse_layers(fields_["L"], config, layer_order, text)
@@ -179,8 +181,13 @@ def _ranges(idx: tuple[int, ...]) -> str:
     return ",".join(parts)
 
 
+def _is_int(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts characters such as '²' that int() rejects."""
+    return re.fullmatch(r"[0-9]+", text) is not None
+
+
 def _parse_layers(raw: str, config: ModelConfig, layer_order: list[int] | None, text: str) -> tuple[int, ...]:
-    if raw.isdigit():
+    if _is_int(raw):
         depth = int(raw)
         if not 1 <= depth <= config.layers:
             raise ConfigError(f"subnet spec {text!r}: depth L{depth} out of range; allowed [1, {config.layers}]")
@@ -193,10 +200,10 @@ def _parse_layers(raw: str, config: ModelConfig, layer_order: list[int] | None, 
     for part in filter(None, (s.strip() for s in m.group(1).split(","))):
         if "-" in part:
             a, _, b = part.partition("-")
-            if not (a.isdigit() and b.isdigit()) or int(a) > int(b):
+            if not (_is_int(a) and _is_int(b)) or int(a) > int(b):
                 raise ConfigError(f"subnet spec {text!r}: bad layer range {part!r}")
             out.extend(range(int(a), int(b) + 1))
-        elif part.isdigit():
+        elif _is_int(part):
             out.append(int(part))
         else:
             raise ConfigError(f"subnet spec {text!r}: bad layer index {part!r}")
@@ -205,8 +212,9 @@ def _parse_layers(raw: str, config: ModelConfig, layer_order: list[int] | None, 
 
 # sampling -----------------------------------------------------------------------------------
 def largest(space: ElasticSpace, layer_order: list[int]) -> Subnet:
-    d = max(space.depths)
-    return Subnet.uniform(sorted(layer_order[:d]), max(space.experts), max(space.top_ks), max(space.widths))
+    d, e = max(space.depths), max(space.experts)
+    k = max(k for k in space.top_ks if k <= e)  # a space may offer a top-k above its largest expert count
+    return Subnet.uniform(sorted(layer_order[:d]), e, k, max(space.widths))
 
 
 def smallest(space: ElasticSpace, layer_order: list[int]) -> Subnet:
