@@ -318,6 +318,8 @@ def _loop(recipe: Recipe, run_dir: Path, data, device, resume: bool, progress: b
     seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
     bar = _Progress(t.steps, step, enabled=progress, every=t.log_every)
     result_eval: dict = {}
+    if step == 0:
+        _append_metrics(metrics_path, {"step": 0, "val": eval_losses(model, windows, _eval_subnets(recipe, model), device)})
     with ledger.phase("train", device=str(device), counted=False, run=str(run_dir.resolve()),
                       resumed_from=step if resume else None) as _:
         model.train()

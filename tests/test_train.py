@@ -1,0 +1,201 @@
+"""Elastic training: learning, exact resume after kill -9, checkpoint integrity, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from elasticmoe import train as trainmod
+from elasticmoe.checkpoint import CheckpointError, verify_manifest
+from elasticmoe.recipe import load_recipe
+from elasticmoe.train import find_checkpoint, read_metrics, sample_step, train
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def micro(**over):
+    return load_recipe("micro", [f"{k}={v}" for k, v in over.items()])
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "elasticmoe", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=300)
+
+
+def _train_losses(run: Path) -> dict[int, dict]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def test_training_lowers_validation_loss_of_largest_and_smallest(tmp_path):
+    res = train(micro(**{"train.steps": 40, "train.eval_every": 40}), tmp_path / "run", progress=False)
+    vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val" in r]
+    first, last = vals[0], vals[-1]
+    assert first["step"] == 0 and last["step"] == 40
+    for name in ("largest", "smallest"):
+        before = sum(first["val"][name].values())
+        after = sum(last["val"][name].values())
+        assert after < before - 0.5, (name, before, after)
+    assert (tmp_path / "run" / "parent" / "manifest.json").exists()
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert res.tokens_per_s > 0
+
+
+def test_sandwich_sampling_is_a_function_of_seed_and_step():
+    r = micro(**{"sampling.n_random": 2})
+    order = list(range(r.model.layers))
+    a = [sample_step(r, s, order) for s in range(30)]
+    b = [sample_step(r, s, order) for s in range(30)]
+    assert a == b
+    assert a[0][0][0] == "largest" and a[0][1][0] == "smallest"
+    assert len({str(x) for step in a for _, x in step}) > 3  # random draws differ across steps
+    for step in a:
+        for _, sn in step:
+            assert sn.in_space(r.space)
+
+
+def test_progressive_shrinking_opens_the_space_in_phases():
+    r = micro(**{"sampling.mode": "progressive", "train.steps": 100, "sampling.n_random": 3})
+    order = list(range(r.model.layers))
+    early = {sn for s in range(0, 10) for _, sn in sample_step(r, s, order)}
+    assert len(early) == 1  # only the full model in the first phase
+    late = {sn for s in range(60, 100) for _, sn in sample_step(r, s, order)}
+    assert len(late) > 3
+    depth_phase = {sn for s in range(12, 24) for _, sn in sample_step(r, s, order)}
+    assert all(x.specs[0].experts == max(r.space.experts) for x in depth_phase)
+
+
+def test_budget_sampling_draws_only_targets():
+    r = micro(**{"sampling.mode": "budget", "sampling.targets": "['L2 E2 k1 W16', 'L3 E4 k1 W32']",
+                 "sampling.target_weights": "[0.9, 0.1]", "sampling.n_random": 4})
+    order = list(range(r.model.layers))
+    drawn = [str(sn) for s in range(50) for name, sn in sample_step(r, s, order) if name != "largest"]
+    assert set(drawn) <= {"L[0-1] E2 k1 W16", "L[0-2] E4 k1 W32"}
+    assert drawn.count("L[0-1] E2 k1 W16") > drawn.count("L[0-2] E4 k1 W32")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
+    args = ["--config", "micro", "--set", "train.steps=24", "--set", "train.ckpt_every=4", "--quiet"]
+    ref = _cli("train", *args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    kill_at = random.Random(os.getpid()).randint(6, 18)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "elasticmoe", "train", *args, "--out", str(run)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if max(_train_losses(run), default=0) >= kill_at if (run / "metrics.jsonl").exists() else False:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (run / "parent").exists()
+    res = _cli("train", *args, "--out", str(run), "--resume")
+    assert res.returncode == 0, res.stderr
+    want, got = _train_losses(tmp_path / "ref"), _train_losses(run)
+    assert sorted(got) == sorted(want) == list(range(1, 25))
+    assert got == want  # exact float equality, every sub-network, every step
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "ref" / "parent" / "model.safetensors"))
+    b = load_file(str(run / "parent" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupted_checkpoint_is_rejected_and_resume_falls_back(tmp_path, caplog):
+    run = tmp_path / "run"
+    train(micro(**{"train.steps": 10, "train.ckpt_every": 5}), run, progress=False)
+    newest = run / "checkpoints" / "step-000010"
+    target = newest / "model.safetensors"
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        verify_manifest(newest)
+    assert find_checkpoint(run) == run / "checkpoints" / "step-000005"
+    assert "model.safetensors" in caplog.text
+
+
+def test_nonfinite_step_is_skipped_and_parameters_untouched(tmp_path, monkeypatch):
+    real = trainmod.kd_loss
+    calls = {"n": 0}
+
+    def flaky(student, teacher, t):
+        calls["n"] += 1
+        out = real(student, teacher, t)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(trainmod, "kd_loss", flaky)
+    run = tmp_path / "run"
+    train(micro(**{"train.steps": 6}), run, progress=False)
+    recs = read_metrics(run / "metrics.jsonl")
+    skipped = [r for r in recs if r.get("skipped")]
+    assert len(skipped) == 1
+    assert len([r for r in recs if "loss" in r]) == 5
+
+    monkeypatch.setattr(trainmod, "kd_loss", lambda s, t, temp: real(s, t, temp) * float("nan"))
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train(micro(**{"train.steps": 6, "train.max_bad_steps": 3}), tmp_path / "run2", progress=False)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--set", "data.source=files", "--set", "data.paths=['/nonexistent/*.txt']"], "nonexistent"),
+        (["--set", "train.bogus=1"], "bogus"),
+        (["--set", "space.top_ks=[3]"], "top_ks"),
+        (["--set", "space.widths=[999]"], "widths"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors_and_exit_2(tmp_path, extra, needle):
+    out = tmp_path / "run"
+    res = _cli("train", "--config", "micro", *extra, "--out", str(out), "--quiet")
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("INFO")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr and needle in lines[0]
+    assert not (out / "parent").exists() and not (out / "checkpoints").exists()
+
+
+def test_empty_corpus_and_unwritable_output_are_clean_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    res = _cli("train", "--config", "micro", "--set", "data.source=files", "--set", f"data.paths=['{empty}']",
+               "--out", str(tmp_path / "r"), "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "empty" in res.stderr.lower()
+    assert not (tmp_path / "r").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = _cli("train", "--config", "micro", "--out", str(blocker / "sub"), "--quiet")
+    assert res.returncode == 2 and "not writable" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_existing_run_requires_resume(tmp_path):
+    run = tmp_path / "run"
+    train(micro(**{"train.steps": 5}), run, progress=False)
+    res = _cli("train", "--config", "micro", "--out", str(run), "--quiet")
+    assert res.returncode == 2 and "--resume" in res.stderr
+
+
+def test_ledger_records_training_work(tmp_path):
+    from elasticmoe.ledger import Ledger
+
+    run = tmp_path / "run"
+    r = micro(**{"train.steps": 10, "train.ckpt_every": 5})
+    train(r, run, progress=False)
+    led = Ledger(run / "ledger.jsonl")
+    tot = led.totals("train")
+    assert tot["tokens"] == 10 * r.train.batch_size * r.data.seq_len
+    assert tot["flops"] > 0 and led.finished("train")
+    prog = [x for x in led.records() if x["event"] == "progress"]
+    assert [p["steps"] for p in prog] == [[0, 5], [5, 10]]
+    assert json.loads(json.dumps(prog))  # plain JSON
