@@ -20,9 +20,16 @@ def _recipe(args):
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="recipe file (YAML/TOML/JSON) or preset name (tiny, micro, small-gpu)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one recipe key, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument(
+        "--config", default=None, help="recipe file (YAML/TOML/JSON) or preset name (tiny, micro, small-gpu)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one recipe key, e.g. --set train.steps=100 (repeatable)",
+    )
 
 
 # -- info --------------------------------------------------------------------------------------
@@ -50,8 +57,14 @@ def cmd_info(args) -> int:
             with torch.no_grad():
                 out = model(torch.randint(0, c.vocab_size, (1, 16)), sn)
             assert torch.isfinite(out.logits).all()
-        table.add_row(str(sn), f"{k.total_params:,}", f"{k.active_params:,}", f"{k.flops_forward / 1e9:.4f}",
-                      f"{k.total_params / parent.total_params:.3f}", f"{k.active_params / parent.active_params:.3f}")
+        table.add_row(
+            str(sn),
+            f"{k.total_params:,}",
+            f"{k.active_params:,}",
+            f"{k.flops_forward / 1e9:.4f}",
+            f"{k.total_params / parent.total_params:.3f}",
+            f"{k.active_params / parent.active_params:.3f}",
+        )
     Console().print(table)
     return 0
 
@@ -77,6 +90,156 @@ def cmd_train(args) -> int:
     return 0
 
 
+# -- extract / export / import -------------------------------------------------------------
+def _verify_tokens(run_dir: Path, n_windows: int = 4):
+    from .phases import run_recipe
+    from .rundata import load_run_data
+
+    data = load_run_data(run_dir, run_recipe(run_dir))
+    windows = data.eval_windows("val", n_windows)
+    return next(iter(windows.values()))[:, :-1], data
+
+
+def cmd_extract(args) -> int:
+    import json
+
+    from .checkpoint import load_model
+    from .phases import extract_child, model_folder
+
+    run = Path(args.run_dir)
+    if args.from_search is not None:
+        pareto = run / "search" / "pareto.json"
+        if not pareto.is_file():
+            raise ConfigError(f"{pareto} does not exist: run `elasticmoe search {run}` first")
+        points = json.loads(pareto.read_text())["frontier"]
+        if not 0 <= args.from_search < len(points):
+            raise ConfigError(f"--from-search {args.from_search} out of range; the frontier has {len(points)} points")
+        spec = json.dumps(points[args.from_search]["subnet_json"])
+    elif args.subnet:
+        spec = args.subnet
+    else:
+        raise ConfigError("give --subnet SPEC or --from-search N")
+    parent, _ = load_model(model_folder(run))
+    meta = extract_child(run, parent, spec, Path(args.out))
+    v = meta["verification"]
+    print(
+        f"wrote {args.out}: {meta['subnet']} | {meta['params']:,} params, {meta['active_params']:,} active | "
+        f"max |logit diff| vs parent {v['max_abs_logit_diff']:.2e} on {v['tokens_verified']} tokens"
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .hf import export_hf
+    from .phases import model_folder
+
+    src = model_folder(args.model_dir)
+    tokens = None
+    try:
+        from .phases import parent_run_of
+
+        run = parent_run_of(src)
+        if run is not None:
+            tokens, _ = _verify_tokens(run, 2)
+    except ConfigError:
+        tokens = None
+    prov = export_hf(src, Path(args.out), verify_tokens=tokens)
+    diff = (prov.get("hf_verification") or {}).get("max_abs_logit_diff")
+    print(
+        f"wrote {args.out} ({args.format})"
+        + (f" | transformers vs elasticmoe max |logit diff| {diff:.2e}" if diff is not None else "")
+    )
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from .checkpoint import save_model
+    from .config import ElasticSpace, dump_yaml
+    from .hf import import_hf
+
+    space = None
+    if args.space:
+        from .config import load_mapping
+
+        space = ElasticSpace.from_dict(load_mapping(args.space))
+    model = import_hf(args.hf_dir, space)
+    space = space or ElasticSpace.default_for(model.config)
+    out = Path(args.out)
+    if (out / "parent").exists():
+        raise ConfigError(f"{out} already holds a parent")
+    tok = Path(args.hf_dir) / "tokenizer.json"
+    save_model(
+        out / "parent",
+        model,
+        {"kind": "imported", "source": str(Path(args.hf_dir).resolve())},
+        extra_files={"tokenizer.json": tok} if tok.is_file() else None,
+    )
+    recipe = {
+        "model": model.config.to_dict(),
+        "space": space.to_dict(),
+        "data": {"vocab_size": model.config.vocab_size, "tokenizer": str(tok) if tok.is_file() else ""},
+        "train": {"init_from": str((out / "parent").resolve())},
+    }
+    (out / "recipe.yaml").write_text(dump_yaml(recipe))
+    print(
+        f"imported {args.hf_dir} -> {out / 'parent'} ({model.num_params():,} params); continue elastic training "
+        f"with: elasticmoe train --config {out / 'recipe.yaml'} --out NEW_RUN"
+    )
+    return 0
+
+
+# -- finetune / baseline ---------------------------------------------------------------------
+def _weights(items: list[str]) -> dict[str, float] | None:
+    if not items:
+        return None
+    out = {}
+    for it in items:
+        task, _, w = it.partition("=")
+        try:
+            out[task] = float(w) if w else 1.0
+        except ValueError:
+            raise ConfigError(f"--task-weight {it!r} must look like TASK=WEIGHT") from None
+    return out
+
+
+def cmd_finetune(args) -> int:
+    from .phases import finetune
+
+    res = finetune(
+        args.child_dir,
+        args.out,
+        teacher_run=args.teacher,
+        data_run=args.data,
+        tokens=args.tokens,
+        steps=args.steps,
+        task_weights=_weights(args.task_weight),
+        lr=args.lr,
+        resume=args.resume,
+    )
+    print(f"fine-tuned {res.steps} steps / {res.tokens:,} tokens -> {Path(args.out) / 'model'}")
+    for t in res.val_before:
+        print(f"  {t:6s} val CE {res.val_before[t]:.3f} -> {res.val_after[t]:.3f}")
+    if res.kd_before is not None:
+        print(f"  KL to teacher {res.kd_before:.4f} -> {res.kd_after:.4f}")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from .phases import baseline
+
+    out = baseline(
+        args.run_dir,
+        args.arch,
+        tokens=args.tokens,
+        steps=args.steps,
+        name=args.name,
+        progress=not args.quiet,
+        resume=args.resume,
+    )
+    print(f"baseline trained from scratch -> {out / 'parent'} (recorded in {Path(args.run_dir) / 'ledger.jsonl'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elasticmoe", description="Train once, extract many: elastic MoE LMs.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -94,12 +257,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("extract", help="materialise a sub-network as a standalone, verified child")
+    p.add_argument("run_dir")
+    p.add_argument("--subnet", help="Subnet spec, e.g. 'L3 E4 k1 W128' or per-layer JSON")
+    p.add_argument("--from-search", type=int, default=None, metavar="N", help="the N-th point of search/pareto.json")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("export", help="write a model folder in another tool's format")
+    p.add_argument("model_dir")
+    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-hf", help="turn a local Mixtral / Qwen3-MoE folder into an elastic parent")
+    p.add_argument("hf_dir")
+    p.add_argument("--out", required=True, help="new run folder")
+    p.add_argument("--space", help="ElasticSpace file (YAML/JSON); default: a space derived from the config")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("finetune", help="distil a child from its parent (or plain fine-tune without --teacher)")
+    p.add_argument("child_dir")
+    p.add_argument("--teacher", help="parent run folder (the teacher); omit for plain fine-tuning")
+    p.add_argument("--data", help="run folder whose data to use (default: the teacher's or the child's parent run)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--tokens", type=int)
+    budget.add_argument("--steps", type=int)
+    p.add_argument(
+        "--task-weight",
+        action="append",
+        default=[],
+        metavar="TASK=W",
+        help="data mix, e.g. --task-weight kv=1 (only search-like data)",
+    )
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("baseline", help="train an architecture from scratch on the run's data (the denominator)")
+    p.add_argument("run_dir")
+    p.add_argument("--arch", required=True, help="Subnet spec of the parent, or a model config file")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--tokens", type=int)
+    budget.add_argument("--steps", type=int)
+    p.add_argument("--name", help="folder name under RUN_DIR/baselines/")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_baseline)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -65,7 +65,9 @@ class Ledger:
 
     def finished(self, phase: str, **match: Any) -> bool:
         return any(
-            r.get("event") == "end" and r.get("status") == "ok" and r.get("phase") == phase
+            r.get("event") == "end"
+            and r.get("status") == "ok"
+            and r.get("phase") == phase
             and all(r.get(k) == v for k, v in match.items())
             for r in self.records()
         )
@@ -77,8 +79,14 @@ class Ledger:
         `counted=False` the body writes its own `progress` records and the end record only
         states the phase's wall time (as `phase_seconds`, not summed)."""
         pid = uuid.uuid4().hex[:12]
-        base = {"phase": phase, "phase_id": pid, "device": device, "world_size": world_size,
-                "host": socket.gethostname(), **fields}
+        base = {
+            "phase": phase,
+            "phase_id": pid,
+            "device": device,
+            "world_size": world_size,
+            "host": socket.gethostname(),
+            **fields,
+        }
         self.append({**base, "event": "start"})
         rec: dict[str, Any] = {"tokens": 0, "flops": 0}
         t0 = time.perf_counter()

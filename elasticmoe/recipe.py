@@ -51,6 +51,7 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5
     device: str = "auto"
+    init_from: str = ""  # a model folder (e.g. from `import-hf`) to start from instead of random weights
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,7 @@ class SamplingConfig:
     targets: tuple[str, ...] = ()  # fixed Subnet specs trained every step (sandwich) or sampled (budget)
     target_weights: tuple[float, ...] = ()  # budget mode: probabilities over targets
     # progressive shrinking: fractions of the steps spent in each phase, in this order
-    phases: dict[str, float] = field(
-        default_factory=lambda: {"full": 0.1, "depth": 0.15, "experts": 0.15, "all": 0.6}
-    )
+    phases: dict[str, float] = field(default_factory=lambda: {"full": 0.1, "depth": 0.15, "experts": 0.15, "all": 0.6})
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,16 @@ class Recipe:
         except ConfigError as exc:
             p.append(str(exc))
         t, d, s = self.train, self.data, self.sampling
-        for name in ("steps", "batch_size", "eval_every", "eval_windows", "ckpt_every", "keep_last", "log_every",
-                     "max_bad_steps"):
+        for name in (
+            "steps",
+            "batch_size",
+            "eval_every",
+            "eval_windows",
+            "ckpt_every",
+            "keep_last",
+            "log_every",
+            "max_bad_steps",
+        ):
             v = getattr(t, name)
             if not isinstance(v, int) or v < 1:
                 p.append(f"train.{name}={v!r} must be an integer >= 1")
@@ -120,7 +127,9 @@ class Recipe:
         if d.source == "files" and not d.paths:
             p.append("data.paths is empty; give text/jsonl files or globs when data.source=files")
         if not isinstance(d.seq_len, int) or not 2 <= d.seq_len <= self.model.max_seq_len:
-            p.append(f"data.seq_len={d.seq_len!r} out of range; allowed [2, {self.model.max_seq_len}] (model.max_seq_len)")
+            p.append(
+                f"data.seq_len={d.seq_len!r} out of range; allowed [2, {self.model.max_seq_len}] (model.max_seq_len)"
+            )
         if not d.tokenizer and (not isinstance(d.vocab_size, int) or d.vocab_size != self.model.vocab_size):
             p.append(f"data.vocab_size={d.vocab_size!r} must equal model.vocab_size={self.model.vocab_size}")
         if s.mode not in SAMPLING_MODES:

@@ -76,8 +76,10 @@ def _permute_param(p: torch.nn.Parameter, index: torch.Tensor, dim: int, optimiz
     if optimizer is not None and p in optimizer.state:
         for key, value in optimizer.state[p].items():
             if torch.is_tensor(value) and value.shape == p.shape:
-                src = value.index_select(dim, index.to(value.device)) if index.dim() == 1 else value.gather(
-                    dim, index.to(value.device)
+                src = (
+                    value.index_select(dim, index.to(value.device))
+                    if index.dim() == 1
+                    else value.gather(dim, index.to(value.device))
                 )
                 value.copy_(src)
 
@@ -99,8 +101,14 @@ def permute_neurons(model: ElasticMoE, layer: int, perm_EW: torch.Tensor, optimi
     _permute_param(m.w_down, perm_EW[:, None, :].expand(E, D, W), 2, optimizer)
 
 
-def reorder(model: ElasticMoE, batches: list[torch.Tensor], optimizer=None, experts_by: str = "mass",
-            neurons: bool = True, layers: bool = True) -> dict:
+def reorder(
+    model: ElasticMoE,
+    batches: list[torch.Tensor],
+    optimizer=None,
+    experts_by: str = "mass",
+    neurons: bool = True,
+    layers: bool = True,
+) -> dict:
     """Measure importance on `batches` (held-out validation tokens) and apply it. Returns a summary."""
     was_training = model.training
     model.eval()

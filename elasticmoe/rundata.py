@@ -59,8 +59,14 @@ class RunData:
         weights = self.task_weights or None
         return mix_tasks(arrays, weights, eos_id=self.tokenizer.eos_id, seed=self.seed if seed is None else seed)
 
-    def train_batches(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                      task_weights: dict[str, float] | None = None) -> BatchIterator:
+    def train_batches(
+        self,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        task_weights: dict[str, float] | None = None,
+    ) -> BatchIterator:
         arrays = {t: a for t, a in self.tokens["train"].items() if len(a)}
         weights = task_weights if task_weights is not None else (self.task_weights or None)
         stream = mix_tasks(arrays, weights, eos_id=self.tokenizer.eos_id, seed=seed)
@@ -103,8 +109,10 @@ def prepare_run_data(recipe: Recipe, run_dir: Path) -> RunData:
         corpus.save(tmp / "corpus")
         if d.tokenizer:
             tok = load_tokenizer(d.tokenizer)
-            shutil.copyfile(Path(d.tokenizer) / "tokenizer.json" if Path(d.tokenizer).is_dir() else d.tokenizer,
-                            tmp / "tokenizer.json")
+            shutil.copyfile(
+                Path(d.tokenizer) / "tokenizer.json" if Path(d.tokenizer).is_dir() else d.tokenizer,
+                tmp / "tokenizer.json",
+            )
         else:
             tok = train_tokenizer(corpus.texts("train"), d.vocab_size, tmp / "tokenizer.json")
         if tok.vocab_size > recipe.model.vocab_size:

@@ -145,13 +145,20 @@ def make_optimizer(model: ElasticMoE, recipe: Recipe) -> torch.optim.Optimizer:
     t = recipe.train
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), foreach=False,
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        foreach=False,
     )
 
 
 @torch.no_grad()
-def eval_losses(model: ElasticMoE, windows: dict[str, torch.Tensor], subnets: dict[str, Subnet],
-                device: torch.device, batch: int = 8) -> dict[str, dict[str, float]]:
+def eval_losses(
+    model: ElasticMoE,
+    windows: dict[str, torch.Tensor],
+    subnets: dict[str, Subnet],
+    device: torch.device,
+    batch: int = 8,
+) -> dict[str, dict[str, float]]:
     """Mean next-token cross-entropy per task for each named sub-network, on held-out windows."""
     was = model.training
     model.eval()
@@ -177,8 +184,10 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, model: ElasticMoE) -> tuple[d
     names = {id(p): n for n, p in model.named_parameters()}
     tensors, meta = {}, {"param_groups": []}
     for g in opt.param_groups:
-        meta["param_groups"].append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
-                                    | {"params": [names[id(p)] for p in g["params"]]})
+        meta["param_groups"].append(
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+            | {"params": [names[id(p)] for p in g["params"]]}
+        )
     for p, st in opt.state.items():
         for k, v in st.items():
             tensors[f"{names[id(p)]}::{k}"] = v.detach().contiguous().cpu() if torch.is_tensor(v) else torch.tensor(v)
@@ -209,15 +218,24 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, train_state: dict, kee
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         py_state = random.getstate()
         np_state = np.random.get_state()
-        write_json(tmp / "train_state.json", {
-            **train_state,
-            "step": step,
-            "optimizer": meta,
-            "rng": {
-                "python": [py_state[0], list(py_state[1]), py_state[2]],
-                "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        write_json(
+            tmp / "train_state.json",
+            {
+                **train_state,
+                "step": step,
+                "optimizer": meta,
+                "rng": {
+                    "python": [py_state[0], list(py_state[1]), py_state[2]],
+                    "numpy": [
+                        np_state[0],
+                        np_state[1].tolist(),
+                        int(np_state[2]),
+                        int(np_state[3]),
+                        float(np_state[4]),
+                    ],
+                },
             },
-        })
+        )
     ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
     for old in ckpts[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -268,10 +286,18 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"output folder {run_dir} is not writable: {exc.strerror}") from None
 
 
-def train(recipe: Recipe, run_dir: Path | str, resume: bool = False, progress: bool = True,
-          stop_at: int | None = None) -> TrainResult:
+def train(
+    recipe: Recipe,
+    run_dir: Path | str,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+    phase: str = "train",
+    ledger_path: Path | None = None,
+) -> TrainResult:
     """Train the elastic parent into `run_dir` (see module docstring). `stop_at` ends early
-    (for tests that simulate an interruption) without writing the final parent."""
+    (for tests that simulate an interruption) without writing the final parent. `phase` and
+    `ledger_path` let a baseline run record itself as such in its parent's ledger."""
     from .rundata import prepare_run_data
 
     run_dir = Path(run_dir)
@@ -289,20 +315,35 @@ def train(recipe: Recipe, run_dir: Path | str, resume: bool = False, progress: b
         raise
     (run_dir / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()))
     device = resolve_device(recipe.train.device)
-    return _loop(recipe, run_dir, data, device, resume, progress, stop_at)
+    ledger = Ledger(ledger_path or run_dir / "ledger.jsonl")
+    return _loop(recipe, run_dir, data, device, resume, progress, stop_at, phase, ledger)
 
 
-def _loop(recipe: Recipe, run_dir: Path, data, device, resume: bool, progress: bool, stop_at) -> TrainResult:
+def _init_model(recipe: Recipe, device: torch.device) -> ElasticMoE:
+    model = ElasticMoE(recipe.model)
+    if recipe.train.init_from:
+        from .checkpoint import load_model
+
+        src, _ = load_model(recipe.train.init_from)
+        if src.config != recipe.model:
+            raise ConfigError(f"train.init_from={recipe.train.init_from} has a different model config than the recipe")
+        model.load_state_dict(src.state_dict())
+        model.layer_order = list(src.layer_order)
+    return model.to(device)
+
+
+def _loop(
+    recipe: Recipe, run_dir: Path, data, device, resume: bool, progress: bool, stop_at, phase: str, ledger: Ledger
+) -> TrainResult:
     t = recipe.train
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
-    model = ElasticMoE(recipe.model).to(device)
+    model = _init_model(recipe, device)
     opt = make_optimizer(model, recipe)
     batches = data.train_batches(t.batch_size, t.seed)
     step, bad_in_row, tokens_seen = 0, 0, 0
     metrics_path = run_dir / "metrics.jsonl"
-    ledger = Ledger(run_dir / "ledger.jsonl")
     if resume:
         ckpt = find_checkpoint(run_dir)
         if ckpt is not None:
@@ -319,9 +360,12 @@ def _loop(recipe: Recipe, run_dir: Path, data, device, resume: bool, progress: b
     bar = _Progress(t.steps, step, enabled=progress, every=t.log_every)
     result_eval: dict = {}
     if step == 0:
-        _append_metrics(metrics_path, {"step": 0, "val": eval_losses(model, windows, _eval_subnets(recipe, model), device)})
-    with ledger.phase("train", device=str(device), counted=False, run=str(run_dir.resolve()),
-                      resumed_from=step if resume else None) as _:
+        _append_metrics(
+            metrics_path, {"step": 0, "val": eval_losses(model, windows, _eval_subnets(recipe, model), device)}
+        )
+    with ledger.phase(
+        phase, device=str(device), counted=False, run=str(run_dir.resolve()), resumed_from=step if resume else None
+    ) as _:
         model.train()
         while step < t.steps and (stop_at is None or step < stop_at):
             t0 = time.perf_counter()
@@ -370,13 +414,27 @@ def _loop(recipe: Recipe, run_dir: Path, data, device, resume: bool, progress: b
             seg["tokens"] += x.numel()
             seg["flops"] += step_flops
             seg["seconds"] += dt
-            rec = {"step": step, "lr": lr, "loss": losses, "aux": out.aux_loss.item(), "grad_norm": grad_norm.item(),
-                   "subnets": {n: str(s) for n, s in subnets}, "ms": dt * 1000, "tok_per_s": tokens_per_step / dt}
+            rec = {
+                "step": step,
+                "lr": lr,
+                "loss": losses,
+                "aux": out.aux_loss.item(),
+                "grad_norm": grad_norm.item(),
+                "subnets": {n: str(s) for n, s in subnets},
+                "ms": dt * 1000,
+                "tok_per_s": tokens_per_step / dt,
+            }
             _append_metrics(metrics_path, rec)
             bar.update(step, losses.get("largest", float("nan")), lr, dt, len(subnets))
             if step in recipe.reorder.at_steps:
-                summary = reorder(model, [w[:, :-1].to(device) for w in windows.values()], opt,
-                                  recipe.reorder.experts_by, recipe.reorder.neurons, recipe.reorder.layers)
+                summary = reorder(
+                    model,
+                    [w[:, :-1].to(device) for w in windows.values()],
+                    opt,
+                    recipe.reorder.experts_by,
+                    recipe.reorder.neurons,
+                    recipe.reorder.layers,
+                )
                 _append_metrics(metrics_path, {"step": step, "reorder": summary})
             if step % t.eval_every == 0 or step == t.steps:
                 result_eval = eval_losses(model, windows, _eval_subnets(recipe, model), device)
@@ -384,14 +442,29 @@ def _loop(recipe: Recipe, run_dir: Path, data, device, resume: bool, progress: b
             if step % t.ckpt_every == 0 or step == t.steps:
                 state = {"bad_in_row": bad_in_row, "tokens_seen": tokens_seen, "data": batches.state_dict()}
                 save_checkpoint(run_dir, step, model, opt, state, t.keep_last)
-                ledger.append({"event": "progress", "phase": "train", "run": str(run_dir.resolve()),
-                               "device": str(device), "world_size": 1, "steps": [seg["from"], step],
-                               "tokens": seg["tokens"], "flops": seg["flops"], "seconds": seg["seconds"]})
+                ledger.append(
+                    {
+                        "event": "progress",
+                        "phase": phase,
+                        "run": str(run_dir.resolve()),
+                        "device": str(device),
+                        "world_size": 1,
+                        "steps": [seg["from"], step],
+                        "tokens": seg["tokens"],
+                        "flops": seg["flops"],
+                        "seconds": seg["seconds"],
+                    }
+                )
                 seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
         bar.close()
         if step >= t.steps:
-            meta = {"kind": "elastic-parent", "steps": step, "tokens_seen": tokens_seen,
-                    "space": recipe.space.to_dict(), "val": result_eval}
+            meta = {
+                "kind": "elastic-parent" if phase == "train" else phase,
+                "steps": step,
+                "tokens_seen": tokens_seen,
+                "space": recipe.space.to_dict(),
+                "val": result_eval,
+            }
             save_model(run_dir / "parent", model, meta, extra_files={"tokenizer.json": data.tokenizer_path})
             _plot_losses(metrics_path, run_dir / "loss.png")
     tok_s = _mean_tok_per_s(metrics_path)
@@ -442,7 +515,9 @@ def _plot_losses(metrics: Path, out: Path) -> None:
         if pts:
             ax.plot(*zip(*pts), label=f"train CE, {name}", alpha=0.8)
     for name in ("largest", "smallest"):
-        pts = [(r["step"], float(np.mean(list(r["val"][name].values())))) for r in recs if "val" in r and name in r["val"]]
+        pts = [
+            (r["step"], float(np.mean(list(r["val"][name].values())))) for r in recs if "val" in r and name in r["val"]
+        ]
         if pts:
             ax.plot(*zip(*pts), "o--", label=f"val CE (task mean), {name}")
     ax.set_xlabel("step")
@@ -462,8 +537,14 @@ class _Progress:
         if enabled:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 

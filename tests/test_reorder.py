@@ -15,8 +15,19 @@ from elasticmoe.subnet import Subnet
 
 def _setup(shared=0):
     torch.manual_seed(0)
-    c = ModelConfig(vocab_size=61, d_model=32, layers=3, heads=4, kv_heads=2, head_dim=8, experts=5, top_k=2,
-                    expert_width=12, max_seq_len=32, shared_expert_width=shared)
+    c = ModelConfig(
+        vocab_size=61,
+        d_model=32,
+        layers=3,
+        heads=4,
+        kv_heads=2,
+        head_dim=8,
+        experts=5,
+        top_k=2,
+        expert_width=12,
+        max_seq_len=32,
+        shared_expert_width=shared,
+    )
     model = ElasticMoE(c)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     tokens = torch.randint(0, 61, (3, 20))

@@ -27,8 +27,9 @@ def micro(**over):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "elasticmoe", *args], capture_output=True, text=True, env=ENV,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "elasticmoe", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300
+    )
 
 
 def _train_losses(run: Path) -> dict[int, dict]:
@@ -74,8 +75,14 @@ def test_progressive_shrinking_opens_the_space_in_phases():
 
 
 def test_budget_sampling_draws_only_targets():
-    r = micro(**{"sampling.mode": "budget", "sampling.targets": "['L2 E2 k1 W16', 'L3 E4 k1 W32']",
-                 "sampling.target_weights": "[0.9, 0.1]", "sampling.n_random": 4})
+    r = micro(
+        **{
+            "sampling.mode": "budget",
+            "sampling.targets": "['L2 E2 k1 W16', 'L3 E4 k1 W32']",
+            "sampling.target_weights": "[0.9, 0.1]",
+            "sampling.n_random": 4,
+        }
+    )
     order = list(range(r.model.layers))
     drawn = [str(sn) for s in range(50) for name, sn in sample_step(r, s, order) if name != "largest"]
     assert set(drawn) <= {"L[0-1] E2 k1 W16", "L[0-2] E4 k1 W32"}
@@ -89,8 +96,12 @@ def test_kill_9_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
     assert ref.returncode == 0, ref.stderr
     kill_at = random.Random(os.getpid()).randint(6, 18)
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "elasticmoe", "train", *args, "--out", str(run)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elasticmoe", "train", *args, "--out", str(run)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if max(_train_losses(run), default=0) >= kill_at if (run / "metrics.jsonl").exists() else False:
@@ -169,8 +180,18 @@ def test_bad_inputs_give_one_line_errors_and_exit_2(tmp_path, extra, needle):
 def test_empty_corpus_and_unwritable_output_are_clean_errors(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    res = _cli("train", "--config", "micro", "--set", "data.source=files", "--set", f"data.paths=['{empty}']",
-               "--out", str(tmp_path / "r"), "--quiet")
+    res = _cli(
+        "train",
+        "--config",
+        "micro",
+        "--set",
+        "data.source=files",
+        "--set",
+        f"data.paths=['{empty}']",
+        "--out",
+        str(tmp_path / "r"),
+        "--quiet",
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr and "empty" in res.stderr.lower()
     assert not (tmp_path / "r").exists()
     blocker = tmp_path / "file"

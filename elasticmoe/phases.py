@@ -1,0 +1,345 @@
+"""Phases that build on a trained parent: distillation fine-tuning of a child, from-scratch
+baselines, and extraction as a recorded phase. Each appends to the parent run's ledger.
+
+Fine-tuning (`finetune`): loss = kd_weight * KL(parent || child) at a temperature + ce_weight *
+cross-entropy, on the parent run's training data with per-task weights (e.g. only the search-like
+`kv` task, to specialise a child the way ERNIE 5.1 was specialised). The teacher is the full
+parent (its largest sub-network). Without a teacher it is plain fine-tuning. The budget is stated
+in tokens; checkpoints and exact resume work as in `train`.
+
+Baselines (`baseline`): the given architecture trained from scratch on the same data with the
+same recipe and no elastic sampling: the measured denominator of every cost percentage.
+
+    FT_DIR/checkpoints/step-NNNNNN   resumable state
+    FT_DIR/model/                    the fine-tuned child (a model folder)
+    FT_DIR/metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import cost as costmod
+from .checkpoint import load_model, read_json, save_model
+from .config import ConfigError, ElasticSpace
+from .ledger import Ledger
+from .recipe import Recipe, SamplingConfig, load_recipe
+from .rundata import load_run_data
+from .subnet import Subnet
+from .train import (
+    _append_metrics,
+    _truncate_metrics,
+    autocast,
+    eval_losses,
+    find_checkpoint,
+    kd_loss,
+    load_checkpoint,
+    make_optimizer,
+    resolve_device,
+    save_checkpoint,
+    train,
+)
+
+log = logging.getLogger(__name__)
+
+
+def model_folder(path: Path | str) -> Path:
+    """Accept a model folder, a run folder (its `parent/`) or a fine-tune folder (its `model/`)."""
+    p = Path(path)
+    for cand in (p, p / "model", p / "parent"):
+        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+            return cand
+    raise ConfigError(f"{p} is not a model folder (no config.json + model.safetensors in it, model/ or parent/)")
+
+
+def run_recipe(run_dir: Path | str) -> Recipe:
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no recipe.yaml)")
+    return load_recipe(path)
+
+
+def parent_run_of(model_dir: Path) -> Path | None:
+    """The run folder a child was extracted from, when its meta names it and it still exists."""
+    meta = read_json(model_dir / "config.json").get("meta", {})
+    path = (meta.get("parent") or {}).get("path")
+    if not path:
+        return None
+    p = Path(path)
+    run = p.parent if p.name == "parent" else p
+    return run if (run / "recipe.yaml").is_file() else None
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    val_before: dict[str, float]
+    val_after: dict[str, float]
+    kd_before: float | None
+    kd_after: float | None
+
+
+def _steps_for(tokens: int | None, steps: int | None, tokens_per_step: int) -> int:
+    if (tokens is None) == (steps is None):
+        raise ConfigError("give exactly one of --tokens or --steps")
+    n = steps if steps is not None else math.ceil(tokens / tokens_per_step)
+    if n < 1:
+        raise ConfigError(f"budget of {tokens} tokens is less than one step ({tokens_per_step} tokens)")
+    return n
+
+
+@torch.no_grad()
+def mean_kd(child, teacher, windows: dict[str, torch.Tensor], device, temperature: float = 1.0) -> float:
+    """Mean KL(teacher || child) per token over the windows of every task."""
+    total, n = 0.0, 0
+    for w in windows.values():
+        x = w[:, :-1].to(device)
+        total += kd_loss(child(x).logits, teacher(x).logits, temperature).item() * x.numel()
+        n += x.numel()
+    return total / max(n, 1)
+
+
+def finetune(
+    child_dir: Path | str,
+    out_dir: Path | str,
+    teacher_run: Path | str | None = None,
+    data_run: Path | str | None = None,
+    tokens: int | None = None,
+    steps: int | None = None,
+    task_weights: dict[str, float] | None = None,
+    lr: float = 1e-3,
+    batch_size: int | None = None,
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    temperature: float = 1.0,
+    ckpt_every: int = 50,
+    resume: bool = False,
+    device: str = "auto",
+    ledger_path: Path | None = None,
+    stop_at: int | None = None,
+) -> FinetuneResult:
+    """Distil (or, without `teacher_run`, plainly fine-tune) the child at `child_dir`."""
+    child_dir = model_folder(child_dir)
+    out_dir = Path(out_dir)
+    data_run = Path(data_run or teacher_run or parent_run_of(child_dir) or "")
+    if not (data_run / "recipe.yaml").is_file():
+        raise ConfigError("fine-tuning needs data: pass --teacher RUN_DIR or --data RUN_DIR")
+    recipe = run_recipe(data_run)
+    data = load_run_data(data_run, recipe)
+    bs = batch_size or recipe.train.batch_size
+    n_steps = _steps_for(tokens, steps, bs * recipe.data.seq_len)
+    if not resume and (out_dir / "checkpoints").exists():
+        raise ConfigError(f"{out_dir} already holds a fine-tune; pass --resume or choose another --out")
+    dev = resolve_device(device)
+    child, child_meta = load_model(child_dir, dev)
+    teacher = None
+    if teacher_run is not None:
+        teacher, _ = load_model(model_folder(teacher_run), dev)
+        teacher.eval()
+        if teacher.config.vocab_size != child.config.vocab_size:
+            raise ConfigError("teacher and child have different vocabularies")
+    ft_recipe = dataclasses.replace(
+        recipe,
+        model=child.config,
+        space=ElasticSpace.full(child.config),
+        train=dataclasses.replace(
+            recipe.train, lr=lr, steps=n_steps, warmup=max(1, n_steps // 10), batch_size=bs, ckpt_every=ckpt_every
+        ),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opt = make_optimizer(child, ft_recipe)
+    batches = data.train_batches(bs, recipe.train.seed + 1, task_weights=task_weights)
+    windows = data.eval_windows("val", recipe.train.eval_windows)
+    if task_weights:
+        windows = {t: w for t, w in windows.items() if task_weights.get(t, 0) > 0} or windows
+    metrics = out_dir / "metrics.jsonl"
+    step, done_tokens = 0, 0
+    if resume and (ck := find_checkpoint(out_dir)) is not None:
+        state = load_checkpoint(ck, child, opt)
+        step, done_tokens = state["step"], state["tokens_seen"]
+        batches.load_state_dict(state["data"])
+    _truncate_metrics(metrics, step) if resume else metrics.unlink(missing_ok=True)
+    full = Subnet.full(child.config)
+    before = eval_losses(child, windows, {"child": full}, dev)["child"]
+    kd_before = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
+    student_flops = costmod.cost(child.config, None, recipe.data.seq_len).flops_train
+    teacher_flops = costmod.cost(teacher.config, None, recipe.data.seq_len).flops_forward if teacher else 0
+    ledger = Ledger(ledger_path or data_run / "ledger.jsonl")
+    info = {
+        "model": str(child_meta.get("subnet", child_dir)),
+        "child_dir": str(child_dir.resolve()),
+        "parent_run": str(data_run.resolve()),
+        "teacher": bool(teacher),
+        "out": str(out_dir.resolve()),
+    }
+    seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
+    with ledger.phase("finetune", device=str(dev), counted=False, **info):
+        child.train()
+        while step < n_steps and (stop_at is None or step < stop_at):
+            t0 = time.perf_counter()
+            from .train import lr_at
+
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, ft_recipe)
+            x, y = (v.to(dev) for v in next(batches))
+            with autocast(dev):
+                logits = child(x).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            rec: dict[str, Any] = {"step": step + 1, "ce": loss.item()}
+            if teacher is not None:
+                with torch.no_grad(), autocast(dev):
+                    t_logits = teacher(x).logits
+                kd = kd_loss(logits, t_logits, temperature)
+                rec["kd"] = kd.item()
+                loss = ce_weight * loss + kd_weight * kd
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite fine-tuning loss at step {step}")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(child.parameters(), ft_recipe.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            done_tokens += x.numel()
+            seg["tokens"] += x.numel()
+            seg["flops"] += (student_flops + teacher_flops) * x.numel()
+            seg["seconds"] += time.perf_counter() - t0
+            _append_metrics(metrics, rec)
+            if step % ckpt_every == 0 or step == n_steps:
+                save_checkpoint(
+                    out_dir,
+                    step,
+                    child,
+                    opt,
+                    {"bad_in_row": 0, "tokens_seen": done_tokens, "data": batches.state_dict()},
+                    2,
+                )
+                ledger.append(
+                    {
+                        "event": "progress",
+                        "phase": "finetune",
+                        "steps": [seg["from"], step],
+                        "device": str(dev),
+                        "world_size": 1,
+                        **info,
+                        **{k: seg[k] for k in ("tokens", "flops", "seconds")},
+                    }
+                )
+                seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
+    after = eval_losses(child, windows, {"child": full}, dev)["child"]
+    kd_after = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
+    if step >= n_steps:
+        meta = {
+            **child_meta,
+            "kind": "finetuned-child",
+            "finetune": {
+                "tokens": done_tokens,
+                "steps": step,
+                "teacher": str(teacher_run) if teacher_run else None,
+                "task_weights": task_weights or {},
+                "kd_weight": kd_weight,
+                "ce_weight": ce_weight,
+                "temperature": temperature,
+                "lr": lr,
+                "val_before": before,
+                "val_after": after,
+                "kd_before": kd_before,
+                "kd_after": kd_after,
+            },
+        }
+        save_model(out_dir / "model", child, meta, extra_files={"tokenizer.json": data.tokenizer_path})
+    return FinetuneResult(out_dir, step, done_tokens, before, after, kd_before, kd_after)
+
+
+def extract_child(run_dir: Path | str, parent, spec: str, out: Path, n_windows: int = 4) -> dict:
+    """Extract `spec` from the run's parent into `out`, verified on held-out validation tokens,
+    and record the phase (verification forwards of parent-subnet and child) in the ledger."""
+    from .extract import extract_to_folder
+
+    run_dir = Path(run_dir)
+    recipe = run_recipe(run_dir)
+    data = load_run_data(run_dir, recipe)
+    subnet = Subnet.parse(spec, parent.config, parent.layer_order)
+    tokens = next(iter(data.eval_windows("val", n_windows).values()))[:, :-1]
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    with ledger.phase(
+        "extract", model=str(subnet), out=str(Path(out).resolve()), parent_run=str(run_dir.resolve())
+    ) as rec:
+        meta = extract_to_folder(
+            parent,
+            subnet,
+            out,
+            tokens,
+            tokenizer_path=data.tokenizer_path,
+            parent_meta={"path": str(model_folder(run_dir).resolve()), "run": str(run_dir.resolve())},
+        )
+        k_parent = costmod.cost(parent.config, subnet, tokens.shape[1]).flops_forward
+        rec["tokens"] = 2 * tokens.numel()  # parent-with-subnet and child each run the tokens
+        rec["flops"] = 2 * k_parent * tokens.numel()
+    return meta
+
+
+def baseline(
+    run_dir: Path | str,
+    arch: str,
+    tokens: int | None = None,
+    steps: int | None = None,
+    name: str | None = None,
+    progress: bool = False,
+    resume: bool = False,
+) -> Path:
+    """Train `arch` (a Subnet spec of the run's parent, or a model config file) from scratch on the
+    run's data with the run's recipe and no elastic sampling. Returns the baseline's run folder."""
+    run_dir = Path(run_dir)
+    recipe = run_recipe(run_dir)
+    if Path(arch).is_file():
+        from .config import ModelConfig, load_mapping
+
+        mapping = load_mapping(arch)
+        model_cfg = ModelConfig.from_dict(mapping.get("model", mapping))
+        label = name or Path(arch).stem
+    else:
+        sn = Subnet.parse(arch, recipe.model)
+        model_cfg = costmod.child_config(recipe.model, sn)
+        label = name or str(sn).replace(" ", "_").replace("[", "").replace("]", "").replace(",", "+")
+    tokens_per_step = recipe.train.batch_size * recipe.data.seq_len
+    n_steps = _steps_for(tokens, steps, tokens_per_step)
+    b_recipe = dataclasses.replace(
+        recipe,
+        model=model_cfg,
+        space=ElasticSpace.full(model_cfg),
+        sampling=SamplingConfig(mode="sandwich", n_random=0),
+        train=dataclasses.replace(
+            recipe.train,
+            steps=n_steps,
+            eval_every=max(1, n_steps),
+            warmup=min(recipe.train.warmup, max(1, n_steps // 10)),
+            ckpt_every=max(1, min(recipe.train.ckpt_every, n_steps)),
+        ),
+        reorder=dataclasses.replace(recipe.reorder, at_steps=()),
+    )
+    out = run_dir / "baselines" / label
+    if not resume and out.exists() and not (out / "parent" / "manifest.json").exists():
+        shutil.rmtree(out)  # an unfinished earlier attempt without --resume: start over
+    if not (out / "data" / "ready").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(run_dir / "data", out / "data", dirs_exist_ok=True)
+    train(
+        b_recipe,
+        out,
+        resume=resume and (out / "checkpoints").exists(),
+        progress=progress,
+        phase="baseline",
+        ledger_path=run_dir / "ledger.jsonl",
+    )
+    return out
