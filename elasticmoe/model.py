@@ -145,13 +145,17 @@ class _GroupedMM(torch.autograd.Function):
 
 
 def experts_loop(x_AD, counts: list[int], w_gate_EWD, w_up_EWD, w_down_EDW) -> torch.Tensor:
-    """SwiGLU experts over expert-sorted rows: one contiguous chunk per expert, empty ones skipped."""
+    """SwiGLU experts over expert-sorted rows: one contiguous chunk per expert, empty ones skipped.
+
+    Per-expert weights come from `unbind`, whose backward stacks the E gradients once; indexing
+    `w[e]` instead makes every expert's backward zero-fill a full (E, W, D) gradient (O(E^2) work)."""
     outs = []
+    gates_WD, ups_WD, downs_DW = w_gate_EWD.unbind(0), w_up_EWD.unbind(0), w_down_EDW.unbind(0)
     for e, chunk_CD in enumerate(x_AD.split(counts)):
         if counts[e] == 0:
             continue
-        h_CW = F.silu(chunk_CD @ w_gate_EWD[e].T) * (chunk_CD @ w_up_EWD[e].T)
-        outs.append(h_CW @ w_down_EDW[e].T)
+        h_CW = F.silu(chunk_CD @ gates_WD[e].T) * (chunk_CD @ ups_WD[e].T)
+        outs.append(h_CW @ downs_DW[e].T)
     return torch.cat(outs) if outs else x_AD.new_zeros(x_AD.shape)
 
 
