@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .ledger import Ledger
 
 log = logging.getLogger("elasticmoe")
 
@@ -188,6 +189,66 @@ def cmd_import_hf(args) -> int:
     return 0
 
 
+# -- search ----------------------------------------------------------------------------------
+CONSTRAINT_FLAGS = (
+    "max_params",
+    "max_active_params",
+    "max_flops_per_token",
+    "max_latency_ms",
+    "max_memory_mb",
+    "max_params_ratio",
+    "max_active_ratio",
+    "max_flops_ratio",
+    "max_latency_ratio",
+    "max_memory_ratio",
+)
+
+
+def cmd_search(args) -> int:
+    from rich.console import Console
+
+    from .checkpoint import load_model
+    from .cost import cost
+    from .phases import model_folder, run_recipe
+    from .rundata import load_run_data
+    from .search import LatencyTable, SubnetEvaluator, format_table, parse_constraints, search, write_search_results
+    from .train import resolve_device
+
+    run = Path(args.run_dir)
+    recipe = run_recipe(run)
+    seq = args.seq_len or recipe.data.seq_len
+    given = [f"{k}={getattr(args, k)}" for k in CONSTRAINT_FLAGS if getattr(args, k) is not None]
+    cons = parse_constraints(given + [f"batch={args.batch}", f"seq_len={seq}"])
+    parent, _ = load_model(model_folder(run))
+    device = resolve_device(args.device)
+    parent.to(device)
+    windows = load_run_data(run, recipe).eval_windows("search", args.windows)
+    out = Path(args.out) if args.out else run / "search"
+    ledger = Ledger(run / "ledger.jsonl")
+    table = None
+    with ledger.phase("search", device=str(device), model="latency-table"):
+        if cons.needs_latency or args.latency:
+            table = LatencyTable.measure(parent, seq, args.batch, device, repeats=5, space=recipe.space)
+            table.save(out / "latency_table.json")
+    with ledger.phase("search", device=str(device), model="cli", constraints=cons.given()) as rec:
+        result = search(
+            SubnetEvaluator(parent, windows, device),
+            recipe.space,
+            parent.layer_order,
+            cons,
+            seed=args.seed,
+            per_layer=args.per_layer,
+            latency_table=table,
+        )
+        rec["tokens"], rec["flops"] = result.tokens, result.flops
+    paths = write_search_results(
+        out, result, seed=args.seed, constraints=cons, parent_cost=cost(parent.config, None, seq)
+    )
+    Console().print(format_table(result))
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return 0
+
+
 # -- finetune / baseline ---------------------------------------------------------------------
 def _weights(items: list[str]) -> dict[str, float] | None:
     if not items:
@@ -240,6 +301,51 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+# -- eval / report / run ---------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from .evaluate_run import evaluate_folders, print_results
+    from .phases import model_folder, parent_run_of
+
+    folders = [model_folder(m) for m in args.model_dirs]
+    data_run = Path(args.data) if args.data else None
+    if data_run is None:
+        runs = [parent_run_of(f) for f in folders] + [f.parent if f.name == "parent" else None for f in folders]
+        data_run = next((r for r in runs if r is not None and (r / "recipe.yaml").exists()), None)
+    if data_run is None:
+        raise ConfigError("cannot tell which run's test split to use: pass --data RUN_DIR")
+    names = {}
+    for f in folders:
+        name = f.parent.name if f.name in ("model", "parent") else f.name
+        names[name if name not in names else str(f)] = f
+    out = Path(args.out) if args.out else data_run / "eval" / "cli.json"
+    res = evaluate_folders(names, data_run, out, max_examples=args.examples, device=args.device, parent=args.parent)
+    print_results(res)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report_run
+
+    report_run(
+        Path(args.run_dir),
+        claims=args.claim,
+        estimate_tokens=args.estimate_baseline_tokens,
+        require_percent=args.percent,
+    )
+    print((Path(args.run_dir) / "report.md").read_text())
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_pipeline
+
+    recipe = _recipe(args)
+    run_pipeline(recipe, Path(args.out), progress=not args.quiet)
+    print(f"done: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elasticmoe", description="Train once, extract many: elastic MoE LMs.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -257,6 +363,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("search", help="find the best sub-networks under constraints (a Pareto frontier)")
+    p.add_argument("run_dir")
+    for flag in CONSTRAINT_FLAGS:
+        p.add_argument(
+            "--" + flag.replace("_", "-"),
+            dest=flag,
+            default=None,
+            help="ratio of the parent, e.g. 1/3" if flag.endswith("ratio") else "absolute limit (e.g. 2M)",
+        )
+    p.add_argument("--batch", type=int, default=1, help="batch size for latency and memory")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs, latency, memory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-layer", action="store_true", help="search per-layer (heterogeneous) sub-networks")
+    p.add_argument("--latency", action="store_true", help="measure a latency table even without a latency limit")
+    p.add_argument("--windows", type=int, default=16, help="search-split windows per task")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="default RUN_DIR/search")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("extract", help="materialise a sub-network as a standalone, verified child")
     p.add_argument("run_dir")
@@ -306,6 +431,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("eval", help="per-task quality on the held-out test split, with retention vs a parent")
+    p.add_argument("model_dirs", nargs="+")
+    p.add_argument("--data", help="run folder whose test split to use (default: the models' parent run)")
+    p.add_argument("--parent", help="name of the model that retention is measured against (default: parent)")
+    p.add_argument("--examples", type=int, default=100, help="test examples per structured task")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="results JSON (default RUN_DIR/eval/cli.json)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="the cost report: marginal, all-in and amortized cost vs a named baseline")
+    p.add_argument("run_dir")
+    p.add_argument("--claim", action="append", default=[], help="check a claim, e.g. '6%% of pre-training cost'")
+    p.add_argument(
+        "--estimate-baseline-tokens",
+        type=int,
+        default=None,
+        metavar="D",
+        help="allow the estimate 6 x N_active x D where no measured baseline exists",
+    )
+    p.add_argument("--percent", action="store_true", help="fail unless percentages can be given")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "run", help="the whole pipeline: train, search, extract, export, finetune, eval, baseline, report"
+    )
+    _add_recipe_args(p)
+    p.add_argument("--out", default="runs/default", help="run folder (a rerun skips finished phases)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -1,0 +1,277 @@
+"""`elasticmoe run`: train -> search -> extract -> export -> finetune -> eval -> baseline -> report.
+
+One run folder holds everything; `RUN_DIR/pipeline.json` records which phases finished and what
+they produced, so a rerun skips finished phases and resumes an interrupted one (training resumes
+from its newest valid checkpoint). Every phase appends its work to `RUN_DIR/ledger.jsonl`.
+
+Children are chosen by constraint searches; the default family is the ERNIE-5.1 shape (total
+params <= 1/3 and active <= 1/2 of the parent) plus two others, and a measured from-scratch
+baseline is trained for the ERNIE-shaped child with the parent's token budget, so the report's
+percentages rest on a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_model, read_json, write_json
+from .config import ConfigError
+from .cost import cost
+from .ledger import Ledger
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+# name -> constraints (ratios of the parent); the first is the family's reference child
+DEFAULT_FAMILY: dict[str, dict[str, float]] = {
+    "ernie51-shape": {"max_params_ratio": 1 / 3, "max_active_ratio": 1 / 2},
+    "active-third": {"max_active_ratio": 1 / 3},
+    "half-latency": {"max_latency_ratio": 1 / 2},
+}
+# rough share of wall time per phase on the tiny preset, for the ETA
+PHASES = {"train": 40, "search": 10, "extract": 2, "export": 4, "finetune": 10, "eval": 12, "baseline": 18, "report": 4}
+
+
+class Pipeline:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        family: dict[str, dict[str, float]] | None = None,
+        finetune_fraction: float = 0.1,
+        eval_examples: int = 100,
+        progress: bool = True,
+    ):
+        self.recipe, self.run = recipe, Path(run_dir)
+        self.family = family or DEFAULT_FAMILY
+        self.finetune_fraction, self.eval_examples, self.progress = finetune_fraction, eval_examples, progress
+        self.state_path = self.run / "pipeline.json"
+        self.state: dict[str, Any] = read_json(self.state_path) if self.state_path.exists() else {"phases": {}}
+        self.t0 = time.perf_counter()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _done(self, phase: str) -> bool:
+        return self.state["phases"].get(phase, {}).get("done", False)
+
+    def _finish(self, phase: str, outputs: dict) -> None:
+        self.state["phases"][phase] = {"done": True, "outputs": outputs, "finished_at": time.time()}
+        write_json(self.state_path, self.state)
+
+    def _header(self, i: int, phase: str, skipped: bool) -> None:
+        names = list(PHASES)
+        elapsed = time.perf_counter() - self.t0
+        todo_w = sum(PHASES[p] for p in names[i:] if not self._done(p))
+        fresh_w = sum(PHASES[p] for p in names[:i] if p in self._ran)
+        eta = f"eta ~{elapsed / fresh_w * todo_w / 60:.1f} min" if fresh_w else "eta: after training"
+        status = "done earlier, skipped" if skipped else f"elapsed {elapsed / 60:.1f} min | {eta}"
+        print(f"[{i + 1}/{len(names)}] {phase:9s} {status}", flush=True)
+
+    # -- the phases ----------------------------------------------------------------------------
+    def run_all(self) -> dict:
+        self._ran: set[str] = set()
+        for i, phase in enumerate(PHASES):
+            skipped = self._done(phase)
+            self._header(i, phase, skipped)
+            if skipped:
+                continue
+            outputs = getattr(self, f"phase_{phase}")()
+            self._ran.add(phase)
+            self._finish(phase, outputs or {})
+        return self.state
+
+    def phase_train(self) -> dict:
+        from .train import train
+
+        resume = (self.run / "checkpoints").exists()
+        res = train(self.recipe, self.run, resume=resume, progress=self.progress)
+        return {"parent": str(self.run / "parent"), "val": res.final_eval, "tokens_per_s": res.tokens_per_s}
+
+    def _parent(self):
+        model, meta = load_model(self.run / "parent")
+        return model, meta
+
+    def _data(self):
+        from .rundata import load_run_data
+
+        return load_run_data(self.run, self.recipe)
+
+    def phase_search(self) -> dict:
+        from .search import LatencyTable, SubnetEvaluator, format_table, search, write_search_results
+        from .train import resolve_device
+
+        parent, _ = self._parent()
+        device = resolve_device(self.recipe.train.device)
+        parent.to(device)
+        data = self._data()
+        windows = data.eval_windows("search", self.recipe.train.eval_windows)
+        ledger = Ledger(self.run / "ledger.jsonl")
+        chosen: dict[str, dict] = {}
+        seq = self.recipe.data.seq_len
+        with ledger.phase("search", device=str(device), model="latency-table") as rec:
+            table = LatencyTable.measure(parent, seq, 1, device, repeats=5, space=self.recipe.space)
+            table.save(self.run / "search" / "latency_table.json")
+            rec["seconds_measured"] = table.meta.get("seconds")
+        evaluator = SubnetEvaluator(parent, windows, device)
+        for name, cons in self.family.items():
+            cons = {**cons, "seq_len": seq}
+            with ledger.phase("search", device=str(device), model=name, constraints=cons) as rec:
+                result = search(
+                    evaluator,
+                    self.recipe.space,
+                    parent.layer_order,
+                    cons,
+                    seed=self.recipe.train.seed,
+                    latency_table=table,
+                )
+                rec["tokens"], rec["flops"] = result.tokens, result.flops
+            write_search_results(
+                self.run / "search" / name, result, constraints=cons, parent_cost=cost(parent.config, None, seq)
+            )
+            if self.progress:
+                from rich.console import Console
+
+                Console().print(format_table(result))
+            best = min(result.frontier, key=lambda c: c.loss)
+            chosen[name] = {
+                "subnet": best.text,
+                "subnet_json": best.subnet.to_dict(),
+                "loss": best.loss,
+                "params": best.params,
+                "active_params": best.active_params,
+            }
+        return {"children": chosen}
+
+    def _children(self) -> dict[str, dict]:
+        return self.state["phases"]["search"]["outputs"]["children"]
+
+    def phase_extract(self) -> dict:
+        from .phases import extract_child
+
+        parent, _ = self._parent()
+        out = {}
+        for name, ch in self._children().items():
+            meta = extract_child(self.run, parent, json.dumps(ch["subnet_json"]), self.run / "children" / name)
+            out[name] = {
+                "dir": str(self.run / "children" / name),
+                "max_abs_logit_diff": meta["verification"]["max_abs_logit_diff"],
+            }
+        return out
+
+    def phase_export(self) -> dict:
+        from .hf import export_hf
+
+        data = self._data()
+        tokens = next(iter(data.eval_windows("val", 2).values()))[:, :-1]
+        out = {}
+        for name in self._children():
+            try:
+                prov = export_hf(self.run / "children" / name, self.run / "hf" / name, verify_tokens=tokens)
+                out[name] = {
+                    "dir": str(self.run / "hf" / name),
+                    "max_abs_logit_diff": (prov.get("hf_verification") or {}).get("max_abs_logit_diff"),
+                }
+            except ConfigError as exc:  # e.g. a per-layer child the stock architecture cannot express
+                out[name] = {"refused": str(exc)}
+        proof = next((n for n, v in out.items() if "dir" in v), None)
+        if proof is not None:
+            out["_proof"] = _transformers_generate(self.run / "hf" / proof, data)
+            print(f"transformers loaded {proof} and generated: {out['_proof']['text']!r}")
+        return out
+
+    def phase_finetune(self) -> dict:
+        from .phases import finetune
+
+        tokens_seen = read_json(self.run / "parent" / "config.json")["meta"].get("tokens_seen", 0)
+        budget = max(int(tokens_seen * self.finetune_fraction), self.recipe.train.batch_size * self.recipe.data.seq_len)
+        out = {}
+        for name in self._children():
+            res = finetune(
+                self.run / "children" / name,
+                self.run / "finetuned" / name,
+                teacher_run=self.run,
+                tokens=budget,
+                lr=self.recipe.train.lr * 0.3,
+                resume=(self.run / "finetuned" / name).exists(),
+                device=self.recipe.train.device,
+            )
+            out[name] = {
+                "dir": str(self.run / "finetuned" / name / "model"),
+                "tokens": res.tokens,
+                "fraction_of_parent_tokens": res.tokens / max(tokens_seen, 1),
+                "val_before": res.val_before,
+                "val_after": res.val_after,
+                "kd_before": res.kd_before,
+                "kd_after": res.kd_after,
+            }
+        return out
+
+    def _models_to_eval(self) -> dict[str, Path]:
+        models = {"parent": self.run / "parent"}
+        for name in self._children():
+            models[f"{name}"] = self.run / "children" / name
+            models[f"{name}+ft"] = self.run / "finetuned" / name / "model"
+        return models
+
+    def phase_eval(self) -> dict:
+        return {"results": self._evaluate(self._models_to_eval(), "eval/results.json")}
+
+    def _evaluate(self, models: dict[str, Path], rel: str) -> dict:
+        from .evaluate import evaluate_folders
+
+        path = self.run / rel
+        return evaluate_folders(
+            models, self.run, path, max_examples=self.eval_examples, device=self.recipe.train.device
+        )
+
+    def phase_baseline(self) -> dict:
+        from .phases import baseline
+
+        ref = next(iter(self._children()))
+        spec = self._children()[ref]["subnet"]
+        tokens_seen = read_json(self.run / "parent" / "config.json")["meta"].get("tokens_seen", 0)
+        out = baseline(
+            self.run,
+            spec,
+            tokens=tokens_seen,
+            name=ref,
+            progress=self.progress,
+            resume=(self.run / "baselines" / ref / "checkpoints").exists(),
+        )
+        res = self._evaluate({f"{ref} (from scratch)": out / "parent"}, "eval/baseline.json")
+        return {ref: {"dir": str(out), "subnet": spec, "tokens": tokens_seen, "eval": res}}
+
+    def phase_report(self) -> dict:
+        from .report import report_run
+
+        data = report_run(self.run)
+        print((self.run / "report.md").read_text())
+        return {"report": str(self.run / "report.md"), "break_even": data["break_even"]}
+
+
+def _transformers_generate(hf_dir: Path, data, n: int = 12) -> dict:
+    """Load an exported folder with stock transformers (offline) and generate a few tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    prompt = "kv: "
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+    return {"prompt": prompt, "text": tok.decode(out[0]), "new_tokens": int(out.shape[1] - ids.shape[1])}
+
+
+def run_pipeline(recipe: Recipe, run_dir: Path | str, progress: bool = True, **kwargs: Any) -> dict:
+    run_dir = Path(run_dir)
+    saved = run_dir / "recipe.yaml"
+    if saved.exists():
+        from .recipe import load_recipe
+
+        if load_recipe(saved).to_dict() != recipe.to_dict():
+            raise ConfigError(f"{run_dir} was started with a different recipe ({saved}); use another --out")
+    return Pipeline(recipe, run_dir, progress=progress, **kwargs).run_all()
