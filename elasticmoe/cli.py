@@ -303,6 +303,7 @@ def cmd_baseline(args) -> int:
 
 # -- eval / report / run ---------------------------------------------------------------------
 def cmd_eval(args) -> int:
+    from .checkpoint import read_json
     from .evaluate_run import evaluate_folders, print_results
     from .phases import model_folder, parent_run_of
 
@@ -315,7 +316,13 @@ def cmd_eval(args) -> int:
         raise ConfigError("cannot tell which run's test split to use: pass --data RUN_DIR")
     names = {}
     for f in folders:
-        name = f.parent.name if f.name in ("model", "parent") else f.name
+        kind = read_json(f / "config.json").get("meta", {}).get("kind", "")
+        if f.name == "parent" and kind == "elastic-parent":
+            name = "parent"
+        elif kind == "finetuned-child":
+            name = (f.parent.name if f.name == "model" else f.name) + "-ft"
+        else:
+            name = f.parent.name if f.name in ("model", "parent") else f.name
         names[name if name not in names else str(f)] = f
     out = Path(args.out) if args.out else data_run / "eval" / "cli.json"
     res = evaluate_folders(names, data_run, out, max_examples=args.examples, device=args.device, parent=args.parent)
@@ -465,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    if not sys.stdout.isatty():
+        os.environ.setdefault("COLUMNS", "160")  # rich tables stay one row per line in logs and pipes
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"

@@ -213,14 +213,14 @@ class Pipeline:
         models = {"parent": self.run / "parent"}
         for name in self._children():
             models[f"{name}"] = self.run / "children" / name
-            models[f"{name}+ft"] = self.run / "finetuned" / name / "model"
+            models[f"{name}-ft"] = self.run / "finetuned" / name / "model"
         return models
 
     def phase_eval(self) -> dict:
         return {"results": self._evaluate(self._models_to_eval(), "eval/results.json")}
 
     def _evaluate(self, models: dict[str, Path], rel: str) -> dict:
-        from .evaluate import evaluate_folders
+        from .evaluate_run import evaluate_folders
 
         path = self.run / rel
         return evaluate_folders(
