@@ -914,17 +914,29 @@ def _human(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _short(subnet: Subnet) -> str:
+    """One terminal line, per-layer sub-networks included: `L[0-2] E[8,4,4] k[2,1,1] W[64,32,32]`."""
+    if subnet.is_uniform:
+        return str(subnet)
+    lists = {f: ",".join(str(getattr(s, a)) for s in subnet.specs)
+             for f, a in (("E", "experts"), ("k", "top_k"), ("W", "width"))}
+    return str(Subnet.uniform(subnet.layers, 1, 1, 1)).split()[0] + "".join(f" {f}[{v}]" for f, v in lists.items())
+
+
 def format_table(result: SearchResult):
-    """A short rich Table of the reported points (both fronts), smallest first, parent last."""
+    """A short rich Table of the reported points (both fronts), smallest first, parent last. Latency
+    is the direct measurement where there is one, else the table's prediction."""
     from rich.table import Table
 
+    measured = result.parent.latency_ms_measured is not None
     table = Table(title=f"Pareto front ({result.method}, seed {result.seed}, {len(result.evaluated)} evaluated)")
-    for name in ("subnet", "params", "active", "FLOPs/tok", "latency ms", "memory MiB", "loss", "Δ parent"):
+    latency = "latency ms" + (" (measured)" if measured else " (predicted)" if result.latency_table else "")
+    for name in ("subnet", "params", "active", "FLOPs/tok", latency, "memory MiB", "loss", "Δ parent"):
         table.add_column(name, justify="left" if name == "subnet" else "right")
     rows = sorted(result.reported, key=lambda c: (c.active_params, c.loss)) + [result.parent]
     for c in rows:
         lat = c.latency_ms_measured if c.latency_ms_measured is not None else c.latency_ms
-        table.add_row(c.text if c is not result.parent else f"parent {c.text}", _human(c.params),
+        table.add_row(_short(c.subnet) if c is not result.parent else f"parent {c.text}", _human(c.params),
                       _human(c.active_params), _human(c.flops_per_token), "-" if lat is None else f"{lat:.2f}",
                       f"{c.memory_mb:.2f}", f"{c.loss:.4f}", f"{c.loss - result.parent.loss:+.4f}")
     return table
