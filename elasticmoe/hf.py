@@ -404,6 +404,7 @@ def max_logit_diff_hf(model: ElasticMoE, hf_model, tokens: torch.Tensor) -> floa
 def _verify_folder(model: ElasticMoE, folder: Path, tokens: torch.Tensor, tolerance: float) -> dict[str, Any]:
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # a bar per load clutters pipeline logs
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     hf_model.eval()
     if model.embed.weight.dtype != torch.float32:  # compare in float32 without touching the caller's model

@@ -118,16 +118,22 @@ class Pipeline:
         evaluator = SubnetEvaluator(parent, windows, device)
         for name, cons in self.family.items():
             cons = {**cons, "seq_len": seq}
-            with ledger.phase("search", device=str(device), model=name, constraints=cons) as rec:
-                result = search(
-                    evaluator,
-                    self.recipe.space,
-                    parent.layer_order,
-                    cons,
-                    seed=self.recipe.train.seed,
-                    latency_table=table,
-                )
-                rec["tokens"], rec["flops"] = result.tokens, result.flops
+            try:
+                with ledger.phase("search", device=str(device), model=name, constraints=cons) as rec:
+                    result = search(
+                        evaluator,
+                        self.recipe.space,
+                        parent.layer_order,
+                        cons,
+                        seed=self.recipe.train.seed,
+                        latency_table=table,
+                    )
+                    rec["tokens"], rec["flops"] = result.tokens, result.flops
+            except ConfigError as exc:
+                if name == next(iter(self.family)):
+                    raise ConfigError(f"the reference child {name!r} cannot be found: {exc}") from None
+                print(f"  {name}: skipped, {exc}")
+                continue
             write_search_results(
                 self.run / "search" / name, result, constraints=cons, parent_cost=cost(parent.config, None, seq)
             )
@@ -135,7 +141,12 @@ class Pipeline:
                 from rich.console import Console
 
                 Console().print(format_table(result))
-            best = min(result.frontier, key=lambda c: c.loss)
+            taken = {ch["subnet"] for ch in chosen.values()}
+            fresh = [c for c in result.frontier if c.text not in taken and c.subnet != result.parent.subnet]
+            if not fresh:
+                print(f"  {name}: skipped, every frontier point is already in the family")
+                continue
+            best = min(fresh, key=lambda c: c.loss)
             chosen[name] = {
                 "subnet": best.text,
                 "subnet_json": best.subnet.to_dict(),
@@ -256,6 +267,9 @@ def _transformers_generate(hf_dir: Path, data, n: int = 12) -> dict:
     """Load an exported folder with stock transformers (offline) and generate a few tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir)

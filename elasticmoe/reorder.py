@@ -74,7 +74,7 @@ def _permute_param(p: torch.nn.Parameter, index: torch.Tensor, dim: int, optimiz
     with torch.no_grad():
         p.copy_(p.index_select(dim, index.to(p.device)) if index.dim() == 1 else p.gather(dim, index.to(p.device)))
     if optimizer is not None and p in optimizer.state:
-        for key, value in optimizer.state[p].items():
+        for value in optimizer.state[p].values():
             if torch.is_tensor(value) and value.shape == p.shape:
                 src = (
                     value.index_select(dim, index.to(value.device))

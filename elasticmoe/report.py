@@ -181,7 +181,13 @@ def _pct(c: ChildCost, kind: str) -> str:
 
 
 def render_markdown(
-    costs: list[ChildCost], parent_info: dict, evals: dict, claims: list[dict], be: dict, ledger_totals: dict
+    costs: list[ChildCost],
+    parent_info: dict,
+    evals: dict,
+    claims: list[dict],
+    be: dict,
+    ledger_totals: dict,
+    retention: list[dict] | None = None,
 ) -> str:
     lines = ["# elasticmoe report", ""]
     lines += [
@@ -216,10 +222,12 @@ def render_markdown(
         b = c.baseline
         basis = f"{b.name} = {_fmt_flops(b.flops)} FLOPs" + (f" ({b.formula})" if b.formula else "")
         for kind in KINDS:
-            lines.append(
-                f"- {c.name} {kind}: {_pct(c, kind)} of baseline [{basis}] "
-                f"(wall time: {c.percent(kind, 'seconds'):.1f}% of the baseline's {b.seconds:.0f} s)"
+            wall = (
+                f"wall time: {c.percent(kind, 'seconds'):.1f}% of the baseline's {b.seconds:.3g} s"
+                if b.kind == "measured" and b.seconds > 0
+                else "an estimate has no wall time"
             )
+            lines.append(f"- {c.name} {kind}: {_pct(c, kind)} of baseline [{basis}] ({wall})")
     lines += ["", "## Break-even", ""]
     if be.get("children"):
         lines.append(
@@ -242,6 +250,14 @@ def render_markdown(
                 v = row.get(t)
                 cells.append(f"{v['score']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] ({v['metric']})" if v else "")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if retention:
+        lines += ["", "## Retention vs the parent (1.0 = as good as the parent)", ""]
+        lines += ["| child | task | metric | parent | before ft | after ft | retention before | retention after |"]
+        lines += ["|---|---|---|---|---|---|---|---|"]
+        for r in retention:
+            nums = ("parent", "before", "after", "retention_before", "retention_after")
+            cells = [r["child"], r["task"], r["metric"]] + ["-" if r[k] is None else f"{r[k]:.3f}" for k in nums]
+            lines.append("| " + " | ".join(cells) + " |")
     if claims:
         lines += ["", "## Claim check", ""]
         for cl in claims:
@@ -302,6 +318,7 @@ def write_report(
     evals: dict | None = None,
     claims: list[str] | None = None,
     require_percent: bool = False,
+    retention: list[dict] | None = None,
 ) -> dict:
     """Compute and write RUN_DIR/report.md, report.json and cost.png. Returns the JSON data."""
     records = Ledger(run_dir / "ledger.jsonl").records()
@@ -312,7 +329,7 @@ def write_report(
     checked = [check_claim(cl, target) for cl in claims or []]
     be = break_even(costs, costs[0].parent["flops"])
     totals = ledger_by_phase(records)
-    md = render_markdown(costs, parent_info, evals or {}, checked, be, totals)
+    md = render_markdown(costs, parent_info, evals or {}, checked, be, totals, retention)
     data = {
         "parent": parent_info,
         "family_size": len(costs),
@@ -339,6 +356,7 @@ def write_report(
         "claims": checked,
         "ledger_totals": totals,
         "evals": evals or {},
+        "retention": retention or [],
     }
     (run_dir / "report.md").write_text(md)
     (run_dir / "report.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -421,6 +439,7 @@ def report_run(
     claims: list[str] | None = None,
     estimate_tokens: int | None = None,
     require_percent: bool = False,
+    retention: list[dict] | None = None,
 ) -> dict:
     """Gather the run folder's children, baselines and evaluations, and write the report."""
     run_dir = Path(run_dir)
@@ -449,4 +468,5 @@ def report_run(
         "active_params": k.active_params,
         "tokens_seen": pcfg.get("meta", {}).get("tokens_seen"),
     }
-    return write_report(run_dir, children, baselines, info, evals, claims, require_percent)
+    retention = _read(run_dir / "eval" / "results.json").get("retention")
+    return write_report(run_dir, children, baselines, info, evals, claims, require_percent, retention)
