@@ -20,8 +20,9 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "default"  # "default" (embedded corpus) or "files"
-    paths: tuple[str, ...] = ()  # text files/globs, .jsonl, HF dataset folders (source=files)
+    source: str = "default"  # "default" (embedded corpus), "files" (text/jsonl/HF dataset) or "shards"
+    paths: tuple[str, ...] = ()  # text files/globs, .jsonl, HF dataset folders; or .bin token shards
+    eval_paths: tuple[str, ...] = ()  # source=shards: held-out shards, split into val / search / test
     text_field: str = "text"
     scale: float = 1.0  # size of the embedded corpus's generated tasks
     vocab_size: int = 1024  # tokenizer trained on the corpus unless `tokenizer` is given
@@ -122,10 +123,15 @@ class Recipe:
             p.append(f"train.lr={t.lr!r} must be > 0")
         if t.device not in DEVICE_CHOICES:
             p.append(f"train.device={t.device!r}; allowed {list(DEVICE_CHOICES)}")
-        if d.source not in ("default", "files"):
-            p.append(f"data.source={d.source!r}; allowed ['default', 'files']")
+        if d.source not in ("default", "files", "shards"):
+            p.append(f"data.source={d.source!r}; allowed ['default', 'files', 'shards']")
         if d.source == "files" and not d.paths:
             p.append("data.paths is empty; give text/jsonl files or globs when data.source=files")
+        if d.source == "shards" and not (d.paths and d.eval_paths and d.tokenizer):
+            p.append(
+                "data.source=shards needs data.paths (training shards), data.eval_paths (held-out shards) "
+                "and data.tokenizer (the tokenizer.json the shards were made with)"
+            )
         if not isinstance(d.seq_len, int) or not 2 <= d.seq_len <= self.model.max_seq_len:
             p.append(
                 f"data.seq_len={d.seq_len!r} out of range; allowed [2, {self.model.max_seq_len}] (model.max_seq_len)"

@@ -10,6 +10,7 @@ all of them see exactly the data, splits and tokenizer the parent was trained wi
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .data import (
     SPLITS,
     BatchIterator,
     Corpus,
+    TokenShards,
     build_default_corpus,
     corpus_from_texts,
     eval_windows,
@@ -45,6 +47,7 @@ class RunData:
     seed: int
     tokens: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     corpus: Corpus | None = None
+    train_shards: TokenShards | None = None  # source=shards: memory-mapped training tokens
 
     @property
     def tokenizer_path(self) -> Path:
@@ -67,6 +70,8 @@ class RunData:
         world_size: int = 1,
         task_weights: dict[str, float] | None = None,
     ) -> BatchIterator:
+        if self.train_shards is not None:  # memory-mapped: windows are read straight from the files
+            return BatchIterator(self.train_shards, self.seq_len, batch_size, seed, rank, world_size)
         arrays = {t: a for t, a in self.tokens["train"].items() if len(a)}
         weights = task_weights if task_weights is not None else (self.task_weights or None)
         stream = mix_tasks(arrays, weights, eos_id=self.tokenizer.eos_id, seed=seed)
@@ -99,6 +104,8 @@ def prepare_run_data(recipe: Recipe, run_dir: Path) -> RunData:
     """Build (or reload) the run's corpus, tokenizer and token arrays under RUN_DIR/data."""
     folder = Path(run_dir) / "data"
     d = recipe.data
+    if d.source == "shards" and not (folder / "ready").exists():
+        _prepare_shards(recipe, folder)
     if not (folder / "ready").exists():
         if d.source == "files":  # fail on bad paths before anything is written
             _build_corpus(recipe)
@@ -127,6 +134,31 @@ def prepare_run_data(recipe: Recipe, run_dir: Path) -> RunData:
     return load_run_data(run_dir, recipe)
 
 
+def _prepare_shards(recipe: Recipe, folder: Path) -> None:
+    """Pre-tokenized data: training shards stay where they are (memory-mapped at load); the held-out
+    shards are split into contiguous thirds for val / search / test (task "text")."""
+    d = recipe.data
+    load_tokenizer(d.tokenizer)  # fail early on a bad tokenizer path
+    TokenShards(list(d.paths), vocab_size=recipe.model.vocab_size)  # validate before writing anything
+    held = TokenShards(list(d.eval_paths), vocab_size=recipe.model.vocab_size)
+    stream = np.concatenate([np.asarray(a) for a in held.arrays])
+    if len(stream) < 3 * (d.seq_len + 2):
+        raise ConfigError(f"data.eval_paths hold {len(stream)} tokens; need at least {3 * (d.seq_len + 2)}")
+    tmp = folder.with_name("data.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "tokens").mkdir(parents=True)
+    third = len(stream) // 3
+    for n, split in enumerate(("val", "search", "test")):
+        np.save(tmp / "tokens" / f"{split}.text.npy", stream[n * third : (n + 1) * third])
+    np.save(tmp / "tokens" / "train.text.npy", np.zeros(0, dtype=stream.dtype))
+    src = Path(d.tokenizer)
+    shutil.copyfile(src / "tokenizer.json" if src.is_dir() else src, tmp / "tokenizer.json")
+    (tmp / "shards.json").write_text(json.dumps({"train": [str(Path(p).resolve()) for p in d.paths]}) + "\n")
+    (tmp / "ready").write_text("ok\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
 def load_run_data(run_dir: Path, recipe: Recipe) -> RunData:
     folder = Path(run_dir) / "data"
     if not (folder / "ready").exists():
@@ -139,4 +171,10 @@ def load_run_data(run_dir: Path, recipe: Recipe) -> RunData:
     missing = [s for s in SPLITS if s not in tokens]
     if missing:
         raise ConfigError(f"{folder} lacks split(s) {missing}")
-    return RunData(folder, tok, recipe.data.seq_len, dict(recipe.data.task_weights), recipe.train.seed, tokens)
+    shards = None
+    if (folder / "shards.json").is_file():
+        paths = json.loads((folder / "shards.json").read_text())["train"]
+        shards = TokenShards(paths, vocab_size=recipe.model.vocab_size)
+    return RunData(
+        folder, tok, recipe.data.seq_len, dict(recipe.data.task_weights), recipe.train.seed, tokens, train_shards=shards
+    )
