@@ -45,7 +45,11 @@ class Pipeline:
         finetune_fraction: float = 0.1,
         eval_examples: int = 100,
         progress: bool = True,
+        baselines: str = "reference",
     ):
+        if baselines not in ("reference", "all"):
+            raise ConfigError(f"baselines={baselines!r}; allowed 'reference' (the ERNIE-shaped child) or 'all'")
+        self.baselines = baselines
         self.recipe, self.run = recipe, Path(run_dir)
         self.family = family or DEFAULT_FAMILY
         self.finetune_fraction, self.eval_examples, self.progress = finetune_fraction, eval_examples, progress
@@ -241,19 +245,25 @@ class Pipeline:
     def phase_baseline(self) -> dict:
         from .phases import baseline
 
-        ref = next(iter(self._children()))
-        spec = self._children()[ref]["subnet"]
+        names = list(self._children())
+        if self.baselines == "reference":
+            names = names[:1]
         tokens_seen = read_json(self.run / "parent" / "config.json")["meta"].get("tokens_seen", 0)
-        out = baseline(
-            self.run,
-            spec,
-            tokens=tokens_seen,
-            name=ref,
-            progress=self.progress,
-            resume=(self.run / "baselines" / ref / "checkpoints").exists(),
-        )
-        res = self._evaluate({f"{ref} (from scratch)": out / "parent"}, "eval/baseline.json")
-        return {ref: {"dir": str(out), "subnet": spec, "tokens": tokens_seen, "eval": res}}
+        outs, dirs = {}, {}
+        for name in names:
+            spec = self._children()[name]["subnet"]
+            out = baseline(
+                self.run,
+                spec,
+                tokens=tokens_seen,
+                name=name,
+                progress=self.progress,
+                resume=(self.run / "baselines" / name / "checkpoints").exists(),
+            )
+            outs[name] = {"dir": str(out), "subnet": spec, "tokens": tokens_seen}
+            dirs[f"{name} (from scratch)"] = out / "parent"
+        self._evaluate(dirs, "eval/baseline.json")
+        return outs
 
     def phase_report(self) -> dict:
         from .report import report_run
