@@ -78,7 +78,9 @@ def cmd_train(args) -> int:
     from .train import train
 
     recipe = _recipe(args)
-    res = train(recipe, Path(args.out), resume=args.resume, progress=not args.quiet)
+    res = train(recipe, Path(args.out), resume=args.resume, progress=not args.quiet, parallel=args.parallel)
+    if not res.is_main:  # under torchrun, rank 0 reports
+        return 0
     table = Table(title=f"validation cross-entropy (nats/token) at step {res.step}")
     tasks = sorted(next(iter(res.final_eval.values()), {}))
     table.add_column("sub-network")
@@ -369,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--parallel",
+        choices=["auto", "fsdp", "ddp"],
+        default="auto",
+        help="under torchrun: FSDP2 (sharded) or DDP (replicated); auto = fsdp on GPU, ddp on CPU",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("search", help="find the best sub-networks under constraints (a Pareto frontier)")

@@ -5,7 +5,8 @@ targets), runs and back-propagates each right after its forward (gradient accumu
 memory is one sub-network plus the teacher's logits), and takes one AdamW step. The largest
 learns from the data; every other sub-network from the data and from the largest's detached
 logits (in-place distillation, Yu & Huang 2019; Cai et al. 2020). Sampling derives from
-(seed, step) only, so resumes and ranks agree without storing sampler state.
+(seed, step) only, so resumes and ranks agree without storing sampler state. Under torchrun
+the same loop runs data-parallel (FSDP2 or DDP; checkpoints sharded): see dist.py.
 
 Run folder written here:
 
@@ -20,12 +21,14 @@ Run folder written here:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import cost as costmod
+from . import dist as distmod
 from .checkpoint import (
     AtomicFolder,
     CheckpointError,
@@ -209,6 +213,28 @@ def _load_optimizer(opt: torch.optim.Optimizer, model: ElasticMoE, tensors: dict
                 g[k] = tuple(v) if isinstance(v, list) else v
 
 
+def _rng_state() -> dict:
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def _set_rng_state(rng: dict) -> None:
+    py = rng["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = rng["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+
+
+def _prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    for old in ckpts[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, model, opt, train_state: dict, keep_last: int) -> Path:
     path = run_dir / "checkpoints" / f"step-{step:06d}"
     with AtomicFolder(path) as tmp:
@@ -216,29 +242,24 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, train_state: dict, kee
         tensors, meta = _optimizer_tensors(opt, model)
         tensors["rng::torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        py_state = random.getstate()
-        np_state = np.random.get_state()
-        write_json(
-            tmp / "train_state.json",
-            {
-                **train_state,
-                "step": step,
-                "optimizer": meta,
-                "rng": {
-                    "python": [py_state[0], list(py_state[1]), py_state[2]],
-                    "numpy": [
-                        np_state[0],
-                        np_state[1].tolist(),
-                        int(np_state[2]),
-                        int(np_state[3]),
-                        float(np_state[4]),
-                    ],
-                },
-            },
-        )
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
-    for old in ckpts[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        write_json(tmp / "train_state.json", {**train_state, "step": step, "optimizer": meta, "rng": _rng_state()})
+    _prune_checkpoints(run_dir, keep_last)
+    return path
+
+
+def save_sharded_checkpoint(par, run_dir: Path, step: int, model, opt, train_state: dict, keep_last: int) -> Path:
+    """Collective (every rank): a torch.distributed.checkpoint folder, see dist.py."""
+    path = run_dir / "checkpoints" / f"step-{step:06d}"
+    rng = par.gather_object({**_rng_state(), "torch": torch.get_rng_state().tolist()})
+    config = {
+        "format": "elasticmoe-model",
+        "model": model.config.to_dict(),
+        "layer_order": list(model.layer_order),
+        "meta": {"step": step, "tensors": "dcp"},
+    }
+    state = {**train_state, "step": step, "world_size": par.world_size, "parallel": par.mode, "rng_per_rank": rng}
+    distmod.save_sharded(par, path, model, opt, {"config.json": config, "train_state.json": state})
+    par.on_main(lambda: _prune_checkpoints(run_dir, keep_last))
     return path
 
 
@@ -260,10 +281,38 @@ def load_checkpoint(path: Path, model: ElasticMoE, opt) -> dict:
     state = read_json(path / "train_state.json")
     torch.set_rng_state(tensors.pop("rng::torch"))
     _load_optimizer(opt, model, tensors, state["optimizer"])
-    py = state["rng"]["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["rng"]["numpy"]
-    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
+    _set_rng_state(state["rng"])
+    return state
+
+
+def load_any_checkpoint(path: Path, model, opt, par) -> dict:
+    """Resume from a single-process or a sharded checkpoint, at any world size."""
+    if distmod.is_sharded(path):
+        distmod.load_sharded(path, model, opt)
+        model.layer_order = list(read_json(path / "config.json")["layer_order"])
+        state = read_json(path / "train_state.json")
+        rngs = state["rng_per_rank"]
+        rng = rngs[par.rank % len(rngs)]  # at another world size ranks reuse the saved states in turn
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        _set_rng_state(rng)
+        return state
+    if par.world_size == 1:
+        return load_checkpoint(path, model, opt)
+    tensors = load_file(str(path / "optimizer.safetensors"))  # full tensors, resharded on load
+    state = read_json(path / "train_state.json")
+    torch.set_rng_state(tensors.pop("rng::torch"))
+    per_param: dict[str, dict] = {}
+    for key, v in tensors.items():
+        name, _, k = key.rpartition("::")
+        per_param.setdefault(name, {})[k] = v
+    groups = [
+        {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+        for g in state["optimizer"]["param_groups"]
+    ]
+    model_tensors = load_file(str(path / "model.safetensors"))
+    distmod.load_full(model, opt, model_tensors, {"state": per_param, "param_groups": groups})
+    model.layer_order = list(read_json(path / "config.json")["layer_order"])
+    _set_rng_state(state["rng"])
     return state
 
 
@@ -273,7 +322,9 @@ class TrainResult:
     run_dir: Path
     step: int
     final_eval: dict[str, dict[str, float]]
-    tokens_per_s: float
+    tokens_per_s: float  # median over logged steps, whole world (read on rank 0; 0.0 elsewhere)
+    world_size: int = 1
+    is_main: bool = True  # rank 0 (prints, writes metrics, ledger and the parent)
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -294,13 +345,37 @@ def train(
     stop_at: int | None = None,
     phase: str = "train",
     ledger_path: Path | None = None,
+    parallel: str = "auto",
 ) -> TrainResult:
     """Train the elastic parent into `run_dir` (see module docstring). `stop_at` ends early
     (for tests that simulate an interruption) without writing the final parent. `phase` and
-    `ledger_path` let a baseline run record itself as such in its parent's ledger."""
+    `ledger_path` let a baseline run record itself as such in its parent's ledger. Under torchrun
+    (WORLD_SIZE > 1) this is data-parallel training, `parallel` picking FSDP2 or DDP (see dist.py)."""
+    run_dir = Path(run_dir)
+    par = distmod.setup(resolve_device(recipe.train.device), parallel)
+    try:
+        if recipe.train.batch_size % par.world_size:
+            raise ConfigError(
+                f"train.batch_size={recipe.train.batch_size} is the global batch and must be divisible by the "
+                f"world size {par.world_size} (each rank takes batch_size / world size rows)"
+            )
+        prepared: dict = {}
+        par.on_main(lambda: prepared.setdefault("data", _prepare(recipe, run_dir, resume)) and None)
+        if not par.is_main:
+            from .rundata import load_run_data
+
+            prepared["data"] = load_run_data(run_dir, recipe)
+        data = prepared["data"]
+        ledger = Ledger(ledger_path or run_dir / "ledger.jsonl") if par.is_main else _NoLedger()
+        return _loop(recipe, run_dir, data, par, resume, progress, stop_at, phase, ledger)
+    finally:
+        par.close()
+
+
+def _prepare(recipe: Recipe, run_dir: Path, resume: bool):
+    """Check the run folder, prepare the data, write recipe.yaml (rank 0 only)."""
     from .rundata import prepare_run_data
 
-    run_dir = Path(run_dir)
     fresh = not run_dir.exists()
     if not resume and (run_dir / "checkpoints").exists():
         raise ConfigError(f"{run_dir} already holds a training run; pass --resume or choose another --out")
@@ -314,9 +389,18 @@ def train(
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     (run_dir / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()))
-    device = resolve_device(recipe.train.device)
-    ledger = Ledger(ledger_path or run_dir / "ledger.jsonl")
-    return _loop(recipe, run_dir, data, device, resume, progress, stop_at, phase, ledger)
+    return data
+
+
+class _NoLedger:
+    """The ledger on ranks other than 0: rank 0 records the work of all ranks."""
+
+    @contextmanager
+    def phase(self, *args, **kwargs):
+        yield {"tokens": 0, "flops": 0}
+
+    def append(self, record: dict) -> dict:
+        return record
 
 
 def _init_model(recipe: Recipe, device: torch.device) -> ElasticMoE:
@@ -333,38 +417,48 @@ def _init_model(recipe: Recipe, device: torch.device) -> ElasticMoE:
 
 
 def _loop(
-    recipe: Recipe, run_dir: Path, data, device, resume: bool, progress: bool, stop_at, phase: str, ledger: Ledger
+    recipe: Recipe, run_dir: Path, data, par, resume: bool, progress: bool, stop_at, phase: str, ledger
 ) -> TrainResult:
-    t = recipe.train
+    t, device, world = recipe.train, par.device, par.world_size
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
-    model = _init_model(recipe, device)
+    model = par.wrap(_init_model(recipe, device))
     opt = make_optimizer(model, recipe)
-    batches = data.train_batches(t.batch_size, t.seed)
+    if world == 1:
+        batches = data.train_batches(t.batch_size, t.seed)
+    else:
+        batches = data.train_batches(t.batch_size // world, t.seed, par.rank, world)
     step, bad_in_row, tokens_seen = 0, 0, 0
     metrics_path = run_dir / "metrics.jsonl"
+    main = par.is_main
     if resume:
-        ckpt = find_checkpoint(run_dir)
+        ckpt = par.on_main(lambda: find_checkpoint(run_dir))
         if ckpt is not None:
-            state = load_checkpoint(ckpt, model, opt)
+            state = load_any_checkpoint(ckpt, model, opt, par)
             step, bad_in_row, tokens_seen = state["step"], state["bad_in_row"], state["tokens_seen"]
             batches.load_state_dict(state["data"])
             log.info("resumed from %s", ckpt)
-        _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
+        if main:
+            _truncate_metrics(metrics_path, step)
+    elif main and metrics_path.exists():
         metrics_path.unlink()
     windows = data.eval_windows("val", t.eval_windows)
     tokens_per_step = t.batch_size * recipe.data.seq_len
     seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
-    bar = _Progress(t.steps, step, enabled=progress, every=t.log_every)
+    bar = _Progress(t.steps, step, enabled=progress and main, every=t.log_every)
     result_eval: dict = {}
     if step == 0:
-        _append_metrics(
-            metrics_path, {"step": 0, "val": eval_losses(model, windows, _eval_subnets(recipe, model), device)}
-        )
+        val = eval_losses(model, windows, _eval_subnets(recipe, model), device)
+        if main:
+            _append_metrics(metrics_path, {"step": 0, "val": val})
     with ledger.phase(
-        phase, device=str(device), counted=False, run=str(run_dir.resolve()), resumed_from=step if resume else None
+        phase,
+        device=str(device),
+        world_size=world,
+        counted=False,
+        run=str(run_dir.resolve()),
+        resumed_from=step if resume else None,
     ) as _:
         model.train()
         while step < t.steps and (stop_at is None or step < stop_at):
@@ -373,7 +467,7 @@ def _loop(
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = (v.to(device) for v in next(batches))
-            subnets = sample_step(recipe, step, model.layer_order)
+            subnets = par.agree_on_subnets(step, sample_step(recipe, step, model.layer_order))
             losses, finite, step_flops = {}, True, 0
             teacher = None
             for name, sn in subnets:
@@ -387,17 +481,22 @@ def _loop(
                     d = recipe.distill
                     loss = d.ce_weight * ce + d.kd_weight * kd_loss(out.logits, teacher, d.temperature)
                 loss = loss + t.aux_weight * out.aux_loss + t.z_weight * out.z_loss
-                if not torch.isfinite(loss):
+                if not par.all_finite(loss, step):  # agreed by all ranks before any backward
                     finite = False
                     break
                 loss.backward()
                 losses[name] = ce.item()
                 step_flops += costmod.cost(recipe.model, sn, recipe.data.seq_len).flops_train * x.numel()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip) if finite else None
+            if finite:
+                par.sync_grads(model)
+            grad_norm = par.clip_grad_norm(model, t.grad_clip) if finite else None
             if not finite or not torch.isfinite(grad_norm):
                 opt.zero_grad(set_to_none=True)
                 bad_in_row += 1
-                _append_metrics(metrics_path, {"step": step, "skipped": True, "reason": "non-finite loss or gradient"})
+                if main:
+                    _append_metrics(
+                        metrics_path, {"step": step, "skipped": True, "reason": "non-finite loss or gradient"}
+                    )
                 log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, bad_in_row)
                 if bad_in_row >= t.max_bad_steps:
                     raise FloatingPointError(
@@ -409,7 +508,11 @@ def _loop(
             opt.zero_grad(set_to_none=True)
             bad_in_row = 0
             step += 1
-            tokens_seen += x.numel()
+            tokens_seen += x.numel() * world
+            aux = out.aux_loss.item()
+            if world > 1:  # log means over ranks, i.e. over the global batch
+                *means, aux = par.mean([*losses.values(), aux])
+                losses = dict(zip(losses, means))
             dt = time.perf_counter() - t0
             seg["tokens"] += x.numel()
             seg["flops"] += step_flops
@@ -418,37 +521,38 @@ def _loop(
                 "step": step,
                 "lr": lr,
                 "loss": losses,
-                "aux": out.aux_loss.item(),
+                "aux": aux,
                 "grad_norm": grad_norm.item(),
                 "subnets": {n: str(s) for n, s in subnets},
                 "ms": dt * 1000,
                 "tok_per_s": tokens_per_step / dt,
             }
-            _append_metrics(metrics_path, rec)
+            if main:
+                _append_metrics(metrics_path, rec)
             bar.update(step, losses.get("largest", float("nan")), lr, dt, len(subnets))
             if step in recipe.reorder.at_steps:
-                summary = reorder(
-                    model,
-                    [w[:, :-1].to(device) for w in windows.values()],
-                    opt,
-                    recipe.reorder.experts_by,
-                    recipe.reorder.neurons,
-                    recipe.reorder.layers,
-                )
-                _append_metrics(metrics_path, {"step": step, "reorder": summary})
+                held_out = [w[:, :-1].to(device) for w in windows.values()]
+                summary = par.reorder(model, opt, functools.partial(_reorder, recipe, held_out))
+                if main:
+                    _append_metrics(metrics_path, {"step": step, "reorder": summary})
             if step % t.eval_every == 0 or step == t.steps:
                 result_eval = eval_losses(model, windows, _eval_subnets(recipe, model), device)
-                _append_metrics(metrics_path, {"step": step, "val": result_eval})
+                if main:
+                    _append_metrics(metrics_path, {"step": step, "val": result_eval})
             if step % t.ckpt_every == 0 or step == t.steps:
                 state = {"bad_in_row": bad_in_row, "tokens_seen": tokens_seen, "data": batches.state_dict()}
-                save_checkpoint(run_dir, step, model, opt, state, t.keep_last)
+                if world == 1:
+                    save_checkpoint(run_dir, step, model, opt, state, t.keep_last)
+                else:
+                    save_sharded_checkpoint(par, run_dir, step, model, opt, state, t.keep_last)
+                seg["tokens"], seg["flops"] = par.sum_ints([seg["tokens"], seg["flops"]])  # work of all ranks
                 ledger.append(
                     {
                         "event": "progress",
                         "phase": phase,
                         "run": str(run_dir.resolve()),
                         "device": str(device),
-                        "world_size": 1,
+                        "world_size": world,
                         "steps": [seg["from"], step],
                         "tokens": seg["tokens"],
                         "flops": seg["flops"],
@@ -465,10 +569,20 @@ def _loop(
                 "space": recipe.space.to_dict(),
                 "val": result_eval,
             }
-            save_model(run_dir / "parent", model, meta, extra_files={"tokenizer.json": data.tokenizer_path})
-            _plot_losses(metrics_path, run_dir / "loss.png")
-    tok_s = _mean_tok_per_s(metrics_path)
-    return TrainResult(run_dir, step, result_eval, tok_s)
+            full = par.main_model(model)  # gathered on rank 0 when sharded
+
+            def publish() -> None:
+                save_model(run_dir / "parent", full, meta, extra_files={"tokenizer.json": data.tokenizer_path})
+                _plot_losses(metrics_path, run_dir / "loss.png")
+
+            par.on_main(publish)
+    tok_s = _mean_tok_per_s(metrics_path) if main else 0.0
+    return TrainResult(run_dir, step, result_eval, tok_s, world, main)
+
+
+def _reorder(recipe: Recipe, held_out: list[torch.Tensor], model: ElasticMoE, opt) -> dict:
+    r = recipe.reorder
+    return reorder(model, held_out, opt, r.experts_by, r.neurons, r.layers)
 
 
 def _eval_subnets(recipe: Recipe, model: ElasticMoE) -> dict[str, Subnet]:
