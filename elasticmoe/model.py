@@ -233,6 +233,9 @@ class MoE(nn.Module):
         )
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
+        if not torch.is_grad_enabled():  # inference: the auxiliary losses are never used, skip their ops
+            zero = logits_NE.new_zeros((), dtype=torch.float32)
+            return y_ND, zero, zero
         # Switch Transformer load balance (Fedus et al. 2021, eq. 4) over the kept experts:
         # E * sum_e f_e * P_e, f_e = fraction of assignments to e, P_e = mean router probability.
         f_E = torch.bincount(top_i_NK.reshape(-1), minlength=E).float() / top_i_NK.numel()
