@@ -271,6 +271,9 @@ def cmd_finetune(args) -> int:
     res = finetune(
         args.child_dir,
         args.out,
+        kd_weight=args.kd_weight,
+        ce_weight=args.ce_weight,
+        temperature=args.temperature,
         teacher_run=args.teacher,
         data_run=args.data,
         tokens=args.tokens,
@@ -333,6 +336,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_lm_eval_tasks(args) -> int:
+    from .lm_eval_tasks import write_lm_eval_tasks
+
+    written = write_lm_eval_tasks(Path(args.run_dir), Path(args.out), max_examples=args.examples)
+    print(f"wrote {len(written)} lm-eval task(s) to {args.out}; run, offline:")
+    print(f"  HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf --model_args pretrained=HF_DIR,dtype=float32 "
+          f"--tasks elasticmoe --include_path {args.out} --device cpu --batch_size 8")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import report_run
 
@@ -350,7 +363,8 @@ def cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
     recipe = _recipe(args)
-    run_pipeline(recipe, Path(args.out), progress=not args.quiet)
+    run_pipeline(recipe, Path(args.out), progress=not args.quiet, baselines=args.baselines,
+                 finetune_fraction=args.finetune_fraction, eval_examples=args.eval_examples)
     print(f"done: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -432,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="data mix, e.g. --task-weight kv=1 (only search-like data)",
     )
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of KL(teacher || child)")
+    p.add_argument("--ce-weight", type=float, default=1.0, help="weight of the data cross-entropy")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_finetune)
@@ -456,6 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results JSON (default RUN_DIR/eval/cli.json)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("lm-eval-tasks", help="write the run's test tasks as local lm-evaluation-harness tasks")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--examples", type=int, default=None, help="at most this many examples per task")
+    p.set_defaults(func=cmd_lm_eval_tasks)
+
     p = sub.add_parser("report", help="the cost report: marginal, all-in and amortized cost vs a named baseline")
     p.add_argument("run_dir")
     p.add_argument("--claim", action="append", default=[], help="check a claim, e.g. '6%% of pre-training cost'")
@@ -474,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(p)
     p.add_argument("--out", default="runs/default", help="run folder (a rerun skips finished phases)")
+    p.add_argument("--baselines", choices=["reference", "all"], default="reference",
+                   help="train from scratch the ERNIE-shaped child only (default) or every child (family experiment)")
+    p.add_argument("--finetune-fraction", type=float, default=0.1,
+                   help="fine-tune budget per child as a fraction of the parent's training tokens")
+    p.add_argument("--eval-examples", type=int, default=100, help="test examples per structured task")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
     return parser
