@@ -27,8 +27,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
+    """A micro parent trained *without* elastic sampling (its space is the parent alone), so that a
+    zero-shot extracted child is clearly worse than its parent and distillation has a gap to close.
+    (With elastic training the micro children end within a KL of ~0.005 of the parent already.)"""
     run = tmp_path_factory.mktemp("phases") / "run"
-    train(load_recipe("micro", ["train.steps=150", "train.eval_every=150", "train.ckpt_every=75"]), run, progress=False)
+    over = [
+        "train.steps=150",
+        "train.eval_every=150",
+        "train.ckpt_every=75",
+        "space.depths=[3]",
+        "space.experts=[8]",
+        "space.top_ks=[2]",
+        "space.widths=[64]",
+    ]
+    train(load_recipe("micro", over), run, progress=False)
     return run
 
 
@@ -47,8 +59,8 @@ def test_distillation_lowers_kl_and_validation_loss_of_a_zero_shot_child(trained
         ckpt_every=20,
         ce_weight=0.0,
     )
-    assert res.kd_after < res.kd_before
-    assert res.val_after["text"] < res.val_before["text"]
+    assert res.kd_after < 0.7 * res.kd_before  # measured: 0.031 -> 0.012
+    assert res.val_after["text"] < res.val_before["text"] - 0.01  # measured: 4.561 -> 4.510
     # the reported numbers are real: recompute the KL of the saved model
     child, meta = load_model(tmp_path / "ft" / "model")
     data = load_run_data(trained_run, run_recipe(trained_run))
@@ -159,8 +171,7 @@ def test_pipeline_end_to_end_with_kill_and_rerun(tmp_path):
         phases[p]["done"] for p in ("train", "search", "extract", "export", "finetune", "eval", "baseline", "report")
     )
     report = json.loads((run / "report.json").read_text())
-    ernie = report["children"][0]
-    assert ernie["name"] == "ernie51-shape"
+    ernie = next(c for c in report["children"] if c["name"] == "ernie51-shape")
     assert (
         ernie["params"] <= report["parent"]["params"] / 3
         and ernie["active_params"] <= report["parent"]["active_params"] / 2
