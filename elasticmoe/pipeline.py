@@ -92,6 +92,12 @@ class Pipeline:
 
         resume = (self.run / "checkpoints").exists()
         res = train(self.recipe, self.run, resume=resume, progress=self.progress)
+        tasks = sorted(next(iter(res.final_eval.values()), {}))
+        print(f"validation cross-entropy (nats/token) of the parent's sub-networks after {res.step} steps "
+              f"({res.tokens_per_s:,.0f} training tokens/s):")
+        print("  " + f"{'sub-network':12s}" + "".join(f"{t:>8s}" for t in tasks))
+        for name, row in res.final_eval.items():
+            print("  " + f"{name:12s}" + "".join(f"{row[t]:8.3f}" for t in tasks))
         return {"parent": str(self.run / "parent"), "val": res.final_eval, "tokens_per_s": res.tokens_per_s}
 
     def _parent(self):
@@ -174,6 +180,12 @@ class Pipeline:
                 "dir": str(self.run / "children" / name),
                 "max_abs_logit_diff": meta["verification"]["max_abs_logit_diff"],
             }
+        pc = cost(parent.config, None, self.recipe.data.seq_len)
+        print(f"  {'child':15s} {'subnet':22s} {'params':>10s} {'active':>10s} {'max |dlogit|':>12s}")
+        print(f"  {'(parent)':15s} {'':22s} {pc.total_params:>10,} {pc.active_params:>10,}")
+        for name, ch in self._children().items():
+            print(f"  {name:15s} {ch['subnet']:22s} {ch['params']:>10,} {ch['active_params']:>10,} "
+                  f"{out[name]['max_abs_logit_diff']:>12.1e}")
         return out
 
     def phase_export(self) -> dict:

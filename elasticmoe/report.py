@@ -8,6 +8,10 @@ verification of child c) and F_c (its fine-tuning), the cost of child c is repor
     (b) all-in     = P + S / K + X_c + F_c      as if the parent had been trained for this child alone
     (c) amortized  = P / K + S / K + X_c + F_c  the parent's cost split evenly across the family
 
+(P includes the parent's periodic validation and importance re-ordering passes, ledger phases
+`train-eval` and `importance` of the parent's run; a measured baseline likewise includes its own
+validation passes.)
+
 each as a percentage of a *named* baseline B_c: either a measured from-scratch run of the
 child's architecture recorded in the same ledger (`elasticmoe baseline`), or, only when asked
 for explicitly, an estimate 6 x N_active x D whose inputs are printed beside every figure.
@@ -99,7 +103,10 @@ def family_costs(records: list[dict], children: list[dict], baselines: dict[str,
     k = len(children)
     if k == 0:
         raise ConfigError("the report needs at least one extracted child")
-    parent = _sum(records, phase="train")
+    # the parent's cost: elastic training steps + its periodic validation + importance passes
+    run = next((r["run"] for r in records if r.get("phase") == "train" and "run" in r), None)
+    parts = [_sum(records, phase="train")] + [_sum(records, phase=p, run=run) for p in ("train-eval", "importance")]
+    parent = {k: sum(part[k] for part in parts) for k in parts[0]}
     search = _sum(records, phase="search")
     out = []
     for ch in children:
@@ -401,17 +408,20 @@ def collect_baselines(run_dir: Path, records: list[dict], parent_config) -> dict
         if not (d / "parent" / "manifest.json").exists():
             continue
         cfg = ModelConfig.from_dict(_read(d / "parent" / "config.json")["model"])
-        tot = _sum(records, phase="baseline", run=str(d.resolve()))
-        if tot["flops"] <= 0:
+        trained = _sum(records, phase="baseline", run=str(d.resolve()))
+        if trained["flops"] <= 0:
             continue
+        evals = _sum(records, phase="train-eval", run=str(d.resolve()))  # its validation, as for the parent
+        tot = {k: trained[k] + evals[k] for k in trained}
         for ch in collect_children(run_dir):
             child_cfg = ModelConfig.from_dict(_read(Path(ch["child_dir"]) / "config.json")["model"])
             if child_cfg == cfg:
                 out[ch["subnet"]] = Baseline(
-                    name=f"measured: {ch['subnet']} trained from scratch on the same data, {tot['tokens']:,.0f} tokens",
+                    name=f"measured: {ch['subnet']} trained from scratch on the same data, "
+                    f"{trained['tokens']:,.0f} training tokens",
                     flops=tot["flops"],
                     seconds=tot["seconds"],
-                    tokens=int(tot["tokens"]),
+                    tokens=int(trained["tokens"]),
                     kind="measured",
                 )
     del parent_config

@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -448,8 +449,18 @@ def _loop(
     seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
     bar = _Progress(t.steps, step, enabled=progress and main, every=t.log_every)
     result_eval: dict = {}
+    def timed_eval() -> dict:
+        t0, subnets = time.perf_counter(), _eval_subnets(recipe, model)
+        out = eval_losses(model, windows, subnets, device)
+        n = sum(w[:, 1:].numel() for w in windows.values())
+        flops = sum(costmod.cost(recipe.model, sn, recipe.data.seq_len).flops_forward for sn in subnets.values()) * n
+        ledger.append({"event": "end", "status": "ok", "phase": "train-eval", "run": str(run_dir.resolve()),
+                       "device": str(device), "world_size": world, "step": step, "tokens": n * len(subnets) * world,
+                       "flops": flops * world, "seconds": time.perf_counter() - t0})
+        return out
+
     if step == 0:
-        val = eval_losses(model, windows, _eval_subnets(recipe, model), device)
+        val = timed_eval()
         if main:
             _append_metrics(metrics_path, {"step": 0, "val": val})
     with ledger.phase(
@@ -532,11 +543,17 @@ def _loop(
             bar.update(step, losses.get("largest", float("nan")), lr, dt, len(subnets))
             if step in recipe.reorder.at_steps:
                 held_out = [w[:, :-1].to(device) for w in windows.values()]
+                t0 = time.perf_counter()
                 summary = par.reorder(model, opt, functools.partial(_reorder, recipe, held_out))
+                n = sum(h.numel() for h in held_out)
+                ledger.append({"event": "end", "status": "ok", "phase": "importance", "run": str(run_dir.resolve()),
+                               "device": str(device), "world_size": world, "step": step, "tokens": n,
+                               "flops": costmod.cost(recipe.model, None, recipe.data.seq_len).flops_forward * n,
+                               "seconds": time.perf_counter() - t0})
                 if main:
                     _append_metrics(metrics_path, {"step": step, "reorder": summary})
             if step % t.eval_every == 0 or step == t.steps:
-                result_eval = eval_losses(model, windows, _eval_subnets(recipe, model), device)
+                result_eval = timed_eval()
                 if main:
                     _append_metrics(metrics_path, {"step": step, "val": result_eval})
             if step % t.ckpt_every == 0 or step == t.steps:
@@ -648,7 +665,8 @@ class _Progress:
 
     def __init__(self, total: int, start: int, enabled: bool, every: int = 10):
         self.total, self.enabled, self.bar, self.every = total, enabled, None, every
-        if enabled:
+        self.start, self.t0 = start, time.perf_counter()
+        if enabled and sys.stdout.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
@@ -667,7 +685,9 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         elif step % self.every == 0 or step == self.total:
-            log.info("step %d/%d | %s", step, self.total, info)
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / max(step - self.start, 1) * (self.total - step)
+            log.info("step %d/%d | %s | eta %dm%02ds", step, self.total, info, eta // 60, eta % 60)
 
     def close(self) -> None:
         if self.bar is not None:
