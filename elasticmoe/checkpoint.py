@@ -86,7 +86,8 @@ def read_json(path: Path) -> Any:
 def write_manifest(folder: Path) -> None:
     files = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
+        temporary = p.name.startswith(".") and (p.name.endswith(".tmp") or p.name == ".write-probe")
+        if p.is_file() and p.name != MANIFEST and not temporary:  # dot-files such as DCP's .metadata count
             files[str(p.relative_to(folder))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     write_json(folder / MANIFEST, {"files": files})
 

@@ -513,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stdout.isatty():
         os.environ.setdefault("COLUMNS", "160")  # rich tables stay one row per line in logs and pipes
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
+        print(f"elasticmoe {args.command}: error: only `train` runs under torchrun (WORLD_SIZE > 1); "
+              "run the other commands in one process", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
