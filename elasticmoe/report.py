@@ -200,7 +200,7 @@ def render_markdown(
     lines += [
         f"Parent: {parent_info.get('params', 0):,} params, {parent_info.get('active_params', 0):,} active; "
         f"elastic pre-training P = {_fmt_flops(costs[0].parent['flops'])} FLOPs, "
-        f"{costs[0].parent['tokens']:,.0f} tokens, {costs[0].parent['seconds']:.0f} s.",
+        f"{parent_info.get('tokens_seen') or 0:,} training tokens, {costs[0].parent['seconds']:.0f} s.",
         "",
     ]
     lines += [
