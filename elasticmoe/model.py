@@ -187,11 +187,16 @@ def moe_dispatch(x_ND, weights_NK, experts_NK, w_gate_EWD, w_up_EWD, w_down_EDW,
         and _grouped_mm_available()
         and _grouped_mm_aligned(x_ND, w_gate_EWD.shape[1], w_gate_EWD, w_up_EWD, w_down_EDW)
     ):
+        # grouped-mm has no autocast kernel: apply the autocast dtype (bf16 on GPU) by hand
+        dt = torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type) else None
+        if dt is not None:
+            x_AD, w_gate_EWD, w_up_EWD, w_down_EDW = (t.to(dt) for t in (x_AD, w_gate_EWD, w_up_EWD, w_down_EDW))
         y_AD = experts_grouped(x_AD, counts_E, w_gate_EWD, w_up_EWD, w_down_EDW)
     else:
         y_AD = experts_loop(x_AD, counts_E.tolist(), w_gate_EWD, w_up_EWD, w_down_EDW)
     y_AD = y_AD * weights_NK.reshape(-1)[order_A, None].to(y_AD.dtype)
-    return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD)
+    # under autocast the experts' output is bf16 while the residual stream stays float32
+    return torch.zeros_like(x_ND).index_add_(0, token_A, y_AD.to(x_ND.dtype))
 
 
 class SwiGLU(nn.Module):

@@ -302,3 +302,24 @@ def test_flipped_byte_in_weights_is_caught(tiny_config, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("method", ["loop", "grouped"])
+def test_bf16_autocast_runs_forward_and_backward_with_either_dispatch(method, monkeypatch):
+    """What training does on a GPU (bf16 autocast), checked on the CPU: the experts' bf16 output
+    must be scattered into the float32 residual stream, and grads must come back finite."""
+    from elasticmoe.model import MoE
+
+    monkeypatch.setattr(MoE, "dispatch", method)
+    c = ModelConfig(vocab_size=97, d_model=32, layers=2, heads=4, kv_heads=2, head_dim=8, experts=4, top_k=2,
+                    expert_width=24, max_seq_len=32)
+    torch.manual_seed(0)
+    model = ElasticMoE(c)
+    tokens = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, Subnet.parse("L2 E3 k2 W16", c))
+    ref = model(tokens, Subnet.parse("L2 E3 k2 W16", c)).logits
+    out.logits.float().square().mean().backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert (out.logits.float() - ref).abs().max() < 0.1  # bf16 rounding, not a different function
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
