@@ -111,13 +111,20 @@ class AtomicFolder:
     """Context manager: build a folder under a temporary name, manifest it, rename into place.
 
     On error the temporary folder is removed and nothing appears at `path`. An existing folder at
-    `path` is replaced only after the new one is complete.
+    `path` is replaced only after the new one is complete, and only if it is one of ours (it has a
+    manifest) or empty: a mistyped `--out` never deletes a user's files.
     """
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
 
     def __enter__(self) -> Path:
+        if self.path.exists() and not (self.path / MANIFEST).is_file():
+            if not self.path.is_dir() or any(self.path.iterdir()):
+                raise CheckpointError(
+                    f"{self.path} exists and is not a folder elasticmoe wrote (no {MANIFEST}); refusing to replace "
+                    "it: choose another output path or remove it yourself"
+                )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp"))
         return self.tmp

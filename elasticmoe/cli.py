@@ -77,7 +77,13 @@ def cmd_train(args) -> int:
 
     from .train import train
 
-    recipe = _recipe(args)
+    saved = Path(args.out) / "recipe.yaml"
+    if args.resume and args.config is None and saved.is_file():  # resume with the run's own recipe
+        from .recipe import load_recipe
+
+        recipe = load_recipe(saved, args.set)
+    else:
+        recipe = _recipe(args)
     res = train(recipe, Path(args.out), resume=args.resume, progress=not args.quiet, parallel=args.parallel)
     if not res.is_main:  # under torchrun, rank 0 reports
         return 0
@@ -487,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="D",
-        help="allow the estimate 6 x N_active x D where no measured baseline exists",
+        help="allow the estimate F_train x D (cost-model training FLOPs/token x D) where no baseline was measured",
     )
     p.add_argument("--percent", action="store_true", help="fail unless percentages can be given")
     p.set_defaults(func=cmd_report)

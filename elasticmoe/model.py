@@ -101,7 +101,8 @@ class Attention(nn.Module):
             mask, causal = None, T > 1
         else:  # new queries sit at positions start..start+T-1 and see every earlier key
             S = k_BGTDh.shape[2]
-            mask = torch.arange(S, device=x_BTD.device)[None, :] <= (start + torch.arange(T, device=x_BTD.device))[:, None]
+            keys, queries = torch.arange(S, device=x_BTD.device), start + torch.arange(T, device=x_BTD.device)
+            mask = keys[None, :] <= queries[:, None]
             causal = False
         y_BHTDh = F.scaled_dot_product_attention(
             q_BHTDh, k_BGTDh, v_BGTDh, attn_mask=mask, is_causal=causal, enable_gqa=self.heads != self.kv_heads

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -95,7 +96,8 @@ def _steps_for(tokens: int | None, steps: int | None, tokens_per_step: int) -> i
         raise ConfigError("give exactly one of --tokens or --steps")
     n = steps if steps is not None else math.ceil(tokens / tokens_per_step)
     if n < 1:
-        raise ConfigError(f"budget of {tokens} tokens is less than one step ({tokens_per_step} tokens)")
+        given = f"{steps} steps" if steps is not None else f"{tokens} tokens"
+        raise ConfigError(f"a budget of {given} is less than one step ({tokens_per_step} tokens)")
     return n
 
 
@@ -328,12 +330,20 @@ def baseline(
         ),
         reorder=dataclasses.replace(recipe.reorder, at_steps=()),
     )
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", label):
+        raise ConfigError(f"baseline name {label!r} must be one path component of letters, digits and ._+-")
     out = run_dir / "baselines" / label
     if not resume and out.exists() and not (out / "parent" / "manifest.json").exists():
         shutil.rmtree(out)  # an unfinished earlier attempt without --resume: start over
-    if not (out / "data" / "ready").exists():
+    if not (run_dir / "data" / "ready").exists():
+        raise ConfigError(f"{run_dir} has no prepared data (an imported parent? train it first): nothing to train on")
+    if not (out / "data" / "ready").exists():  # copy under a temporary name, then rename: never half a copy
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(run_dir / "data", out / "data", dirs_exist_ok=True)
+        tmp = out / "data.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out / "data", ignore_errors=True)
+        shutil.copytree(run_dir / "data", tmp)
+        tmp.rename(out / "data")
     train(
         b_recipe,
         out,

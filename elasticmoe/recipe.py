@@ -79,7 +79,7 @@ class ReorderConfig:
     experts_by: str = "mass"  # "mass" (routed probability) or "output" (gate x output norm)
     neurons: bool = True
     layers: bool = True
-    batches: int = 4
+    batches: int = 4  # importance is measured on batches x 4 validation windows of each task
 
 
 @dataclass(frozen=True)

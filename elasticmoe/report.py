@@ -14,7 +14,8 @@ validation passes.)
 
 each as a percentage of a *named* baseline B_c: either a measured from-scratch run of the
 child's architecture recorded in the same ledger (`elasticmoe baseline`), or, only when asked
-for explicitly, an estimate 6 x N_active x D whose inputs are printed beside every figure.
+for explicitly, an estimate F_train x D (the cost model's training FLOPs per token of the child times D
+tokens) whose inputs are printed beside every figure.
 Without a baseline no percentage is printed (asking for one is an error).
 
 Break-even: training n children from scratch costs n x mean(B); the elastic family costs
@@ -75,7 +76,7 @@ class ChildCost:
             raise ConfigError(
                 f"no baseline for child {self.name}: a percentage needs a named denominator. Train one with "
                 f"`elasticmoe baseline RUN_DIR --arch '{self.subnet}' --tokens N` or pass --estimate-baseline-tokens D "
-                "to use the estimate 6 x N_active x D"
+                "to use the estimate F_train x D (cost-model training FLOPs per token x D)"
             )
         denom = self.baseline.flops if unit == "flops" else self.baseline.seconds
         return 100.0 * self.figure(kind, unit) / denom
@@ -92,8 +93,10 @@ def _sum(records: list[dict], **match: Any) -> dict[str, float]:
         if r.get("event") == "end" and "phase_seconds" in r:
             continue
         if all(r.get(k) == v for k, v in match.items()):
-            for k in tot:
-                tot[k] += float(r.get(k, 0) or 0)
+            tot["tokens"] += float(r.get("tokens", 0) or 0)
+            tot["flops"] += float(r.get("flops", 0) or 0)
+            # device-seconds: wall seconds x the processes that worked in them (torchrun world size)
+            tot["seconds"] += float(r.get("seconds", 0) or 0) * int(r.get("world_size", 1) or 1)
     return tot
 
 
@@ -173,7 +176,8 @@ def check_claim(claim: str, child: ChildCost) -> dict[str, Any]:
         "stated_basis": basis,
         "child": child.name,
         "figures_percent": figures,
-        "matches": closest if 0.5 <= ratio <= 2 else None,
+        "matches": closest if 0.9 <= ratio <= 1.1 else None,
+        "ratio_to_claim": ratio,
         "closest": closest,
         "baseline": child.baseline.name,
     }
@@ -230,7 +234,7 @@ def render_markdown(
         basis = f"{b.name} = {_fmt_flops(b.flops)} FLOPs" + (f" ({b.formula})" if b.formula else "")
         for kind in KINDS:
             wall = (
-                f"wall time: {c.percent(kind, 'seconds'):.1f}% of the baseline's {b.seconds:.3g} s"
+                f"device time: {c.percent(kind, 'seconds'):.1f}% of the baseline's {b.seconds:.3g} device-s"
                 if b.kind == "measured" and b.seconds > 0
                 else "an estimate has no wall time"
             )
@@ -269,7 +273,11 @@ def render_markdown(
         lines += ["", "## Claim check", ""]
         for cl in claims:
             f = cl["figures_percent"]
-            verdict = f"matches ({cl['matches']})" if cl["matches"] else f"matches none (closest: {cl['closest']})"
+            verdict = (
+                f"matches ({cl['matches']}, within 10%)"
+                if cl["matches"]
+                else f"matches none within 10% (closest: {cl['closest']}, {cl['ratio_to_claim']:.2f}x the claim)"
+            )
             lines.append(
                 f'- "{cl["claim"]}" for {cl["child"]} {verdict}; against [{cl["baseline"]}]: '
                 + ", ".join(f"{k} = {v:.1f}%" for k, v in f.items())
@@ -428,20 +436,32 @@ def collect_baselines(run_dir: Path, records: list[dict], parent_config) -> dict
     return out
 
 
-def estimated_baselines(children: list[dict], tokens: int) -> dict[str, Baseline]:
-    """Explicit estimate 6 x N_active x D (Kaplan et al. 2020), inputs stated in the formula."""
+def estimated_baselines(children: list[dict], tokens: int, seq_len: int) -> dict[str, Baseline]:
+    """An explicit estimate, in the same FLOP convention as every other figure: the cost model's
+    training FLOPs per token of the child's architecture (3 x forward, attention at `seq_len`)
+    times D tokens (the 6 x N x D rule of Kaplan et al. 2020 with our own per-token count)."""
+    from .config import ModelConfig
+    from .cost import cost
+
     out = {}
     for ch in children:
-        flops = 6 * ch["active_params"] * tokens
+        cfg = ModelConfig.from_dict(_read(Path(ch["child_dir"]) / "config.json")["model"])
+        per_token = cost(cfg, None, seq_len).flops_train
         out[ch["subnet"]] = Baseline(
             name=f"estimate for {ch['subnet']} from scratch",
-            flops=flops,
+            flops=per_token * tokens,
             seconds=float("nan"),
             tokens=tokens,
             kind="estimate",
-            formula=f"6 x N_active x D = 6 x {ch['active_params']:,} x {tokens:,}",
+            formula=f"F_train x D = {per_token:,} FLOPs/token (cost model, seq {seq_len}) x {tokens:,} tokens",
         )
     return out
+
+
+def _recipe_seq_len(run_dir: Path) -> int:
+    from .recipe import load_recipe
+
+    return load_recipe(run_dir / "recipe.yaml").data.seq_len
 
 
 def report_run(
@@ -467,7 +487,8 @@ def report_run(
     k = cost(parent_config)
     baselines = collect_baselines(run_dir, records, parent_config)
     if estimate_tokens:
-        for key, b in estimated_baselines(children, estimate_tokens).items():
+        seq = _read(run_dir / "parent" / "config.json").get("meta", {}).get("seq_len") or _recipe_seq_len(run_dir)
+        for key, b in estimated_baselines(children, estimate_tokens, seq).items():
             baselines.setdefault(key, b)
     evals = {
         **_read(run_dir / "eval" / "results.json").get("models", {}),

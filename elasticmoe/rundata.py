@@ -139,8 +139,13 @@ def _prepare_shards(recipe: Recipe, folder: Path) -> None:
     shards are split into contiguous thirds for val / search / test (task "text")."""
     d = recipe.data
     load_tokenizer(d.tokenizer)  # fail early on a bad tokenizer path
-    TokenShards(list(d.paths), vocab_size=recipe.model.vocab_size)  # validate before writing anything
+    train_shards = TokenShards(list(d.paths), vocab_size=recipe.model.vocab_size)  # validate before writing
     held = TokenShards(list(d.eval_paths), vocab_size=recipe.model.vocab_size)
+    overlap = {str(p.resolve()) for p in train_shards.paths} & {str(p.resolve()) for p in held.paths}
+    if overlap:
+        raise ConfigError(
+            f"data.paths and data.eval_paths share {sorted(overlap)}: held-out tokens would be trained on"
+        )
     stream = np.concatenate([np.asarray(a) for a in held.arrays])
     if len(stream) < 3 * (d.seq_len + 2):
         raise ConfigError(f"data.eval_paths hold {len(stream)} tokens; need at least {3 * (d.seq_len + 2)}")

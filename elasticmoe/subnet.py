@@ -226,7 +226,7 @@ def sample_uniform(space: ElasticSpace, layer_order: list[int], rng: random.Rand
     """One uniform sub-network drawn from the space; top-k never exceeds the experts kept."""
     d = rng.choice(space.depths)
     e = rng.choice(space.experts)
-    k = rng.choice([k for k in space.top_ks if k <= e])
+    k = rng.choice([k for k in space.top_ks if k <= e] or [e])  # a phase space may offer only larger k
     w = rng.choice(space.widths)
     return Subnet.uniform(sorted(layer_order[:d]), e, k, w)
 
@@ -238,7 +238,7 @@ def sample_per_layer(space: ElasticSpace, layer_order: list[int], rng: random.Ra
     specs = []
     for _ in layers:
         e = rng.choice(space.experts)
-        specs.append(LayerSpec(e, rng.choice([k for k in space.top_ks if k <= e]), rng.choice(space.widths)))
+        specs.append(LayerSpec(e, rng.choice([k for k in space.top_ks if k <= e] or [e]), rng.choice(space.widths)))
     return Subnet(tuple(layers), tuple(specs))
 
 

@@ -231,7 +231,7 @@ def _set_rng_state(rng: dict) -> None:
 
 
 def _prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    ckpts = _checkpoints(run_dir)
     for old in ckpts[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -264,9 +264,21 @@ def save_sharded_checkpoint(par, run_dir: Path, step: int, model, opt, train_sta
     return path
 
 
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders by step number (not by name: step-1000000 comes after step-999999)."""
+    found = [p for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def clean_stale_temporaries(run_dir: Path) -> None:
+    """Remove half-written checkpoint folders a killed save left behind (never valid: no rename)."""
+    for p in (run_dir / "checkpoints").glob(".step-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def find_checkpoint(run_dir: Path) -> Path | None:
     """Newest checkpoint whose manifest verifies; corrupted ones are reported and skipped."""
-    for path in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):
+    for path in reversed(_checkpoints(run_dir)):
         try:
             verify_manifest(path)
             return path
@@ -382,6 +394,17 @@ def _prepare(recipe: Recipe, run_dir: Path, resume: bool):
         raise ConfigError(f"{run_dir} already holds a training run; pass --resume or choose another --out")
     if resume and not (run_dir / "recipe.yaml").exists():
         raise ConfigError(f"nothing to resume in {run_dir}: no recipe.yaml")
+    if resume:
+        from .recipe import load_recipe
+
+        clean_stale_temporaries(run_dir)
+
+        diff = _differences(load_recipe(run_dir / "recipe.yaml").to_dict(), recipe.to_dict())
+        if diff:
+            raise ConfigError(
+                f"--resume with a recipe that differs from {run_dir / 'recipe.yaml'} in {diff}: an exact resume needs "
+                "the saved recipe (omit --config and --set), or start a new run with another --out"
+            )
     _check_writable(run_dir)
     try:
         data = prepare_run_data(recipe, run_dir)
@@ -389,8 +412,21 @@ def _prepare(recipe: Recipe, run_dir: Path, resume: bool):
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    (run_dir / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()))
+    if not (run_dir / "recipe.yaml").exists():
+        (run_dir / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()))
     return data
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 class _NoLedger:
@@ -449,14 +485,26 @@ def _loop(
     seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
     bar = _Progress(t.steps, step, enabled=progress and main, every=t.log_every)
     result_eval: dict = {}
+
     def timed_eval() -> dict:
         t0, subnets = time.perf_counter(), _eval_subnets(recipe, model)
         out = eval_losses(model, windows, subnets, device)
         n = sum(w[:, 1:].numel() for w in windows.values())
         flops = sum(costmod.cost(recipe.model, sn, recipe.data.seq_len).flops_forward for sn in subnets.values()) * n
-        ledger.append({"event": "end", "status": "ok", "phase": "train-eval", "run": str(run_dir.resolve()),
-                       "device": str(device), "world_size": world, "step": step, "tokens": n * len(subnets) * world,
-                       "flops": flops * world, "seconds": time.perf_counter() - t0})
+        ledger.append(
+            {
+                "event": "end",
+                "status": "ok",
+                "phase": "train-eval",
+                "run": str(run_dir.resolve()),
+                "device": str(device),
+                "world_size": world,
+                "step": step,
+                "tokens": n * len(subnets) * world,
+                "flops": flops * world,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         return out
 
     if step == 0:
@@ -542,14 +590,24 @@ def _loop(
                 _append_metrics(metrics_path, rec)
             bar.update(step, losses.get("largest", float("nan")), lr, dt, len(subnets))
             if step in recipe.reorder.at_steps:
-                held_out = [w[:, :-1].to(device) for w in windows.values()]
+                held_out = [w[: recipe.reorder.batches * 4, :-1].to(device) for w in windows.values()]
                 t0 = time.perf_counter()
                 summary = par.reorder(model, opt, functools.partial(_reorder, recipe, held_out))
                 n = sum(h.numel() for h in held_out)
-                ledger.append({"event": "end", "status": "ok", "phase": "importance", "run": str(run_dir.resolve()),
-                               "device": str(device), "world_size": world, "step": step, "tokens": n,
-                               "flops": costmod.cost(recipe.model, None, recipe.data.seq_len).flops_forward * n,
-                               "seconds": time.perf_counter() - t0})
+                ledger.append(
+                    {
+                        "event": "end",
+                        "status": "ok",
+                        "phase": "importance",
+                        "run": str(run_dir.resolve()),
+                        "device": str(device),
+                        "world_size": world,
+                        "step": step,
+                        "tokens": n,
+                        "flops": costmod.cost(recipe.model, None, recipe.data.seq_len).flops_forward * n,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
                 if main:
                     _append_metrics(metrics_path, {"step": step, "reorder": summary})
             if step % t.eval_every == 0 or step == t.steps:

@@ -90,7 +90,7 @@ def test_search_extract_export_eval_report(run, tmp_path):
     assert "no baseline for this architecture, so no percentage" in no_base
     one_line_error(cli("report", run, "--percent", ok=False), "elasticmoe baseline")
     est = cli("report", run, "--estimate-baseline-tokens", 100000, "--claim", "6% of pre-training cost").stdout
-    assert "6 x N_active x D" in est and "Claim check" in est
+    assert "F_train x D = " in est and "Claim check" in est
 
     tasks = tmp_path / "lm_eval"
     cli("lm-eval-tasks", run, "--out", tasks, "--examples", 5)

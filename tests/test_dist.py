@@ -115,7 +115,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs, mode):
     got = multi.totals("train")
     assert (got["tokens"], got["flops"]) == (want["tokens"], want["flops"])
     assert got["tokens"] == STEPS * 4 * 32  # micro: global batch 4 x seq_len 32
-    assert [r["event"] for r in multi.records()] == ["start", "progress", "progress", "end"]
+    assert [r["event"] for r in multi.records() if r["phase"] == "train"] == ["start", "progress", "progress", "end"]
+    evals = [r for r in multi.records() if r["phase"] == "train-eval"]  # validation passes, all ranks counted
+    assert evals and all(r["world_size"] == 2 for r in evals)
 
 
 @pytest.mark.slow

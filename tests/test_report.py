@@ -127,18 +127,34 @@ def test_report_without_baseline_refuses_percentages(tmp_path):
 
 
 def test_report_percentages_name_their_baseline(tmp_path):
+    from elasticmoe.config import ModelConfig
+    from elasticmoe.cost import cost
+
     led = Ledger(tmp_path / "ledger.jsonl")
     for r in _records():
         led.append(r)
-    est = estimated_baselines(CHILDREN, tokens=10_000)
-    data = write_report(tmp_path, CHILDREN, est, {"params": 9000, "active_params": 3000}, claims=["6% of pre-training"])
+    children, cfg = (
+        [],
+        ModelConfig(
+            vocab_size=97, d_model=32, layers=2, heads=4, kv_heads=2, head_dim=8, experts=2, top_k=1, expert_width=16
+        ),
+    )
+    for ch in CHILDREN:  # the estimate reads each child's architecture from its folder
+        d = tmp_path / "children" / ch["name"]
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
+        children.append({**ch, "child_dir": str(d)})
+    est = estimated_baselines(children, tokens=10_000, seq_len=32)
+    data = write_report(tmp_path, children, est, {"params": 9000, "active_params": 3000}, claims=["6% of pre-training"])
     md = (tmp_path / "report.md").read_text()
-    for line in md.splitlines():
-        if "% of baseline" in line:
-            assert "6 x N_active x D = 6 x" in line  # the estimate's formula and inputs on the same line
+    per_token = cost(cfg, None, 32).flops_train
+    lines = [line for line in md.splitlines() if "% of baseline" in line]
+    assert lines
+    for line in lines:  # the estimate's formula and inputs on the same line as every percentage
+        assert f"F_train x D = {per_token:,} FLOPs/token (cost model, seq 32) x 10,000 tokens" in line
     child = data["children"][0]
     assert child["percent_of_baseline"]["marginal"] == pytest.approx(
-        100 * child["flops"]["marginal"] / (6 * 600 * 10_000)
+        100 * child["flops"]["marginal"] / (per_token * 10_000)
     )
     assert (tmp_path / "cost.png").stat().st_size > 1000
     assert json.loads((tmp_path / "report.json").read_text())["claims"][0]["stated_basis"] == "pre-training"
