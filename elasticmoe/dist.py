@@ -81,10 +81,17 @@ rank 0 after every rank has finished, into a temporary folder renamed into place
 
 from __future__ import annotations
 
+import builtins
+import collections
+import dataclasses
+import enum
 import hashlib
+import importlib
 import json
 import logging
 import os
+import pathlib
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -517,6 +524,56 @@ def save_sharded(par: Replicated, path: Path, model, opt, json_files: dict[str, 
     return path
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP stores its `.metadata` as a pickle. This unpickler admits only the plain data classes of
+    `torch.distributed.checkpoint` and torch's dtype/layout/memory-format/Size values, the way
+    `torch.load(weights_only=True)` admits only tensors: a crafted file cannot run code."""
+
+    _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch.distributed.checkpoint"):
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        if module == "torch.serialization" and name == "_get_layout":  # maps a layout's name to torch.strided etc.
+            return _layout_by_name
+        if module == "torch" and name == "Size":
+            return torch.Size
+        if module == "torch" and isinstance(getattr(torch, name, None), self._TORCH_VALUES):
+            return getattr(torch, name)
+        if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"):
+            return getattr(pathlib, name)  # DCP records the checkpoint path; building a path runs nothing
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict", "slice"):
+            return getattr(builtins, name)
+        raise CheckpointError(f"sharded checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+
+def _layout_by_name(name: str) -> torch.layout:
+    layout = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(layout, torch.layout):
+        raise CheckpointError(f"sharded checkpoint metadata names an unknown tensor layout {name!r}")
+    return layout
+
+
+def _safe_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(Path(path) / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
 def load_sharded(folder: Path, model, opt) -> None:
     """Load a sharded checkpoint's model and optimizer at any world size (resharding as needed);
     works in a plain single process too (no process group)."""
@@ -528,7 +585,9 @@ def load_sharded(folder: Path, model, opt) -> None:
     try:
         with warnings.catch_warnings():  # "no process group: loading in a single process" is the point
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(state, checkpoint_id=str(Path(folder) / "dcp"))
+            dcp.load(state, storage_reader=_safe_reader(Path(folder) / "dcp"))
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{folder / 'dcp'} cannot be loaded into this model: {exc}") from None
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])

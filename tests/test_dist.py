@@ -215,3 +215,24 @@ def test_manifest_covers_dot_files(tmp_path):
     (tmp_path / "dcp" / ".metadata").write_bytes(b"INDEX")
     with pytest.raises(CheckpointError, match="metadata"):
         verify_manifest(tmp_path)
+
+
+def test_sharded_metadata_cannot_run_code(tmp_path):
+    """DCP's `.metadata` is a pickle; ours is read by an allow-list unpickler, so a crafted file that
+    would call os.system on load is refused before anything runs."""
+    import io
+    import pickle
+
+    from elasticmoe.checkpoint import CheckpointError
+    from elasticmoe.dist import _MetadataUnpickler
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    payload = pickle.dumps({"storage_data": Evil()})
+    with pytest.raises(CheckpointError, match="not allowed"):
+        _MetadataUnpickler(io.BytesIO(payload)).load()
+    assert not marker.exists()
