@@ -218,8 +218,9 @@ def largest(space: ElasticSpace, layer_order: list[int]) -> Subnet:
 
 
 def smallest(space: ElasticSpace, layer_order: list[int]) -> Subnet:
-    d = min(space.depths)
-    return Subnet.uniform(sorted(layer_order[:d]), min(space.experts), min(space.top_ks), min(space.widths))
+    d, e = min(space.depths), min(space.experts)
+    k = min(min(space.top_ks), e)  # a phase of progressive shrinking may offer only larger k
+    return Subnet.uniform(sorted(layer_order[:d]), e, k, min(space.widths))
 
 
 def sample_uniform(space: ElasticSpace, layer_order: list[int], rng: random.Random) -> Subnet:

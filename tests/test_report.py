@@ -188,3 +188,12 @@ def test_crashed_phase_leaves_a_record(tmp_path):
     end = [r for r in led.records() if r["event"] == "end"][0]
     assert end["status"] == "crashed" and "boom" in end["error"] and not led.finished("extract")
     assert math.isfinite(end["seconds"])
+
+
+def test_a_torn_ledger_line_does_not_swallow_the_next_record(tmp_path):
+    led = Ledger(tmp_path / "ledger.jsonl")
+    led.append({"event": "end", "phase": "a", "tokens": 1})
+    with open(led.path, "a") as f:
+        f.write('{"event": "end", "phase": "b", "tok')  # a power cut mid-line
+    led.append({"event": "end", "phase": "c", "tokens": 3})
+    assert [r["phase"] for r in led.records()] == ["a", "c"]

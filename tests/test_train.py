@@ -220,3 +220,45 @@ def test_ledger_records_training_work(tmp_path):
     prog = [x for x in led.records() if x["event"] == "progress"]
     assert [p["steps"] for p in prog] == [[0, 5], [5, 10]]
     assert json.loads(json.dumps(prog))  # plain JSON
+
+
+def test_resume_refuses_a_different_recipe_and_defaults_to_the_saved_one(tmp_path):
+    run = tmp_path / "run"
+    train(micro(**{"train.steps": 10, "train.ckpt_every": 5}), run, progress=False, stop_at=5)
+    res = _cli("train", "--config", "micro", "--set", "train.steps=12", "--out", str(run), "--resume", "--quiet")
+    assert res.returncode == 2 and "train.steps" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("train", "--out", str(run), "--resume", "--quiet")  # no --config: the run's own recipe
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert max(_train_losses(run)) == 10
+
+
+def test_progressive_shrinking_with_few_experts_never_draws_an_invalid_top_k():
+    r = micro(
+        **{
+            "sampling.mode": "progressive",
+            "space.experts": "[1, 2, 8]",
+            "space.top_ks": "[1, 2]",
+            "train.steps": 40,
+            "sampling.n_random": 4,
+        }
+    )
+    for step in range(40):
+        for _, sn in sample_step(r, step, list(range(r.model.layers))):
+            sn.validate(r.model)
+
+
+def test_outputs_never_replace_a_folder_elasticmoe_did_not_write(tmp_path):
+    from elasticmoe.checkpoint import AtomicFolder
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "important.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="refusing to replace"):
+        with AtomicFolder(victim) as tmp:
+            (tmp / "x").write_text("new")
+    assert (victim / "important.txt").read_text() == "keep me"
+    ours = tmp_path / "ours"
+    for content in ("first", "second"):  # a folder we wrote (it has a manifest) is replaced whole
+        with AtomicFolder(ours) as tmp:
+            (tmp / "x").write_text(content)
+    assert (ours / "x").read_text() == "second" and (ours / "manifest.json").exists()
