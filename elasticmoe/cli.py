@@ -117,9 +117,11 @@ def cmd_extract(args) -> int:
 
     run = Path(args.run_dir)
     if args.from_search is not None:
-        pareto = run / "search" / "pareto.json"
+        pareto = Path(args.search_dir or run / "search") / "pareto.json"
         if not pareto.is_file():
-            raise ConfigError(f"{pareto} does not exist: run `elasticmoe search {run}` first")
+            found = sorted(str(p.parent) for p in (run / "search").glob("*/pareto.json"))
+            hint = f"; searches found: {found} (pass one with --search-dir)" if found else ""
+            raise ConfigError(f"{pareto} does not exist: run `elasticmoe search {run}` first{hint}")
         points = json.loads(pareto.read_text())["frontier"]
         if not 0 <= args.from_search < len(points):
             raise ConfigError(f"--from-search {args.from_search} out of range; the frontier has {len(points)} points")
@@ -347,8 +349,10 @@ def cmd_lm_eval_tasks(args) -> int:
 
     written = write_lm_eval_tasks(Path(args.run_dir), Path(args.out), max_examples=args.examples)
     print(f"wrote {len(written)} lm-eval task(s) to {args.out}; run, offline:")
-    print(f"  HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf --model_args pretrained=HF_DIR,dtype=float32 "
-          f"--tasks elasticmoe --include_path {args.out} --device cpu --batch_size 8")
+    print(
+        f"  HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf --model_args pretrained=HF_DIR,dtype=float32 "
+        f"--tasks elasticmoe --include_path {args.out} --device cpu --batch_size 8"
+    )
     return 0
 
 
@@ -369,8 +373,14 @@ def cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
     recipe = _recipe(args)
-    run_pipeline(recipe, Path(args.out), progress=not args.quiet, baselines=args.baselines,
-                 finetune_fraction=args.finetune_fraction, eval_examples=args.eval_examples)
+    run_pipeline(
+        recipe,
+        Path(args.out),
+        progress=not args.quiet,
+        baselines=args.baselines,
+        finetune_fraction=args.finetune_fraction,
+        eval_examples=args.eval_examples,
+    )
     print(f"done: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -422,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--subnet", help="Subnet spec, e.g. 'L3 E4 k1 W128' or per-layer JSON")
     p.add_argument("--from-search", type=int, default=None, metavar="N", help="the N-th point of search/pareto.json")
+    p.add_argument("--search-dir", default=None, help="folder holding pareto.json (default RUN_DIR/search)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_extract)
 
@@ -503,10 +514,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(p)
     p.add_argument("--out", default="runs/default", help="run folder (a rerun skips finished phases)")
-    p.add_argument("--baselines", choices=["reference", "all"], default="reference",
-                   help="train from scratch the ERNIE-shaped child only (default) or every child (family experiment)")
-    p.add_argument("--finetune-fraction", type=float, default=0.1,
-                   help="fine-tune budget per child as a fraction of the parent's training tokens")
+    p.add_argument(
+        "--baselines",
+        choices=["reference", "all"],
+        default="reference",
+        help="train from scratch the ERNIE-shaped child only (default) or every child (family experiment)",
+    )
+    p.add_argument(
+        "--finetune-fraction",
+        type=float,
+        default=0.1,
+        help="fine-tune budget per child as a fraction of the parent's training tokens",
+    )
     p.add_argument("--eval-examples", type=int, default=100, help="test examples per structured task")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
@@ -520,8 +539,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("COLUMNS", "160")  # rich tables stay one row per line in logs and pipes
     args = build_parser().parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
-        print(f"elasticmoe {args.command}: error: only `train` runs under torchrun (WORLD_SIZE > 1); "
-              "run the other commands in one process", file=sys.stderr)
+        print(
+            f"elasticmoe {args.command}: error: only `train` runs under torchrun (WORLD_SIZE > 1); "
+            "run the other commands in one process",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"

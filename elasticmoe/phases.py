@@ -166,15 +166,18 @@ def finetune(
     if task_weights:
         windows = {t: w for t, w in windows.items() if task_weights.get(t, 0) > 0} or windows
     metrics = out_dir / "metrics.jsonl"
-    step, done_tokens = 0, 0
+    step, done_tokens, state = 0, 0, {}
     if resume and (ck := find_checkpoint(out_dir)) is not None:
         state = load_checkpoint(ck, child, opt)
         step, done_tokens = state["step"], state["tokens_seen"]
         batches.load_state_dict(state["data"])
     _truncate_metrics(metrics, step) if resume else metrics.unlink(missing_ok=True)
     full = Subnet.full(child.config)
-    before = eval_losses(child, windows, {"child": full}, dev)["child"]
-    kd_before = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
+    if "val_before" in state:  # measured on the zero-shot child when this fine-tune began
+        before, kd_before = state["val_before"], state["kd_before"]
+    else:
+        before = eval_losses(child, windows, {"child": full}, dev)["child"]
+        kd_before = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
     student_flops = costmod.cost(child.config, None, recipe.data.seq_len).flops_train
     teacher_flops = costmod.cost(teacher.config, None, recipe.data.seq_len).flops_forward if teacher else 0
     ledger = Ledger(ledger_path or data_run / "ledger.jsonl")
@@ -223,7 +226,13 @@ def finetune(
                     step,
                     child,
                     opt,
-                    {"bad_in_row": 0, "tokens_seen": done_tokens, "data": batches.state_dict()},
+                    {
+                        "bad_in_row": 0,
+                        "tokens_seen": done_tokens,
+                        "data": batches.state_dict(),
+                        "val_before": before,
+                        "kd_before": kd_before,
+                    },
                     2,
                 )
                 ledger.append(

@@ -93,8 +93,10 @@ class Pipeline:
         resume = (self.run / "checkpoints").exists()
         res = train(self.recipe, self.run, resume=resume, progress=self.progress)
         tasks = sorted(next(iter(res.final_eval.values()), {}))
-        print(f"validation cross-entropy (nats/token) of the parent's sub-networks after {res.step} steps "
-              f"({res.tokens_per_s:,.0f} training tokens/s):")
+        print(
+            f"validation cross-entropy (nats/token) of the parent's sub-networks after {res.step} steps "
+            f"({res.tokens_per_s:,.0f} training tokens/s):"
+        )
         print("  " + f"{'sub-network':12s}" + "".join(f"{t:>8s}" for t in tasks))
         for name, row in res.final_eval.items():
             print("  " + f"{name:12s}" + "".join(f"{row[t]:8.3f}" for t in tasks))
@@ -184,8 +186,10 @@ class Pipeline:
         print(f"  {'child':15s} {'subnet':22s} {'params':>10s} {'active':>10s} {'max |dlogit|':>12s}")
         print(f"  {'(parent)':15s} {'':22s} {pc.total_params:>10,} {pc.active_params:>10,}")
         for name, ch in self._children().items():
-            print(f"  {name:15s} {ch['subnet']:22s} {ch['params']:>10,} {ch['active_params']:>10,} "
-                  f"{out[name]['max_abs_logit_diff']:>12.1e}")
+            print(
+                f"  {name:15s} {ch['subnet']:22s} {ch['params']:>10,} {ch['active_params']:>10,} "
+                f"{out[name]['max_abs_logit_diff']:>12.1e}"
+            )
         return out
 
     def phase_export(self) -> dict:
@@ -216,6 +220,16 @@ class Pipeline:
         budget = max(int(tokens_seen * self.finetune_fraction), self.recipe.train.batch_size * self.recipe.data.seq_len)
         out = {}
         for name in self._children():
+            done = self.run / "finetuned" / name / "model"
+            if (done / "manifest.json").exists():  # finished before an interruption: keep it as it is
+                ft = read_json(done / "config.json")["meta"]["finetune"]
+                out[name] = {
+                    "dir": str(done),
+                    "tokens": ft["tokens"],
+                    "fraction_of_parent_tokens": ft["tokens"] / max(tokens_seen, 1),
+                    **{k: ft[k] for k in ("val_before", "val_after", "kd_before", "kd_after")},
+                }
+                continue
             res = finetune(
                 self.run / "children" / name,
                 self.run / "finetuned" / name,
@@ -304,6 +318,11 @@ def _transformers_generate(hf_dir: Path, data, n: int = 12) -> dict:
 
 def run_pipeline(recipe: Recipe, run_dir: Path | str, progress: bool = True, **kwargs: Any) -> dict:
     run_dir = Path(run_dir)
+    if recipe.data.source == "shards":
+        raise ConfigError(
+            "`elasticmoe run` evaluates on raw test text, which pre-tokenized shards do not carry: run the "
+            "phases one by one (train, search, extract, export, finetune) with data.source=shards"
+        )
     saved = run_dir / "recipe.yaml"
     if saved.exists():
         from .recipe import load_recipe

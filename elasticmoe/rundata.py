@@ -106,6 +106,13 @@ def prepare_run_data(recipe: Recipe, run_dir: Path) -> RunData:
     d = recipe.data
     if d.source == "shards" and not (folder / "ready").exists():
         _prepare_shards(recipe, folder)
+    if (folder / "ready").exists():
+        saved = (folder / "ready").read_text()
+        if saved.startswith("{") and json.loads(saved) != json.loads(_data_identity(recipe)):
+            raise ConfigError(
+                f"{folder} was prepared for other data settings ({saved.strip()}); this recipe asks for "
+                f"{_data_identity(recipe).strip()}: use a new run folder"
+            )
     if not (folder / "ready").exists():
         if d.source == "files":  # fail on bad paths before anything is written
             _build_corpus(recipe)
@@ -128,7 +135,7 @@ def prepare_run_data(recipe: Recipe, run_dir: Path) -> RunData:
         for split, by_task in corpus.docs.items():
             for task, docs in by_task.items():
                 np.save(tmp / "tokens" / f"{split}.{task}.npy", tokenize_docs(tok, docs))
-        (tmp / "ready").write_text("ok\n")
+        (tmp / "ready").write_text(_data_identity(recipe))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     return load_run_data(run_dir, recipe)
@@ -159,9 +166,26 @@ def _prepare_shards(recipe: Recipe, folder: Path) -> None:
     src = Path(d.tokenizer)
     shutil.copyfile(src / "tokenizer.json" if src.is_dir() else src, tmp / "tokenizer.json")
     (tmp / "shards.json").write_text(json.dumps({"train": [str(Path(p).resolve()) for p in d.paths]}) + "\n")
-    (tmp / "ready").write_text("ok\n")
+    (tmp / "ready").write_text(_data_identity(recipe))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+def _data_identity(recipe: Recipe) -> str:
+    """What the prepared data depends on; a run folder's data is reused only for the same settings."""
+    d = recipe.data
+    ident = {
+        "source": d.source,
+        "paths": list(d.paths),
+        "eval_paths": list(d.eval_paths),
+        "scale": d.scale,
+        "vocab_size": d.vocab_size,
+        "tokenizer": d.tokenizer,
+        "text_field": d.text_field,
+        "seed": recipe.train.seed,
+        "model_vocab_size": recipe.model.vocab_size,
+    }
+    return json.dumps(ident, sort_keys=True) + "\n"
 
 
 def load_run_data(run_dir: Path, recipe: Recipe) -> RunData:
