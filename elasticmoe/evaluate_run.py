@@ -46,7 +46,7 @@ def evaluate_folders(
     for name, folder in models.items():
         model, _ = load_model(folder, dev)
         loaded[name] = model
-        with ledger.phase("eval", device=str(dev), model=name, dir=str(Path(folder).resolve())) as rec:
+        with ledger.phase("eval", device=str(dev), model=name, dir=ledger.ref(folder)) as rec:
             res = evaluate(model, corpus, tokenizer, split="test", max_examples=max_examples, device=dev, name=name)
             rec["tokens"], rec["flops"] = res["tokens"], res["flops"]
         results[name] = res

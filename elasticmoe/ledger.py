@@ -23,6 +23,15 @@ class Ledger:
     def __init__(self, path: Path | str):
         self.path = Path(path)
 
+    def ref(self, path: Path | str) -> str:
+        """How records name a folder: relative to the ledger's own folder when inside it, so a run
+        folder can be moved or copied (or phases run on another machine) and still add up."""
+        p, base = Path(path).resolve(), self.path.parent.resolve()
+        try:
+            return p.relative_to(base).as_posix() or "."
+        except ValueError:
+            return str(p)
+
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """One line, one `write` on an O_APPEND descriptor, then fsync: lines never interleave."""
         record = {"time": time.time(), **record}

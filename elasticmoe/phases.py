@@ -183,10 +183,10 @@ def finetune(
     ledger = Ledger(ledger_path or data_run / "ledger.jsonl")
     info = {
         "model": str(child_meta.get("subnet", child_dir)),
-        "child_dir": str(child_dir.resolve()),
-        "parent_run": str(data_run.resolve()),
+        "child_dir": ledger.ref(child_dir),
+        "parent_run": ledger.ref(data_run),
         "teacher": bool(teacher),
-        "out": str(out_dir.resolve()),
+        "out": ledger.ref(out_dir),
     }
     seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
     with ledger.phase("finetune", device=str(dev), counted=False, **info):
@@ -283,9 +283,7 @@ def extract_child(run_dir: Path | str, parent, spec: str, out: Path, n_windows: 
     subnet = Subnet.parse(spec, parent.config, parent.layer_order)
     tokens = next(iter(data.eval_windows("val", n_windows).values()))[:, :-1]
     ledger = Ledger(run_dir / "ledger.jsonl")
-    with ledger.phase(
-        "extract", model=str(subnet), out=str(Path(out).resolve()), parent_run=str(run_dir.resolve())
-    ) as rec:
+    with ledger.phase("extract", model=str(subnet), out=ledger.ref(out), parent_run=ledger.ref(run_dir)) as rec:
         meta = extract_to_folder(
             parent,
             subnet,

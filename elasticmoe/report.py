@@ -100,7 +100,9 @@ def _sum(records: list[dict], **match: Any) -> dict[str, float]:
     return tot
 
 
-def family_costs(records: list[dict], children: list[dict], baselines: dict[str, Baseline]) -> list[ChildCost]:
+def family_costs(
+    records: list[dict], children: list[dict], baselines: dict[str, Baseline], ref=lambda path: path
+) -> list[ChildCost]:
     """Per-child costs from raw ledger records. `children`: [{"name", "subnet", "child_dir",
     "finetune_out" (optional), "params", "active_params"}]; `baselines`: subnet text -> Baseline."""
     k = len(children)
@@ -113,7 +115,7 @@ def family_costs(records: list[dict], children: list[dict], baselines: dict[str,
     search = _sum(records, phase="search")
     out = []
     for ch in children:
-        ft = _sum(records, phase="finetune", out=ch["finetune_out"]) if ch.get("finetune_out") else _sum([])
+        ft = _sum(records, phase="finetune", out=ref(ch["finetune_out"])) if ch.get("finetune_out") else _sum([])
         out.append(
             ChildCost(
                 name=ch["name"],
@@ -121,7 +123,7 @@ def family_costs(records: list[dict], children: list[dict], baselines: dict[str,
                 params=ch["params"],
                 active_params=ch["active_params"],
                 search_share={u: v / k for u, v in search.items()},
-                extract=_sum(records, phase="extract", out=ch["child_dir"]),
+                extract=_sum(records, phase="extract", out=ref(ch["child_dir"])),
                 finetune=ft,
                 parent=parent,
                 family_size=k,
@@ -337,7 +339,7 @@ def write_report(
 ) -> dict:
     """Compute and write RUN_DIR/report.md, report.json and cost.png. Returns the JSON data."""
     records = Ledger(run_dir / "ledger.jsonl").records()
-    costs = family_costs(records, children, baselines)
+    costs = family_costs(records, children, baselines, Ledger(run_dir / "ledger.jsonl").ref)
     if (require_percent or claims) and not any(c.baseline for c in costs):
         costs[0].percent("marginal")  # raises the explanatory ConfigError
     target = next((c for c in costs if c.baseline), costs[0])
@@ -416,10 +418,11 @@ def collect_baselines(run_dir: Path, records: list[dict], parent_config) -> dict
         if not (d / "parent" / "manifest.json").exists():
             continue
         cfg = ModelConfig.from_dict(_read(d / "parent" / "config.json")["model"])
-        trained = _sum(records, phase="baseline", run=str(d.resolve()))
+        led = Ledger(run_dir / "ledger.jsonl")
+        trained = _sum(records, phase="baseline", run=led.ref(d))
         if trained["flops"] <= 0:
             continue
-        evals = _sum(records, phase="train-eval", run=str(d.resolve()))  # its validation, as for the parent
+        evals = _sum(records, phase="train-eval", run=led.ref(d))  # its validation, as for the parent
         tot = {k: trained[k] + evals[k] for k in trained}
         for ch in collect_children(run_dir):
             child_cfg = ModelConfig.from_dict(_read(Path(ch["child_dir"]) / "config.json")["model"])

@@ -439,6 +439,9 @@ class _NoLedger:
     def append(self, record: dict) -> dict:
         return record
 
+    def ref(self, path) -> str:
+        return str(path)
+
 
 def _init_model(recipe: Recipe, device: torch.device) -> ElasticMoE:
     model = ElasticMoE(recipe.model)
@@ -496,7 +499,7 @@ def _loop(
                 "event": "end",
                 "status": "ok",
                 "phase": "train-eval",
-                "run": str(run_dir.resolve()),
+                "run": ledger.ref(run_dir),
                 "device": str(device),
                 "world_size": world,
                 "step": step,
@@ -516,7 +519,7 @@ def _loop(
         device=str(device),
         world_size=world,
         counted=False,
-        run=str(run_dir.resolve()),
+        run=ledger.ref(run_dir),
         resumed_from=step if resume else None,
     ) as _:
         model.train()
@@ -599,7 +602,7 @@ def _loop(
                         "event": "end",
                         "status": "ok",
                         "phase": "importance",
-                        "run": str(run_dir.resolve()),
+                        "run": ledger.ref(run_dir),
                         "device": str(device),
                         "world_size": world,
                         "step": step,
@@ -625,7 +628,7 @@ def _loop(
                     {
                         "event": "progress",
                         "phase": phase,
-                        "run": str(run_dir.resolve()),
+                        "run": ledger.ref(run_dir),
                         "device": str(device),
                         "world_size": world,
                         "steps": [seg["from"], step],

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +94,8 @@ def test_baseline_trains_the_architecture_from_scratch_and_is_recorded(trained_r
     assert model.config.layers == 2 and model.config.experts == 2 and model.config.expert_width == 32
     assert meta["kind"] == "baseline" and meta["steps"] == 5
     led = Ledger(trained_run / "ledger.jsonl")
-    tot = led.totals("baseline", run=str(out.resolve()))
+    tot = led.totals("baseline", run=led.ref(out))
+    assert led.ref(out) == "baselines/b1"  # relative: the run folder can move
     r = run_recipe(trained_run)
     assert tot["tokens"] == 5 * r.train.batch_size * r.data.seq_len
     assert tot["flops"] == cost(model.config, None, r.data.seq_len).flops_train * tot["tokens"]
@@ -182,5 +183,17 @@ def test_pipeline_end_to_end_with_kill_and_rerun(tmp_path):
     assert Ledger(run / "ledger.jsonl").totals("train")["tokens"] == r.train.steps * r.train.batch_size * r.data.seq_len
     md = (run / "report.md").read_text()
     assert "% of baseline [measured:" in md
-    hf = Path(phases["export"]["outputs"]["ernie51-shape"]["dir"])
+    # the ledger names folders relative to the run: a moved run folder reports the same figures
+    moved = tmp_path / "moved"
+    shutil.move(str(run), moved)
+    res = subprocess.run(
+        [sys.executable, "-m", "elasticmoe", "report", str(moved)], env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = json.loads((moved / "report.json").read_text())
+    assert [c["flops"] for c in again["children"]] == [c["flops"] for c in report["children"]]
+    assert [c["percent_of_baseline"] for c in again["children"]] == [
+        c["percent_of_baseline"] for c in report["children"]
+    ]
+    hf = moved / "hf" / "ernie51-shape"
     assert (hf / "config.json").exists() and phases["export"]["outputs"]["_proof"]["new_tokens"] > 0
