@@ -419,10 +419,15 @@ def collect_baselines(run_dir: Path, records: list[dict], parent_config) -> dict
             continue
         cfg = ModelConfig.from_dict(_read(d / "parent" / "config.json")["model"])
         led = Ledger(run_dir / "ledger.jsonl")
-        trained = _sum(records, phase="baseline", run=led.ref(d))
+        # only the attempts that produced this baseline's model: work of an abandoned attempt (killed
+        # and restarted from scratch) would otherwise inflate the denominator, in our favour
+        meta = _read(d / "parent" / "config.json").get("meta", {})
+        kept = set(meta.get("ledger_attempts") or [])
+        mine = [r for r in records if not kept or r.get("attempt") in kept]
+        trained = _sum(mine, phase="baseline", run=led.ref(d))
         if trained["flops"] <= 0:
             continue
-        evals = _sum(records, phase="train-eval", run=led.ref(d))  # its validation, as for the parent
+        evals = _sum(mine, phase="train-eval", run=led.ref(d))  # its validation, as for the parent
         tot = {k: trained[k] + evals[k] for k in trained}
         for ch in collect_children(run_dir):
             child_cfg = ModelConfig.from_dict(_read(Path(ch["child_dir"]) / "config.json")["model"])

@@ -29,6 +29,7 @@ import random
 import shutil
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,6 +471,9 @@ def _loop(
     else:
         batches = data.train_batches(t.batch_size // world, t.seed, par.rank, world)
     step, bad_in_row, tokens_seen = 0, 0, 0
+    # this attempt's id; the ids of all attempts whose work led to the saved state travel with the
+    # checkpoints and the final model, so a report can sum exactly the work behind an artefact
+    attempt, attempts = uuid.uuid4().hex[:12], []
     metrics_path = run_dir / "metrics.jsonl"
     main = par.is_main
     if resume:
@@ -477,12 +481,14 @@ def _loop(
         if ckpt is not None:
             state = load_any_checkpoint(ckpt, model, opt, par)
             step, bad_in_row, tokens_seen = state["step"], state["bad_in_row"], state["tokens_seen"]
+            attempts = list(state.get("attempts", []))
             batches.load_state_dict(state["data"])
             log.info("resumed from %s", ckpt)
         if main:
             _truncate_metrics(metrics_path, step)
     elif main and metrics_path.exists():
         metrics_path.unlink()
+    attempts.append(attempt)
     windows = data.eval_windows("val", t.eval_windows)
     tokens_per_step = t.batch_size * recipe.data.seq_len
     seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
@@ -500,6 +506,7 @@ def _loop(
                 "status": "ok",
                 "phase": "train-eval",
                 "run": ledger.ref(run_dir),
+                "attempt": attempt,
                 "device": str(device),
                 "world_size": world,
                 "step": step,
@@ -521,6 +528,7 @@ def _loop(
         counted=False,
         run=ledger.ref(run_dir),
         resumed_from=step if resume else None,
+        attempt=attempt,
     ) as _:
         model.train()
         while step < t.steps and (stop_at is None or step < stop_at):
@@ -603,6 +611,7 @@ def _loop(
                         "status": "ok",
                         "phase": "importance",
                         "run": ledger.ref(run_dir),
+                        "attempt": attempt,
                         "device": str(device),
                         "world_size": world,
                         "step": step,
@@ -618,7 +627,12 @@ def _loop(
                 if main:
                     _append_metrics(metrics_path, {"step": step, "val": result_eval})
             if step % t.ckpt_every == 0 or step == t.steps:
-                state = {"bad_in_row": bad_in_row, "tokens_seen": tokens_seen, "data": batches.state_dict()}
+                state = {
+                    "bad_in_row": bad_in_row,
+                    "tokens_seen": tokens_seen,
+                    "data": batches.state_dict(),
+                    "attempts": attempts,
+                }
                 if world == 1:
                     save_checkpoint(run_dir, step, model, opt, state, t.keep_last)
                 else:
@@ -629,6 +643,7 @@ def _loop(
                         "event": "progress",
                         "phase": phase,
                         "run": ledger.ref(run_dir),
+                        "attempt": attempt,
                         "device": str(device),
                         "world_size": world,
                         "steps": [seg["from"], step],
@@ -644,6 +659,7 @@ def _loop(
                 "kind": "elastic-parent" if phase == "train" else phase,
                 "steps": step,
                 "tokens_seen": tokens_seen,
+                "ledger_attempts": attempts,
                 "space": recipe.space.to_dict(),
                 "val": result_eval,
             }

@@ -197,3 +197,29 @@ def test_pipeline_end_to_end_with_kill_and_rerun(tmp_path):
     ]
     hf = moved / "hf" / "ernie51-shape"
     assert (hf / "config.json").exists() and phases["export"]["outputs"]["_proof"]["new_tokens"] > 0
+
+
+def test_baseline_denominator_counts_only_the_attempts_behind_its_model(trained_run):
+    from elasticmoe.report import collect_baselines
+
+    parent, _ = load_model(trained_run / "parent")
+    extract_child(trained_run, parent, "L2 E2 k1 W16", trained_run / "children" / "denominator")
+    out = baseline(trained_run, "L2 E2 k1 W16", steps=4, name="denominator")
+    led = Ledger(trained_run / "ledger.jsonl")
+    honest = collect_baselines(trained_run, led.records(), None)["L[0-1] E2 k1 W16"]
+    # an abandoned earlier attempt (killed, then restarted from scratch) in the same folder
+    led.append(
+        {
+            "event": "progress",
+            "phase": "baseline",
+            "run": led.ref(out),
+            "attempt": "abandoned",
+            "tokens": 10**6,
+            "flops": 10**15,
+            "seconds": 1e4,
+        }
+    )
+    again = collect_baselines(trained_run, led.records(), None)["L[0-1] E2 k1 W16"]
+    assert again.flops == honest.flops and again.tokens == honest.tokens
+    meta = load_model(out / "parent")[1]
+    assert len(meta["ledger_attempts"]) == 1
