@@ -17,6 +17,9 @@ What `evaluate` measures (every number has a unit and a formula):
   upper bound on its tokens), the continuation is cut at the first EOS or newline and compared
   with the answer as strings. Prompts of equal token length are batched (exact: no padding).
   CI: Wilson score interval (Wilson 1927) at 95%.
+* `<task>/answer-loss` for each structured task: teacher-forced nats per token of the reference
+  answer given `[EOS] + prompt` (mean over examples, bootstrap CI). Exact match stays at 0 until a
+  model gets whole answers right; this graded companion shows what a child retains before that.
 * work: `tokens` = token positions the model computed (padding included), `flops` = for each
   forward of T new tokens against S keys, T * `cost.cost(config, subnet, S).flops_forward`
   (the cost model's per-token forward FLOPs at context S), summed. The caller records both in
@@ -61,6 +64,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "elasticmoe-eval"
 TEXT_METRIC, EXACT_METRIC = "bits_per_byte", "exact_match"
+ANSWER_LOSS_SUFFIX = "/answer-loss"  # the graded companion task of each exact-match task
 FINETUNED_SUFFIX = "-ft"  # `retention_table` pairs "X" (before fine-tuning) with "X-ft" (after)
 Z95 = 1.959963984540054  # standard normal quantile at 0.975
 
@@ -341,6 +345,8 @@ def evaluate(
             docs = select_examples(corpus.docs[split][task], max_examples)
             if task in STRUCTURED_TASKS:
                 results[task] = evaluate_exact_match(model, tokenizer, task, docs, subnet, device, work, batch_size)
+                results[f"{task}{ANSWER_LOSS_SUFFIX}"] = evaluate_answer_loss(
+                    model, tokenizer, task, docs, subnet, device, work, n_boot, seed)
             else:  # free text (the default "text" task or a user's own): bits per byte
                 results[task] = evaluate_text(model, tokenizer, docs, subnet, device, work, n_boot, seed)
             log.info("eval %s %s: %s %.4f [%.4f, %.4f] n=%d", name or "model", task, results[task]["metric"],
@@ -352,6 +358,19 @@ def evaluate(
         "max_examples": max_examples, "tasks": results, "tokens": work.tokens, "flops": work.flops,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def evaluate_answer_loss(model, tokenizer: Tokenizer, task: str, examples: Sequence[str], subnet, device, work,
+                         n_boot: int, seed: int) -> dict[str, Any]:
+    """Teacher-forced nats per token of the reference answer given `[EOS] + prompt`: a graded companion
+    to exact match, which stays at 0 for every model until a model gets whole answers right (small
+    models, short training), and so cannot show how much of the parent a child retains."""
+    pairs = [split_prompt_answer(task, ex) for ex in examples]
+    per_example = continuation_nats(model, tokenizer, pairs, subnet, device, work)
+    ones = np.ones_like(per_example)
+    lo, hi = bootstrap_ratio_ci(per_example, ones, n_boot, seed)
+    return {"metric": "answer_nats_per_token", "score": float(per_example.mean()), "ci": [lo, hi],
+            "n": len(per_example), "higher_is_better": False}
 
 
 # -- retention ------------------------------------------------------------------------------------
@@ -507,7 +526,7 @@ def arena_examples(corpus: Corpus, split: str = "test", tasks: Sequence[str] | N
 
 @torch.no_grad()
 def continuation_nats(model, tokenizer: Tokenizer, examples: Sequence[tuple[str, str]], subnet=None,
-                      device=None) -> np.ndarray:
+                      device=None, work: Work | None = None) -> np.ndarray:
     """Mean nats per token of each reference continuation given `[EOS] + prompt` (truncated to the
     model's context; at least one continuation token is always scored)."""
     device = device or _device_of(model)
@@ -522,7 +541,7 @@ def continuation_nats(model, tokenizer: Tokenizer, examples: Sequence[tuple[str,
         c = c[: max_len - 1]  # at most max_len - 1 scored tokens, so at least one context token fits
         seq = ([eos] + p)[-(max_len + 1 - len(c)) :] + c
         windows.append((seq[:-1], [-1] * (len(seq) - 1 - len(c)) + c))
-    nats = _window_nats(model, windows, subnet, device, eos, Work(model.config, subnet))
+    nats = _window_nats(model, windows, subnet, device, eos, work or Work(model.config, subnet))
     counts = np.array([sum(t >= 0 for t in w[1]) for w in windows], dtype=np.float64)
     return nats / counts
 

@@ -243,8 +243,10 @@ def test_generation_flops_follow_the_cost_model(tokenizer) -> None:
     r = evaluate(model, corpus, tokenizer)
     T0, steps = 1 + len(tokenizer.encode("arith: 1+1 = ")), answer_budget(["2"])
     f = lambda s: cost(model.config, None, s).flops_forward  # noqa: E731
-    assert r["tokens"] == T0 + steps - 1
-    assert r["flops"] == T0 * f(T0) + sum(f(T0 + i) for i in range(1, steps))
+    # generation (prefill T0, then steps - 1 one-token forwards) + the teacher-forced answer-loss
+    # forward over [EOS] + prompt + answer minus its last token (T0 positions, "2" is one token)
+    assert r["tokens"] == T0 + steps - 1 + T0
+    assert r["flops"] == T0 * f(T0) + sum(f(T0 + i) for i in range(1, steps)) + T0 * f(T0)
 
 
 # -- intervals -----------------------------------------------------------------------------------
@@ -391,3 +393,21 @@ def test_lm_eval_harness_reproduces_our_numbers(corpus, tokenizer, tmp_path) -> 
         budget = answer_budget([s["doc"]["answer"] for s in samples])
         assert [s["filtered_resps"][0] for s in samples] == greedy_continuations(model, tokenizer, prompts, budget)
         assert out["results"][f"elasticmoe_{task}"]["exact_match,none"] == pytest.approx(ours[task]["score"])
+
+
+def test_answer_loss_is_graded_where_exact_match_is_not(corpus, tokenizer) -> None:
+    """The companion metric: ~0 for an oracle, exactly ln(V) for uniform logits, in between for a
+    model right on half the examples, and lower-is-better so retention is parent / child."""
+    V, eos = tokenizer.vocab_size, tokenizer.eos_id
+    models = {
+        "oracle": Scripted(V, answering(tokenizer, corpus, lambda i, a: a), eos),
+        "half": Scripted(V, answering(tokenizer, corpus, lambda i, a: a if i % 2 == 0 else "1" + a), eos),
+        "uniform": Scripted(V, None, eos),
+    }
+    res = {name: evaluate(m, corpus, tokenizer, tasks=["kv"], name=name)["tasks"] for name, m in models.items()}
+    key = "kv/answer-loss"
+    assert res["oracle"][key]["score"] < 1e-6
+    assert res["uniform"][key]["score"] == pytest.approx(math.log(V), rel=1e-5)
+    assert res["oracle"][key]["score"] < res["half"][key]["score"] < 60.0
+    assert res["half"][key]["higher_is_better"] is False and res["half"][key]["metric"] == "answer_nats_per_token"
+    assert res["half"][key]["ci"][0] <= res["half"][key]["score"] <= res["half"][key]["ci"][1]
