@@ -33,23 +33,15 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from . import cost as costmod
 from . import dist as distmod
 from .checkpoint import (
-    AtomicFolder,
-    CheckpointError,
-    read_json,
     save_model,
-    save_model_files,
-    verify_manifest,
-    write_json,
 )
 from .config import ConfigError, ElasticSpace, dump_yaml
 from .ledger import Ledger
@@ -57,6 +49,20 @@ from .model import ElasticMoE
 from .recipe import Recipe
 from .reorder import reorder
 from .subnet import Subnet, largest, sample_per_layer, sample_uniform, smallest
+from .trainstate import (  # noqa: F401  (re-exported: phases and tests import them from here)
+    _checkpoints,
+    _load_optimizer,
+    _optimizer_tensors,
+    _prune_checkpoints,
+    _rng_state,
+    _set_rng_state,
+    clean_stale_temporaries,
+    find_checkpoint,
+    load_any_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,151 +189,6 @@ def eval_losses(
             out[name][task] = total / max(count, 1)
     model.train(was)
     return out
-
-
-# -- checkpoints -------------------------------------------------------------------------------
-def _optimizer_tensors(opt: torch.optim.Optimizer, model: ElasticMoE) -> tuple[dict[str, torch.Tensor], dict]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors, meta = {}, {"param_groups": []}
-    for g in opt.param_groups:
-        meta["param_groups"].append(
-            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
-            | {"params": [names[id(p)] for p in g["params"]]}
-        )
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            tensors[f"{names[id(p)]}::{k}"] = v.detach().contiguous().cpu() if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, meta
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, model: ElasticMoE, tensors: dict, meta: dict) -> None:
-    params = dict(model.named_parameters())
-    state: dict[Any, dict] = {}
-    for key, v in tensors.items():
-        name, _, k = key.rpartition("::")
-        state.setdefault(params[name], {})[k] = v.to(params[name].device) if k != "step" else v
-    opt.state.clear()
-    for p, st in state.items():
-        opt.state[p] = st
-    for g, saved in zip(opt.param_groups, meta["param_groups"]):
-        for k, v in saved.items():
-            if k != "params":
-                g[k] = tuple(v) if isinstance(v, list) else v
-
-
-def _rng_state() -> dict:
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-
-
-def _set_rng_state(rng: dict) -> None:
-    py = rng["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = rng["numpy"]
-    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), npst[2], npst[3], npst[4]))
-
-
-def _prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    ckpts = _checkpoints(run_dir)
-    for old in ckpts[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(run_dir: Path, step: int, model, opt, train_state: dict, keep_last: int) -> Path:
-    path = run_dir / "checkpoints" / f"step-{step:06d}"
-    with AtomicFolder(path) as tmp:
-        save_model_files(tmp, model, meta={"step": step})
-        tensors, meta = _optimizer_tensors(opt, model)
-        tensors["rng::torch"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        write_json(tmp / "train_state.json", {**train_state, "step": step, "optimizer": meta, "rng": _rng_state()})
-    _prune_checkpoints(run_dir, keep_last)
-    return path
-
-
-def save_sharded_checkpoint(par, run_dir: Path, step: int, model, opt, train_state: dict, keep_last: int) -> Path:
-    """Collective (every rank): a torch.distributed.checkpoint folder, see dist.py."""
-    path = run_dir / "checkpoints" / f"step-{step:06d}"
-    rng = par.gather_object({**_rng_state(), "torch": torch.get_rng_state().tolist()})
-    config = {
-        "format": "elasticmoe-model",
-        "model": model.config.to_dict(),
-        "layer_order": list(model.layer_order),
-        "meta": {"step": step, "tensors": "dcp"},
-    }
-    state = {**train_state, "step": step, "world_size": par.world_size, "parallel": par.mode, "rng_per_rank": rng}
-    distmod.save_sharded(par, path, model, opt, {"config.json": config, "train_state.json": state})
-    par.on_main(lambda: _prune_checkpoints(run_dir, keep_last))
-    return path
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders by step number (not by name: step-1000000 comes after step-999999)."""
-    found = [p for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def clean_stale_temporaries(run_dir: Path) -> None:
-    """Remove half-written checkpoint folders a killed save left behind (never valid: no rename)."""
-    for p in (run_dir / "checkpoints").glob(".step-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """Newest checkpoint whose manifest verifies; corrupted ones are reported and skipped."""
-    for path in reversed(_checkpoints(run_dir)):
-        try:
-            verify_manifest(path)
-            return path
-        except CheckpointError as exc:
-            log.warning("skipping checkpoint: %s", exc)
-    return None
-
-
-def load_checkpoint(path: Path, model: ElasticMoE, opt) -> dict:
-    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
-    model.layer_order = list(read_json(path / "config.json")["layer_order"])
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    state = read_json(path / "train_state.json")
-    torch.set_rng_state(tensors.pop("rng::torch"))
-    _load_optimizer(opt, model, tensors, state["optimizer"])
-    _set_rng_state(state["rng"])
-    return state
-
-
-def load_any_checkpoint(path: Path, model, opt, par) -> dict:
-    """Resume from a single-process or a sharded checkpoint, at any world size."""
-    if distmod.is_sharded(path):
-        distmod.load_sharded(path, model, opt)
-        model.layer_order = list(read_json(path / "config.json")["layer_order"])
-        state = read_json(path / "train_state.json")
-        rngs = state["rng_per_rank"]
-        rng = rngs[par.rank % len(rngs)]  # at another world size ranks reuse the saved states in turn
-        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-        _set_rng_state(rng)
-        return state
-    if par.world_size == 1:
-        return load_checkpoint(path, model, opt)
-    tensors = load_file(str(path / "optimizer.safetensors"))  # full tensors, resharded on load
-    state = read_json(path / "train_state.json")
-    torch.set_rng_state(tensors.pop("rng::torch"))
-    per_param: dict[str, dict] = {}
-    for key, v in tensors.items():
-        name, _, k = key.rpartition("::")
-        per_param.setdefault(name, {})[k] = v
-    groups = [
-        {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
-        for g in state["optimizer"]["param_groups"]
-    ]
-    model_tensors = load_file(str(path / "model.safetensors"))
-    distmod.load_full(model, opt, model_tensors, {"state": per_param, "param_groups": groups})
-    model.layer_order = list(read_json(path / "config.json")["layer_order"])
-    _set_rng_state(state["rng"])
-    return state
 
 
 # -- the loop ----------------------------------------------------------------------------------
