@@ -50,7 +50,7 @@ def cmd_info(args) -> int:
     parent = cost(c, None, recipe.data.seq_len)
     model = ElasticMoE(c) if args.forward else None
     table = Table(title=f"{len(subnets)} uniform sub-networks (seq_len {recipe.data.seq_len})")
-    for col in ("subnet", "params", "active", "GFLOP/token fwd", "params/parent", "active/parent"):
+    for col in ("subnet", "params", "active", "MFLOP/token fwd", "params/parent", "active/parent"):
         table.add_column(col, justify="right")
     for sn in subnets[:: max(1, len(subnets) // args.rows)]:
         k = cost(c, sn, recipe.data.seq_len)
@@ -62,7 +62,7 @@ def cmd_info(args) -> int:
             str(sn),
             f"{k.total_params:,}",
             f"{k.active_params:,}",
-            f"{k.flops_forward / 1e9:.4f}",
+            f"{k.flops_forward / 1e6:.3f}",
             f"{k.total_params / parent.total_params:.3f}",
             f"{k.active_params / parent.active_params:.3f}",
         )
