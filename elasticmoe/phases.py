@@ -44,6 +44,7 @@ from .train import (
     find_checkpoint,
     kd_loss,
     load_checkpoint,
+    lr_at,
     make_optimizer,
     resolve_device,
     save_checkpoint,
@@ -193,8 +194,6 @@ def finetune(
         child.train()
         while step < n_steps and (stop_at is None or step < stop_at):
             t0 = time.perf_counter()
-            from .train import lr_at
-
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, ft_recipe)
             x, y = (v.to(dev) for v in next(batches))
