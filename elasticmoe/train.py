@@ -421,46 +421,50 @@ def _loop(
             if finite:
                 par.sync_grads(model)
             grad_norm = par.clip_grad_norm(model, t.grad_clip) if finite else None
-            if not finite or not torch.isfinite(grad_norm):
+            skipped = not finite or not torch.isfinite(grad_norm)
+            if skipped:  # parameters and optimizer untouched; the step's compute was spent all the same
                 opt.zero_grad(set_to_none=True)
                 bad_in_row += 1
                 if main:
                     _append_metrics(
-                        metrics_path, {"step": step, "skipped": True, "reason": "non-finite loss or gradient"}
+                        metrics_path, {"step": step + 1, "skipped": True, "reason": "non-finite loss or gradient"}
                     )
-                log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, bad_in_row)
+                log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step + 1, bad_in_row)
                 if bad_in_row >= t.max_bad_steps:
                     raise FloatingPointError(
-                        f"{bad_in_row} non-finite steps in a row at step {step}; the last good checkpoint is intact"
+                        f"{bad_in_row} non-finite steps in a row at step {step + 1}; the last good checkpoint is intact"
                     )
                 step += 1
-                continue
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            bad_in_row = 0
-            step += 1
-            tokens_seen += x.numel() * world
-            aux = out.aux_loss.item()
-            if world > 1:  # log means over ranks, i.e. over the global batch
-                *means, aux = par.mean([*losses.values(), aux])
-                losses = dict(zip(losses, means))
-            dt = time.perf_counter() - t0
-            seg["tokens"] += x.numel()
-            seg["flops"] += step_flops
-            seg["seconds"] += dt
-            rec = {
-                "step": step,
-                "lr": lr,
-                "loss": losses,
-                "aux": aux,
-                "grad_norm": grad_norm.item(),
-                "subnets": {n: str(s) for n, s in subnets},
-                "ms": dt * 1000,
-                "tok_per_s": tokens_per_step / dt,
-            }
-            if main:
-                _append_metrics(metrics_path, rec)
-            bar.update(step, losses.get("largest", float("nan")), lr, dt, len(subnets))
+                seg["flops"] += step_flops
+                seg["seconds"] += time.perf_counter() - t0
+            else:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                bad_in_row = 0
+                step += 1
+                tokens_seen += x.numel() * world
+                aux = out.aux_loss.item()
+                if world > 1:  # log means over ranks, i.e. over the global batch
+                    *means, aux = par.mean([*losses.values(), aux])
+                    losses = dict(zip(losses, means))
+                dt = time.perf_counter() - t0
+                seg["tokens"] += x.numel()
+                seg["flops"] += step_flops
+                seg["seconds"] += dt
+                rec = {
+                    "step": step,
+                    "lr": lr,
+                    "loss": losses,
+                    "aux": aux,
+                    "grad_norm": grad_norm.item(),
+                    "subnets": {n: str(s) for n, s in subnets},
+                    "ms": dt * 1000,
+                    "tok_per_s": tokens_per_step / dt,
+                }
+                if main:
+                    _append_metrics(metrics_path, rec)
+                bar.update(step, losses.get("largest", float("nan")), lr, dt, len(subnets))
+            # periodic work runs after skipped steps too, so a skipped last step still checkpoints
             if step in recipe.reorder.at_steps:
                 held_out = [w[: recipe.reorder.batches * 4, :-1].to(device) for w in windows.values()]
                 t0 = time.perf_counter()

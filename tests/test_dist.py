@@ -177,9 +177,10 @@ def test_nan_on_one_rank_makes_every_rank_skip_that_step(tmp_path):
     run = tmp_path / "nan"
     res = _torchrun(*ARGS, "--parallel", "fsdp", "--out", str(run), env={distmod.TEST_NAN_ENV: "1:2"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stderr.count("step 2 skipped: non-finite loss") == 2  # rank 0 and rank 1
+    # injected at 0-based step 2, i.e. the third step, numbered 3 like every metrics record
+    assert res.stderr.count("step 3 skipped: non-finite loss") == 2  # rank 0 and rank 1
     recs = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in recs if r.get("skipped")] == [2]
+    assert [r["step"] for r in recs if r.get("skipped")] == [3]
     assert len([r for r in recs if "loss" in r]) == STEPS - 1
     assert (run / "parent" / "manifest.json").exists()
 

@@ -262,3 +262,26 @@ def test_outputs_never_replace_a_folder_elasticmoe_did_not_write(tmp_path):
         with AtomicFolder(ours) as tmp:
             (tmp / "x").write_text(content)
     assert (ours / "x").read_text() == "second" and (ours / "manifest.json").exists()
+
+
+def test_a_skipped_last_step_still_checkpoints_and_records_its_segment(tmp_path, monkeypatch):
+    from elasticmoe.ledger import Ledger
+
+    real_kd, real_sample, current = trainmod.kd_loss, trainmod.sample_step, {}
+
+    def spy(recipe, step, order):
+        current["step"] = step
+        return real_sample(recipe, step, order)
+
+    monkeypatch.setattr(trainmod, "sample_step", spy)
+    monkeypatch.setattr(
+        trainmod, "kd_loss", lambda s, t, temp: real_kd(s, t, temp) * (float("nan") if current["step"] == 5 else 1.0)
+    )
+    run = tmp_path / "run"
+    train(micro(**{"train.steps": 6, "train.ckpt_every": 3}), run, progress=False)
+    recs = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in recs if r.get("skipped")] == [6]
+    assert (run / "checkpoints" / "step-000006" / "manifest.json").exists()
+    assert (run / "parent" / "manifest.json").exists()
+    progress = [r["steps"] for r in Ledger(run / "ledger.jsonl").records() if r.get("event") == "progress"]
+    assert progress == [[0, 3], [3, 6]]
