@@ -520,6 +520,8 @@ def _loop(
                 seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
         bar.close()
         if step >= t.steps:
+            if not result_eval:  # resumed from the final checkpoint: nothing ran, measure once more
+                result_eval = timed_eval()
             meta = {
                 "kind": "elastic-parent" if phase == "train" else phase,
                 "steps": step,
