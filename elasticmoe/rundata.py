@@ -20,18 +20,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .data import (
-    SPLITS,
-    BatchIterator,
-    Corpus,
-    TokenShards,
-    build_default_corpus,
-    corpus_from_texts,
-    eval_windows,
-    load_user_texts,
-    mix_tasks,
-    tokenize_docs,
-)
+from .data import SPLITS, Corpus, build_default_corpus, corpus_from_texts, load_user_texts
+from .tokens import BatchIterator, TokenShards, eval_windows, mix_tasks, tokenize_docs
 from .recipe import Recipe
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 

@@ -1,0 +1,264 @@
+"""Token arrays: tokenizing and mixing documents, memory-mapped shards, resumable sharded batches.
+
+Documents become EOS-terminated token streams (`tokenize_docs`), mixed across tasks by weight
+(`mix_tasks`); pre-tokenized data too large for memory is read from raw uint16/uint32 shards with
+`np.memmap` (`TokenShards`). `BatchIterator` yields (inputs, targets) windows for one rank of a
+global batch and resumes exactly from a small JSON state; `eval_windows` gives fixed held-out
+windows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest shard dtype that holds every id of a vocabulary."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def tokenize_docs(tokenizer: Any, docs: Sequence[str], dtype: str | None = None) -> np.ndarray:
+    """Concatenate the documents' tokens, each document followed by EOS (`tokenizer.eos_id`)."""
+    dtype = dtype or token_dtype(tokenizer.vocab_size)
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r}; allowed: {sorted(_DTYPES)}")
+    if np.iinfo(_DTYPES[dtype]).max < tokenizer.vocab_size - 1:
+        raise ConfigError(f"dtype {dtype} cannot hold ids of a {tokenizer.vocab_size}-token vocabulary")
+    parts = []
+    for start in range(0, len(docs), 4096):  # bounded memory for the Python lists of ids
+        for ids in tokenizer.encode_batch(list(docs[start : start + 4096])):
+            parts.append(np.asarray([*ids, tokenizer.eos_id], dtype=_DTYPES[dtype]))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=_DTYPES[dtype])
+
+
+def mix_tasks(
+    arrays: dict[str, np.ndarray],
+    weights: dict[str, float] | None = None,
+    *,
+    eos_id: int,
+    seed: int = 0,
+    total_tokens: int | None = None,
+) -> np.ndarray:
+    """One token stream with each task's share of tokens set by `weights`, documents shuffled.
+
+    Each array is EOS-terminated documents (from `tokenize_docs`). A task with weight w gets
+    about w / sum(weights) * total_tokens tokens (default total: all tokens), repeating its
+    documents in a seeded order when up-sampled and taking a seeded subset when down-sampled;
+    all chosen documents are then shuffled together, so windows mix tasks. Weights None keeps
+    the natural proportions (every document once).
+    """
+    weights = dict(weights) if weights is not None else {t: float(len(a)) for t, a in arrays.items()}
+    problems = [f"weights[{t!r}]: no such task (have {sorted(arrays)})" for t in weights if t not in arrays]
+    problems += [f"weights[{t!r}]={w} must be >= 0" for t, w in weights.items() if not w >= 0]
+    if not problems and not sum(weights.get(t, 0.0) for t in arrays) > 0:
+        problems.append("weights must give at least one non-empty task a positive weight")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    total = total_tokens if total_tokens is not None else sum(len(a) for a in arrays.values())
+    norm = sum(weights.get(t, 0.0) for t in arrays if len(arrays[t]))
+    from .data import _task_order  # data.py re-exports this module: import at call time
+
+    rng = np.random.default_rng([seed, 7])
+    chosen: list[np.ndarray] = []
+    for task in sorted(arrays, key=_task_order):
+        weight, tokens = weights.get(task, 0.0), arrays[task]
+        if weight <= 0 or len(tokens) == 0:
+            continue
+        docs = _split_docs(tokens, eos_id)
+        want, have, order = round(weight / norm * total), 0, rng.permutation(len(docs))
+        i = 0
+        while have < want:
+            doc = docs[order[i % len(docs)]]
+            chosen.append(doc)
+            have += len(doc)
+            i += 1
+        logger.info("mix: %s %d tokens (%.1f%%)", task, have, 100 * have / max(total, 1))
+    order = rng.permutation(len(chosen))
+    return np.concatenate([chosen[i] for i in order]) if chosen else np.zeros(0, np.uint32)
+
+
+def _split_docs(tokens: np.ndarray, eos_id: int) -> list[np.ndarray]:
+    ends = np.flatnonzero(tokens == eos_id) + 1
+    if len(ends) == 0 or ends[-1] != len(tokens):
+        ends = np.append(ends, len(tokens))  # a last document without EOS stays whole
+    return np.split(tokens, ends[:-1])
+
+
+def write_token_shard(path: str | Path, tokens: np.ndarray, vocab_size: int | None = None) -> Path:
+    """Write raw `tokens` (uint16 / uint32) to `path` plus a `<path>.json` sidecar with dtype."""
+    path = Path(path)
+    dtype = str(np.asarray(tokens[:0]).dtype)
+    if dtype not in _DTYPES:
+        raise ConfigError(f"token shard dtype {dtype}; allowed: {sorted(_DTYPES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.asarray(tokens).tofile(path)
+    sidecar = {"dtype": dtype, "tokens": int(len(tokens)), "vocab_size": vocab_size}
+    Path(f"{path}.json").write_text(json.dumps(sidecar) + "\n")
+    return path
+
+
+class TokenShards:
+    """Read-only memory-mapped token files: data larger than memory, shared by all workers.
+
+    Each `.bin` file is raw little-endian uint16 or uint32 ids; a `<file>.json` sidecar may state
+    {"dtype": ...}. `dtype=None` takes the sidecar's, else uint16. Globs are expanded (sorted).
+    """
+
+    def __init__(
+        self, paths: Sequence[str | Path] | str, dtype: str | None = None, vocab_size: int | None = None
+    ) -> None:
+        from .data import _expand  # data.py re-exports this module: import at call time
+
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        files = [p for raw in paths for p in _expand(str(raw), "token shard") if p.is_file()]
+        if not files:
+            raise ConfigError("TokenShards needs at least one .bin file")
+        self.paths = files
+        self.arrays: list[np.ndarray] = [self._open(p, dtype, vocab_size) for p in files]
+
+    @staticmethod
+    def _open(path: Path, dtype: str | None, vocab_size: int | None) -> np.ndarray:
+        sidecar = Path(f"{path}.json")
+        stated = json.loads(sidecar.read_text()).get("dtype") if sidecar.is_file() else None
+        if dtype is not None and stated is not None and dtype != stated:
+            raise ConfigError(f"{path}: dtype={dtype} but its sidecar {sidecar.name} says {stated}")
+        name = dtype or stated or "uint16"
+        if name not in _DTYPES:
+            raise ConfigError(f"{path}: dtype {name!r}; allowed: {sorted(_DTYPES)}")
+        itemsize, size = np.dtype(name).itemsize, path.stat().st_size
+        if size == 0 or size % itemsize:
+            raise ConfigError(f"{path}: {size} bytes is not a positive multiple of {itemsize} ({name})")
+        array = np.memmap(path, dtype=np.dtype(name).newbyteorder("<"), mode="r")
+        if vocab_size is not None:
+            top = max(int(array[i : i + (1 << 24)].max()) for i in range(0, len(array), 1 << 24))
+            if top >= vocab_size:
+                raise ConfigError(f"{path}: token id {top} >= vocab_size {vocab_size}")
+        return array
+
+    def __len__(self) -> int:
+        return sum(len(a) for a in self.arrays)
+
+
+class _Windows:
+    """Windows of seq_len+1 tokens at stride seq_len inside each array (never across shards)."""
+
+    def __init__(self, tokens: np.ndarray | TokenShards | Sequence[np.ndarray], seq_len: int) -> None:
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ConfigError(f"seq_len={seq_len!r} must be a positive integer")
+        arrays = tokens.arrays if isinstance(tokens, TokenShards) else tokens
+        self.arrays = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+        self.seq_len = seq_len
+        per_array = [max(0, (len(a) - 1) // seq_len) for a in self.arrays]
+        self.ends = np.cumsum(per_array)
+        self.count = int(self.ends[-1]) if len(self.ends) else 0
+        if self.count == 0:
+            sizes = [len(a) for a in self.arrays]
+            raise ConfigError(f"data too small: {sizes} tokens give no window of seq_len+1={seq_len + 1} tokens")
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        rows = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        for row, index in enumerate(indices):
+            which = int(np.searchsorted(self.ends, index, side="right"))
+            start = (int(index) - (int(self.ends[which - 1]) if which else 0)) * self.seq_len
+            rows[row] = self.arrays[which][start : start + self.seq_len + 1]
+        return torch.from_numpy(rows)
+
+
+class BatchIterator:
+    """Endless (inputs, targets) batches for one rank, resumable to the exact batch.
+
+    Each epoch visits the windows in a permutation seeded by (seed, epoch); global batch g takes
+    the next batch_size * world_size windows of it and rank r gets the r-th block of batch_size.
+    A partial global batch at the end of an epoch is skipped, so every rank takes the same steps.
+    State is {"epoch", "position"} (windows consumed this epoch, over all ranks), plus the seed and
+    window count to refuse resuming on other data. Since the position counts global windows, a
+    resume may change world_size or batch_size and still continue the same permutation.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray | TokenShards | Sequence[np.ndarray],
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need 0 <= rank < world")
+        self.windows = _Windows(tokens, seq_len)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        if self.windows.count < self.global_batch:
+            raise ConfigError(
+                f"data too small: {self.windows.count} windows of {seq_len + 1} tokens, but one global "
+                f"batch needs batch_size*world_size={self.global_batch}"
+            )
+        self.epoch, self.position = 0, 0
+        self._perm: np.ndarray | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.windows.count // self.global_batch
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm is None:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.windows.count)
+        return self._perm
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position + self.global_batch > self.windows.count:
+            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+        start = self.position + self.rank * self.batch_size
+        rows = self.windows.get(self._permutation()[start : start + self.batch_size])
+        self.position += self.global_batch
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "windows": self.windows.count}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, mine in (("seed", self.seed), ("windows", self.windows.count)):
+            if key in state and int(state[key]) != mine:
+                raise ConfigError(f"data state {key}={state[key]} does not match this data ({key}={mine})")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self.windows.count:
+            raise ConfigError(f"data state epoch={epoch}, position={position} out of range")
+        self.epoch, self.position, self._perm = epoch, position, None
+
+
+def eval_windows(
+    tokens: np.ndarray | TokenShards | Sequence[np.ndarray], seq_len: int, max_windows: int | None = None
+) -> torch.Tensor:
+    """(n, seq_len+1) LongTensor of windows for validation, the same on every call.
+
+    Windows sit at stride seq_len, so consecutive windows share one boundary token and their
+    targets (window[1:]) are disjoint and cover the data. More than `max_windows` available:
+    evenly spaced ones are kept, so the estimate covers the whole split, not just its start.
+    """
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"max_windows={max_windows} must be >= 1")
+    windows = _Windows(tokens, seq_len)
+    index = np.arange(windows.count)
+    if max_windows is not None and windows.count > max_windows:
+        index = np.unique(np.linspace(0, windows.count - 1, max_windows).round().astype(np.int64))
+    return windows.get(index)
