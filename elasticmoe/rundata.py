@@ -21,9 +21,9 @@ import torch
 
 from .config import ConfigError
 from .data import SPLITS, Corpus, build_default_corpus, corpus_from_texts, load_user_texts
-from .tokens import BatchIterator, TokenShards, eval_windows, mix_tasks, tokenize_docs
 from .recipe import Recipe
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from .tokens import BatchIterator, TokenShards, eval_windows, mix_tasks, tokenize_docs
 
 log = logging.getLogger(__name__)
 
