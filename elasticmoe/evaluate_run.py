@@ -12,6 +12,7 @@ from typing import Any
 
 from .checkpoint import load_model
 from .config import ConfigError
+from .cost import cost
 from .evaluate import (
     arena_examples,
     evaluate,
@@ -62,8 +63,14 @@ def evaluate_folders(
         out["retention_png"] = str(png)
     if arena and len(loaded) > 1:
         examples = arena_examples(corpus, "test", max_per_task=min(25, max_examples))
-        with ledger.phase("eval", device=str(dev), model="arena"):
+        with ledger.phase("eval", device=str(dev), model="arena") as rec:
             out["arena"] = pairwise_ratings(loaded, examples, tokenizer, device=dev)
+            # one teacher-forced forward of [EOS] + prompt + continuation per example and model,
+            # FLOPs per token from the cost model at the examples' mean length
+            lengths = [1 + len(tokenizer.encode(prompt + cont)) for _, prompt, cont in examples]
+            mean_len = max(1, round(sum(lengths) / len(lengths)))
+            rec["tokens"] = sum(lengths) * len(loaded)
+            rec["flops"] = sum(cost(m.config, None, mean_len).flops_forward for m in loaded.values()) * sum(lengths)
     write_eval(out_path, out)
     return out
 
