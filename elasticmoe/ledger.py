@@ -62,18 +62,8 @@ class Ledger:
         return out
 
     def totals(self, phase: str | None = None, **match: Any) -> dict[str, float]:
-        """Sum tokens, FLOPs and seconds over `progress`/`end` records (optionally filtered)."""
-        tot = {"tokens": 0, "flops": 0, "seconds": 0.0}
-        for r in self.records():
-            if r.get("event") not in ("progress", "end"):
-                continue
-            if phase is not None and r.get("phase") != phase:
-                continue
-            if any(r.get(k) != v for k, v in match.items()):
-                continue
-            for k in tot:
-                tot[k] += r.get(k, 0) or 0
-        return tot
+        """Sum tokens, FLOPs and device-seconds over this ledger's records (see `sum_work`)."""
+        return sum_work(self.records(), **({"phase": phase} if phase is not None else {}), **match)
 
     def finished(self, phase: str, **match: Any) -> bool:
         return any(
@@ -113,3 +103,18 @@ class Ledger:
         elapsed = time.perf_counter() - t0
         work = {**rec, "seconds": elapsed} if counted else {"phase_seconds": elapsed}
         self.append({**base, **work, "event": "end", **extra})
+
+
+def sum_work(records: list[dict[str, Any]], **match: Any) -> dict[str, float]:
+    """Tokens, FLOPs and device-seconds (wall seconds x world size) of the `progress` and `end`
+    records whose fields equal `match`. An `end` record that only states a phase's wall time
+    (`phase_seconds`, its work being in `progress` records) adds nothing."""
+    tot = {"tokens": 0, "flops": 0, "seconds": 0.0}
+    for r in records:
+        if r.get("event") not in ("progress", "end") or "phase_seconds" in r:
+            continue
+        if all(r.get(k) == v for k, v in match.items()):
+            tot["tokens"] += r.get("tokens", 0) or 0
+            tot["flops"] += r.get("flops", 0) or 0
+            tot["seconds"] += (r.get("seconds", 0) or 0) * int(r.get("world_size", 1) or 1)
+    return tot

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .ledger import Ledger
+from .ledger import Ledger, sum_work
 
 
 @dataclass
@@ -85,19 +85,6 @@ class ChildCost:
 KINDS = ("marginal", "all-in", "amortized")
 
 
-def _sum(records: list[dict], **match: Any) -> dict[str, float]:
-    tot = {"tokens": 0.0, "flops": 0.0, "seconds": 0.0}
-    for r in records:
-        if r.get("event") not in ("progress", "end"):
-            continue
-        if r.get("event") == "end" and "phase_seconds" in r:
-            continue
-        if all(r.get(k) == v for k, v in match.items()):
-            tot["tokens"] += float(r.get("tokens", 0) or 0)
-            tot["flops"] += float(r.get("flops", 0) or 0)
-            # device-seconds: wall seconds x the processes that worked in them (torchrun world size)
-            tot["seconds"] += float(r.get("seconds", 0) or 0) * int(r.get("world_size", 1) or 1)
-    return tot
 
 
 def family_costs(
@@ -110,12 +97,12 @@ def family_costs(
         raise ConfigError("the report needs at least one extracted child")
     # the parent's cost: elastic training steps + its periodic validation + importance passes
     run = next((r["run"] for r in records if r.get("phase") == "train" and "run" in r), None)
-    parts = [_sum(records, phase="train")] + [_sum(records, phase=p, run=run) for p in ("train-eval", "importance")]
+    parts = [sum_work(records, phase="train")] + [sum_work(records, phase=p, run=run) for p in ("train-eval", "importance")]
     parent = {k: sum(part[k] for part in parts) for k in parts[0]}
-    search = _sum(records, phase="search")
+    search = sum_work(records, phase="search")
     out = []
     for ch in children:
-        ft = _sum(records, phase="finetune", out=ref(ch["finetune_out"])) if ch.get("finetune_out") else _sum([])
+        ft = sum_work(records, phase="finetune", out=ref(ch["finetune_out"])) if ch.get("finetune_out") else sum_work([])
         out.append(
             ChildCost(
                 name=ch["name"],
@@ -123,7 +110,7 @@ def family_costs(
                 params=ch["params"],
                 active_params=ch["active_params"],
                 search_share={u: v / k for u, v in search.items()},
-                extract=_sum(records, phase="extract", out=ref(ch["child_dir"])),
+                extract=sum_work(records, phase="extract", out=ref(ch["child_dir"])),
                 finetune=ft,
                 parent=parent,
                 family_size=k,
@@ -324,7 +311,7 @@ def plot_costs(costs: list[ChildCost], out: Path) -> None:
 
 def ledger_by_phase(records: list[dict]) -> dict[str, dict[str, float]]:
     phases = sorted({r.get("phase") for r in records if r.get("phase")})
-    return {p: _sum(records, phase=p) for p in phases}
+    return {p: sum_work(records, phase=p) for p in phases}
 
 
 def write_report(
@@ -424,10 +411,10 @@ def collect_baselines(run_dir: Path, records: list[dict], parent_config) -> dict
         meta = _read(d / "parent" / "config.json").get("meta", {})
         kept = set(meta.get("ledger_attempts") or [])
         mine = [r for r in records if not kept or r.get("attempt") in kept]
-        trained = _sum(mine, phase="baseline", run=led.ref(d))
+        trained = sum_work(mine, phase="baseline", run=led.ref(d))
         if trained["flops"] <= 0:
             continue
-        evals = _sum(mine, phase="train-eval", run=led.ref(d))  # its validation, as for the parent
+        evals = sum_work(mine, phase="train-eval", run=led.ref(d))  # its validation, as for the parent
         tot = {k: trained[k] + evals[k] for k in trained}
         for ch in collect_children(run_dir):
             child_cfg = ModelConfig.from_dict(_read(Path(ch["child_dir"]) / "config.json")["model"])
