@@ -85,8 +85,6 @@ class ChildCost:
 KINDS = ("marginal", "all-in", "amortized")
 
 
-
-
 def family_costs(
     records: list[dict], children: list[dict], baselines: dict[str, Baseline], ref=lambda path: path
 ) -> list[ChildCost]:
@@ -97,12 +95,16 @@ def family_costs(
         raise ConfigError("the report needs at least one extracted child")
     # the parent's cost: elastic training steps + its periodic validation + importance passes
     run = next((r["run"] for r in records if r.get("phase") == "train" and "run" in r), None)
-    parts = [sum_work(records, phase="train")] + [sum_work(records, phase=p, run=run) for p in ("train-eval", "importance")]
+    parts = [sum_work(records, phase="train")] + [
+        sum_work(records, phase=p, run=run) for p in ("train-eval", "importance")
+    ]
     parent = {k: sum(part[k] for part in parts) for k in parts[0]}
     search = sum_work(records, phase="search")
     out = []
     for ch in children:
-        ft = sum_work(records, phase="finetune", out=ref(ch["finetune_out"])) if ch.get("finetune_out") else sum_work([])
+        ft = (
+            sum_work(records, phase="finetune", out=ref(ch["finetune_out"])) if ch.get("finetune_out") else sum_work([])
+        )
         out.append(
             ChildCost(
                 name=ch["name"],
