@@ -15,7 +15,6 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -42,15 +41,20 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, model: ElasticMoE) -> tuple[d
     return tensors, meta
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, model: ElasticMoE, tensors: dict, meta: dict) -> None:
-    params = dict(model.named_parameters())
-    state: dict[Any, dict] = {}
+def _state_by_param(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{"param::exp_avg": t, ...} (as `_optimizer_tensors` writes them) -> {param: {"exp_avg": t}}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for key, v in tensors.items():
         name, _, k = key.rpartition("::")
-        state.setdefault(params[name], {})[k] = v.to(params[name].device) if k != "step" else v
+        out.setdefault(name, {})[k] = v
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, model: ElasticMoE, tensors: dict, meta: dict) -> None:
+    params = dict(model.named_parameters())
     opt.state.clear()
-    for p, st in state.items():
-        opt.state[p] = st
+    for name, st in _state_by_param(tensors).items():
+        opt.state[params[name]] = {k: v if k == "step" else v.to(params[name].device) for k, v in st.items()}
     for g, saved in zip(opt.param_groups, meta["param_groups"]):
         for k, v in saved.items():
             if k != "params":
@@ -157,10 +161,7 @@ def load_any_checkpoint(path: Path, model, opt, par) -> dict:
     tensors = load_file(str(path / "optimizer.safetensors"))  # full tensors, resharded on load
     state = read_json(path / "train_state.json")
     torch.set_rng_state(tensors.pop("rng::torch"))
-    per_param: dict[str, dict] = {}
-    for key, v in tensors.items():
-        name, _, k = key.rpartition("::")
-        per_param.setdefault(name, {})[k] = v
+    per_param = _state_by_param(tensors)
     groups = [
         {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
         for g in state["optimizer"]["param_groups"]
