@@ -221,7 +221,9 @@ def cmd_search(args) -> int:
     from .cost import cost
     from .phases import model_folder, run_recipe
     from .rundata import load_run_data
-    from .search import LatencyTable, SubnetEvaluator, format_table, parse_constraints, search, write_search_results
+    from .latency import LatencyTable
+    from .search import SubnetEvaluator, parse_constraints, search
+    from .search_output import format_table, write_search_results
     from .train import resolve_device
 
     run = Path(args.run_dir)

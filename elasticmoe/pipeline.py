@@ -112,7 +112,9 @@ class Pipeline:
         return load_run_data(self.run, self.recipe)
 
     def phase_search(self) -> dict:
-        from .search import LatencyTable, SubnetEvaluator, format_table, search, write_search_results
+        from .latency import LatencyTable
+        from .search import SubnetEvaluator, search
+        from .search_output import format_table, write_search_results
         from .train import resolve_device
 
         parent, _ = self._parent()
