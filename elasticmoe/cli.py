@@ -219,9 +219,9 @@ def cmd_search(args) -> int:
 
     from .checkpoint import load_model
     from .cost import cost
+    from .latency import LatencyTable
     from .phases import model_folder, run_recipe
     from .rundata import load_run_data
-    from .latency import LatencyTable
     from .search import SubnetEvaluator, parse_constraints, search
     from .search_output import format_table, write_search_results
     from .train import resolve_device
