@@ -166,7 +166,7 @@ def cmd_export(args) -> int:
 def cmd_import_hf(args) -> int:
     from .checkpoint import save_model
     from .config import ElasticSpace, dump_yaml
-    from .hf import import_hf
+    from .hf_import import import_hf
 
     space = None
     if args.space:

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from elasticmoe import checkpoint  # noqa: E402
 from elasticmoe.config import ConfigError, ElasticSpace  # noqa: E402
 from elasticmoe.extract import extract_to_folder  # noqa: E402
-from elasticmoe.hf import HFError, export_hf, import_hf, max_logit_diff_hf  # noqa: E402
+from elasticmoe.hf import HFError, export_hf, max_logit_diff_hf  # noqa: E402
+from elasticmoe.hf_import import import_hf  # noqa: E402
 from elasticmoe.model import ElasticMoE  # noqa: E402
 from elasticmoe.subnet import LayerSpec, Subnet  # noqa: E402
 
