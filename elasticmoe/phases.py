@@ -33,12 +33,11 @@ from . import cost as costmod
 from .checkpoint import load_model, read_json, save_model
 from .config import ConfigError, ElasticSpace
 from .ledger import Ledger
+from .metrics import _append_metrics, _truncate_metrics
 from .recipe import Recipe, SamplingConfig, load_recipe
 from .rundata import load_run_data
 from .subnet import Subnet
 from .train import (
-    _append_metrics,
-    _truncate_metrics,
     autocast,
     eval_losses,
     find_checkpoint,
