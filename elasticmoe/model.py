@@ -8,7 +8,8 @@ computed and thrown away. The per-call choice is an argument, never a mode store
 Math follows Mixtral / Qwen3-MoE so an exporter can write a stock transformers checkpoint:
 pre-RMSNorm (computed in float32), rotate-half RoPE, grouped-query attention through
 `scaled_dot_product_attention`, softmax router over the kept experts in float32 whose top-k
-probabilities are renormalised to sum to one, SwiGLU experts `down(silu(gate x) * up x)`.
+probabilities are renormalised to sum to one (for top-1 the weight is 1 with a straight-through
+gradient, see MoE.forward), SwiGLU experts `down(silu(gate x) * up x)`.
 
 Shape legend (suffixes on tensor names): B batch, T time (new tokens), S keys (cached + new),
 D d_model, H query heads, G kv heads, Dh head dim, V vocab, E experts kept, K top-k,
@@ -230,7 +231,14 @@ class MoE(nn.Module):
         logits_NE = F.linear(x_ND, self.router.weight[:E])
         probs_NE = logits_NE.float().softmax(dim=-1)
         top_p_NK, top_i_NK = probs_NE.topk(K, dim=-1)
-        top_p_NK = top_p_NK / top_p_NK.sum(dim=-1, keepdim=True)
+        if K == 1:
+            # Renormalising one probability gives exactly 1 and no gradient, so a k=1 router would
+            # learn from the auxiliary losses alone. p / stop_grad(p) keeps the value exactly 1.0
+            # (what Mixtral-style runtimes compute, so exports stay exact) with gradient d log p:
+            # a straight-through gate that tells the router whether its choice helped the loss.
+            top_p_NK = top_p_NK / top_p_NK.detach()
+        else:
+            top_p_NK = top_p_NK / top_p_NK.sum(dim=-1, keepdim=True)
         method = self.dispatch
         if method == "auto":
             method = "grouped" if x_ND.is_cuda and _grouped_mm_available() else "loop"

@@ -82,8 +82,12 @@ def standalone_config(parent: ModelConfig, subnet: Subnet) -> ModelConfig:
         return replace(parent, layers=subnet.depth, experts=s.experts, top_k=s.top_k, expert_width=s.width)
     shapes = tuple((s.experts, s.top_k, s.width) for s in subnet.specs)
     return replace(
-        parent, layers=subnet.depth, experts=max(e for e, _, _ in shapes), top_k=max(k for _, k, _ in shapes),
-        expert_width=max(w for _, _, w in shapes), layer_shapes=shapes,
+        parent,
+        layers=subnet.depth,
+        experts=max(e for e, _, _ in shapes),
+        top_k=max(k for _, k, _ in shapes),
+        expert_width=max(w for _, _, w in shapes),
+        layer_shapes=shapes,
     )
 
 
@@ -264,8 +268,9 @@ def test_cached_greedy_generate_equals_naive_decoding(tiny_config, subnet):
     assert len(set(got[0, 5:].tolist())) > 1  # not a degenerate constant continuation
 
 
-@pytest.mark.parametrize("subnet", [None, Subnet((1, 2), (LayerSpec(3, 2, 8), LayerSpec(2, 1, 24)))],
-                         ids=["parent", "subnet"])
+@pytest.mark.parametrize(
+    "subnet", [None, Subnet((1, 2), (LayerSpec(3, 2, 8), LayerSpec(2, 1, 24)))], ids=["parent", "subnet"]
+)
 def test_chunked_prefill_with_cache_equals_one_shot(tiny_config, subnet):
     model = make_model(tiny_config)
     x = tokens(tiny_config, B=2, T=14)
@@ -311,8 +316,18 @@ def test_bf16_autocast_runs_forward_and_backward_with_either_dispatch(method, mo
     from elasticmoe.model import MoE
 
     monkeypatch.setattr(MoE, "dispatch", method)
-    c = ModelConfig(vocab_size=97, d_model=32, layers=2, heads=4, kv_heads=2, head_dim=8, experts=4, top_k=2,
-                    expert_width=24, max_seq_len=32)
+    c = ModelConfig(
+        vocab_size=97,
+        d_model=32,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=8,
+        experts=4,
+        top_k=2,
+        expert_width=24,
+        max_seq_len=32,
+    )
     torch.manual_seed(0)
     model = ElasticMoE(c)
     tokens = torch.randint(0, 97, (2, 16))
@@ -323,3 +338,39 @@ def test_bf16_autocast_runs_forward_and_backward_with_either_dispatch(method, mo
     assert out.logits.dtype == torch.bfloat16
     assert (out.logits.float() - ref).abs().max() < 0.1  # bf16 rounding, not a different function
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_router_learns_from_the_language_model_loss_at_every_top_k(tiny_config, top_k):
+    """The router's gradient from the LM loss alone (no balance or z-loss) is of the same order at
+    every k. Renormalising a single probability (k=1) gave exactly 0: the router of every top-1
+    sub-network learned only from the auxiliary losses."""
+    model = make_model(tiny_config).train()
+    E = tiny_config.experts
+    if top_k > E:
+        pytest.skip("top-k above the experts")
+    subnet = Subnet.uniform(range(tiny_config.layers), E, top_k, tiny_config.expert_width)
+    x = tokens(tiny_config, B=4, T=16)
+    out = model(x[:, :-1], subnet)
+    F.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+    norms = [b.moe.router.weight.grad.norm().item() for b in model.blocks]
+    assert all(n > 1e-4 for n in norms), norms
+
+
+def test_top1_gate_is_exactly_one_so_exports_stay_exact(tiny_config):
+    """The top-1 straight-through gate has value exactly 1.0: the same output as a runtime that
+    renormalises the top-k probabilities (Mixtral in transformers and llama.cpp)."""
+    torch.manual_seed(0)
+    moe = MoE(16, 4, 8, 0)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(10, 16)
+    y, _, _ = moe(x, LayerSpec(4, 1, 8))
+    top_i = F.linear(x, moe.router.weight).argmax(-1)
+    ref = torch.stack([moe_expert(moe, int(e), x[n]) for n, e in enumerate(top_i)])
+    assert torch.equal(y, ref) or torch.allclose(y, ref, atol=1e-6)
+
+
+def moe_expert(moe: MoE, e: int, x_D: torch.Tensor) -> torch.Tensor:
+    h = F.silu(moe.w_gate[e] @ x_D) * (moe.w_up[e] @ x_D)
+    return moe.w_down[e] @ h
