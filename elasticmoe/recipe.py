@@ -62,6 +62,7 @@ class SamplingConfig:
     per_layer: bool = False  # random sub-networks with per-layer choices
     targets: tuple[str, ...] = ()  # fixed Subnet specs trained every step (sandwich) or sampled (budget)
     target_weights: tuple[float, ...] = ()  # budget mode: probabilities over targets
+    full_fraction: float = 0.0  # the first steps * full_fraction steps train the largest network only
     # progressive shrinking: fractions of the steps spent in each phase, in this order
     phases: dict[str, float] = field(default_factory=lambda: {"full": 0.1, "depth": 0.15, "experts": 0.15, "all": 0.6})
 
@@ -71,6 +72,10 @@ class DistillConfig:
     kd_weight: float = 1.0  # KL(largest || sub-network) weight, for all but the largest
     ce_weight: float = 1.0  # data cross-entropy weight, for all but the largest
     temperature: float = 1.0
+    # Weight of all the other sub-networks of a step together, shared equally, against 1 for the
+    # largest; the step's loss is divided by (1 + subnet_weight) so its gradient has the scale of
+    # one network's (gradient clipping then means what it means in a from-scratch run).
+    subnet_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,11 @@ class Recipe:
             bad = sorted(set(s.phases) - {"full", "depth", "experts", "all"})
             if bad:
                 p.append(f"sampling.phases has unknown phase(s) {bad}; allowed full, depth, experts, all")
+        if not (isinstance(s.full_fraction, (int, float)) and 0 <= s.full_fraction <= 1):
+            p.append(f"sampling.full_fraction={s.full_fraction!r} must be in [0, 1]")
+        sw = self.distill.subnet_weight
+        if not (isinstance(sw, (int, float)) and not isinstance(sw, bool) and 0 <= sw < float("inf")):
+            p.append(f"distill.subnet_weight={sw!r} must be a finite number >= 0")
         if self.distill.temperature <= 0:
             p.append(f"distill.temperature={self.distill.temperature!r} must be > 0")
         if self.reorder.experts_by not in ("mass", "output"):

@@ -112,6 +112,8 @@ def sample_step(recipe: Recipe, step: int, layer_order: list[int]) -> list[tuple
     rng = random.Random(recipe.train.seed * 1_000_003 + step)
     space = _phase_space(recipe, step) if s.mode == "progressive" else recipe.space
     out = [("largest", largest(recipe.space, layer_order))]
+    if step < s.full_fraction * recipe.train.steps:  # full-network warm-up
+        return out
     targets = [Subnet.parse(t, recipe.model, layer_order) for t in s.targets]
     if s.mode == "budget":
         weights = list(s.target_weights) or [1.0] * len(targets)
@@ -400,6 +402,9 @@ def _loop(
             subnets = par.agree_on_subnets(step, sample_step(recipe, step, model.layer_order))
             losses, finite, step_flops = {}, True, 0
             teacher = None
+            d = recipe.distill
+            n_sub = len(subnets) - 1
+            scale = 1.0 / (1.0 + (d.subnet_weight if n_sub else 0.0))
             for name, sn in subnets:
                 with autocast(device):
                     out = model(x, sn)
@@ -407,10 +412,11 @@ def _loop(
                 if teacher is None:
                     loss = ce
                     teacher = out.logits.detach()
+                    weight = scale
                 else:
-                    d = recipe.distill
                     loss = d.ce_weight * ce + d.kd_weight * kd_loss(out.logits, teacher, d.temperature)
-                loss = loss + t.aux_weight * out.aux_loss + t.z_weight * out.z_loss
+                    weight = scale * d.subnet_weight / n_sub
+                loss = weight * (loss + t.aux_weight * out.aux_loss + t.z_weight * out.z_loss)
                 if not par.all_finite(loss, step):  # agreed by all ranks before any backward
                     finite = False
                     break
