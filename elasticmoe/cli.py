@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
 from .config import ConfigError
 from .ledger import Ledger
+from .runfolder import check_separate, lock, recipe_inputs, writing
 
 log = logging.getLogger("elasticmoe")
 
@@ -18,6 +20,33 @@ def _recipe(args):
     from .recipe import load_recipe
 
     return load_recipe(args.config, args.set)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _finite(value: float, lo: float, name: str, strict: bool = True, hi: float | None = None) -> None:
+    """A command-line number must be finite and in range (NaN and inf are refused, named)."""
+    inside = value > lo if strict else value >= lo
+    if hi is not None:
+        inside = inside and value <= hi
+    if not (math.isfinite(value) and inside):
+        bound = f"> {lo}" if strict else f">= {lo}"
+        raise ConfigError(
+            f"{name}={value} must be a finite number {bound}" + (f" and <= {hi}" if hi is not None else "")
+        )
+
+
+def _device(name: str, flag: str = "--device") -> str:
+    import re
+
+    _require(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name) is not None,
+        f"{flag}={name!r}; allowed auto, cpu, cuda, cuda:N, mps",
+    )
+    return name
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +73,7 @@ def cmd_info(args) -> int:
     from .model import ElasticMoE
     from .subnet import enumerate_uniform
 
+    _require(args.rows >= 1, f"--rows={args.rows} must be >= 1")
     recipe = _recipe(args)
     c = recipe.model
     subnets = enumerate_uniform(recipe.space, list(range(c.layers)))
@@ -77,14 +107,18 @@ def cmd_train(args) -> int:
 
     from .train import train
 
-    saved = Path(args.out) / "recipe.yaml"
+    out = Path(args.out)
+    saved = out / "recipe.yaml"
     if args.resume and args.config is None and saved.is_file():  # resume with the run's own recipe
         from .recipe import load_recipe
 
         recipe = load_recipe(saved, args.set)
     else:
         recipe = _recipe(args)
-    res = train(recipe, Path(args.out), resume=args.resume, progress=not args.quiet, parallel=args.parallel)
+    check_separate(out, recipe_inputs(recipe))
+    with writing(out, "train", create=not args.resume):
+        _commit_recipe(out, recipe, args.resume)
+        res = train(recipe, out, resume=args.resume, progress=not args.quiet, parallel=args.parallel)
     if not res.is_main:  # under torchrun, rank 0 reports
         return 0
     table = Table(title=f"validation cross-entropy (nats/token) at step {res.step}")
@@ -97,6 +131,20 @@ def cmd_train(args) -> int:
     Console().print(table)
     print(f"parent written to {Path(args.out) / 'parent'} | {res.tokens_per_s:,.0f} tokens/s (median)")
     return 0
+
+
+def _commit_recipe(run_dir: Path, recipe, resume: bool) -> None:
+    """A new run (no checkpoint yet) gets this command's recipe, atomically: a recipe.yaml left by
+    an earlier attempt that failed before its first checkpoint must not outlive it (it would be
+    the recipe a later --resume trains with). Rank 0 only; under torchrun the others wait in train."""
+    import os
+
+    from .checkpoint import atomic_write_text
+    from .config import dump_yaml
+
+    if resume or (run_dir / "checkpoints").exists() or int(os.environ.get("RANK", "0")) != 0:
+        return
+    atomic_write_text(run_dir / "recipe.yaml", dump_yaml(recipe.to_dict()))
 
 
 # -- extract / export / import -------------------------------------------------------------
@@ -130,8 +178,11 @@ def cmd_extract(args) -> int:
         spec = args.subnet
     else:
         raise ConfigError("give --subnet SPEC or --from-search N")
-    parent, _ = load_model(model_folder(run))
-    meta = extract_child(run, parent, spec, Path(args.out))
+    out = Path(args.out)
+    check_separate(out, [run / "parent", run / "data", run / "checkpoints", run / "recipe.yaml", run / "ledger.jsonl"])
+    with lock(run, "extract"):
+        parent, _ = load_model(model_folder(run))
+        meta = extract_child(run, parent, spec, out)
     v = meta["verification"]
     print(
         f"wrote {args.out}: {meta['subnet']} | {meta['params']:,} params, {meta['active_params']:,} active | "
@@ -145,6 +196,7 @@ def cmd_export(args) -> int:
     from .phases import model_folder
 
     src = model_folder(args.model_dir)
+    check_separate(args.out, [src])
     tokens = None
     try:
         from .phases import parent_run_of
@@ -164,34 +216,42 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_hf(args) -> int:
-    from .checkpoint import save_model
+    from .checkpoint import atomic_write_text, save_model
     from .config import ElasticSpace, dump_yaml
     from .hf_import import import_hf
+    from .recipe import DataConfig
 
     space = None
     if args.space:
         from .config import load_mapping
 
         space = ElasticSpace.from_dict(load_mapping(args.space))
-    model = import_hf(args.hf_dir, space)
-    space = space or ElasticSpace.default_for(model.config)
     out = Path(args.out)
+    check_separate(out, [args.hf_dir, args.space])
     if (out / "parent").exists():
         raise ConfigError(f"{out} already holds a parent")
+    model = import_hf(args.hf_dir, space)  # everything is checked before the output folder is made
+    space = space or ElasticSpace.default_for(model.config)
     tok = Path(args.hf_dir) / "tokenizer.json"
-    save_model(
-        out / "parent",
-        model,
-        {"kind": "imported", "source": str(Path(args.hf_dir).resolve())},
-        extra_files={"tokenizer.json": tok} if tok.is_file() else None,
-    )
-    recipe = {
-        "model": model.config.to_dict(),
-        "space": space.to_dict(),
-        "data": {"vocab_size": model.config.vocab_size, "tokenizer": str(tok) if tok.is_file() else ""},
-        "train": {"init_from": str((out / "parent").resolve())},
-    }
-    (out / "recipe.yaml").write_text(dump_yaml(recipe))
+    with writing(out, "import-hf"):
+        parent = save_model(
+            out / "parent",
+            model,
+            {"kind": "imported", "source": str(Path(args.hf_dir).resolve())},
+            extra_files={"tokenizer.json": tok} if tok.is_file() else None,
+        ).resolve()
+        # paths point into the run's own copy, never at the source folder or the working directory
+        recipe = {
+            "model": model.config.to_dict(),
+            "space": space.to_dict(),
+            "data": {
+                "vocab_size": model.config.vocab_size,
+                "tokenizer": str(parent / "tokenizer.json") if tok.is_file() else "",
+                "seq_len": min(DataConfig.seq_len, model.config.max_seq_len),
+            },
+            "train": {"init_from": str(parent)},
+        }
+        atomic_write_text(out / "recipe.yaml", dump_yaml(recipe))
     print(
         f"imported {args.hf_dir} -> {out / 'parent'} ({model.num_params():,} params); continue elastic training "
         f"with: elasticmoe train --config {out / 'recipe.yaml'} --out NEW_RUN"
@@ -215,6 +275,16 @@ CONSTRAINT_FLAGS = (
 
 
 def cmd_search(args) -> int:
+    _require(args.batch >= 1, f"--batch={args.batch} must be >= 1")
+    _require(args.windows >= 1, f"--windows={args.windows} must be >= 1")
+    _require(args.seq_len is None or args.seq_len >= 2, f"--seq-len={args.seq_len} must be >= 2")
+    _device(args.device)
+    run = Path(args.run_dir)
+    with lock(run, "search"):
+        return _search(args, run)
+
+
+def _search(args, run: Path) -> int:
     from rich.console import Console
 
     from .checkpoint import load_model
@@ -226,7 +296,6 @@ def cmd_search(args) -> int:
     from .search_output import format_table, write_search_results
     from .train import resolve_device
 
-    run = Path(args.run_dir)
     recipe = run_recipe(run)
     seq = args.seq_len or recipe.data.seq_len
     given = [f"{k}={getattr(args, k)}" for k in CONSTRAINT_FLAGS if getattr(args, k) is not None]
@@ -236,6 +305,7 @@ def cmd_search(args) -> int:
     parent.to(device)
     windows = load_run_data(run, recipe).eval_windows("search", args.windows)
     out = Path(args.out) if args.out else run / "search"
+    check_separate(out, [run / "parent", run / "data", run / "checkpoints", run / "recipe.yaml"])
     ledger = Ledger(run / "ledger.jsonl")
     table = None
     with ledger.phase("search", device=str(device), model="latency-table"):
@@ -276,8 +346,28 @@ def _weights(items: list[str]) -> dict[str, float] | None:
 
 
 def cmd_finetune(args) -> int:
-    from .phases import finetune
+    from .phases import finetune, model_folder, parent_run_of
 
+    _finite(args.lr, 0, "--lr")
+    _finite(args.temperature, 0, "--temperature")
+    _finite(args.kd_weight, 0, "--kd-weight", strict=False)
+    _finite(args.ce_weight, 0, "--ce-weight", strict=False)
+    _require((args.tokens or 1) >= 1 and (args.steps or 1) >= 1, "--tokens / --steps must be >= 1")
+    _require(args.kd_weight > 0 or args.ce_weight > 0, "--kd-weight and --ce-weight are both 0: nothing to train on")
+    child = model_folder(args.child_dir)
+    data_run = Path(args.data or args.teacher or parent_run_of(child) or args.child_dir)
+    out = Path(args.out)
+    check_separate(out, [child, args.teacher, args.data, data_run / "data", data_run / "parent"])
+    from contextlib import nullcontext
+
+    from .runfolder import looks_like_run
+
+    data_lock = lock(data_run, "finetune") if looks_like_run(data_run) else nullcontext()
+    with data_lock, writing(out, "finetune", create=not args.resume):
+        return _finetune(args, finetune)
+
+
+def _finetune(args, finetune) -> int:
     res = finetune(
         args.child_dir,
         args.out,
@@ -303,15 +393,17 @@ def cmd_finetune(args) -> int:
 def cmd_baseline(args) -> int:
     from .phases import baseline
 
-    out = baseline(
-        args.run_dir,
-        args.arch,
-        tokens=args.tokens,
-        steps=args.steps,
-        name=args.name,
-        progress=not args.quiet,
-        resume=args.resume,
-    )
+    _require((args.tokens or 1) >= 1 and (args.steps or 1) >= 1, "--tokens / --steps must be >= 1")
+    with lock(args.run_dir, "baseline"):
+        out = baseline(
+            args.run_dir,
+            args.arch,
+            tokens=args.tokens,
+            steps=args.steps,
+            name=args.name,
+            progress=not args.quiet,
+            resume=args.resume,
+        )
     print(f"baseline trained from scratch -> {out / 'parent'} (recorded in {Path(args.run_dir) / 'ledger.jsonl'})")
     return 0
 
@@ -322,6 +414,10 @@ def cmd_eval(args) -> int:
     from .evaluate_run import evaluate_folders, print_results
     from .phases import model_folder, parent_run_of
 
+    _require(args.examples >= 1, f"--examples={args.examples} must be >= 1")
+    _device(args.device)
+    if args.out and Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give the path of the results JSON file to write")
     folders = [model_folder(m) for m in args.model_dirs]
     data_run = Path(args.data) if args.data else None
     if data_run is None:
@@ -340,7 +436,9 @@ def cmd_eval(args) -> int:
             name = f.parent.name if f.name in ("model", "parent") else f.name
         names[name if name not in names else str(f)] = f
     out = Path(args.out) if args.out else data_run / "eval" / "cli.json"
-    res = evaluate_folders(names, data_run, out, max_examples=args.examples, device=args.device, parent=args.parent)
+    check_separate(out, [*folders, data_run / "data", data_run / "ledger.jsonl"])
+    with lock(data_run, "eval"):
+        res = evaluate_folders(names, data_run, out, max_examples=args.examples, device=args.device, parent=args.parent)
     print_results(res)
     print(f"wrote {out}")
     return 0
@@ -361,12 +459,19 @@ def cmd_lm_eval_tasks(args) -> int:
 def cmd_report(args) -> int:
     from .report import report_run
 
-    report_run(
-        Path(args.run_dir),
-        claims=args.claim,
-        estimate_tokens=args.estimate_baseline_tokens,
-        require_percent=args.percent,
+    _require(
+        args.estimate_baseline_tokens is None or args.estimate_baseline_tokens >= 1,
+        f"--estimate-baseline-tokens={args.estimate_baseline_tokens} must be >= 1",
     )
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"{args.run_dir} is not a folder")
+    with lock(args.run_dir, "report"):
+        report_run(
+            Path(args.run_dir),
+            claims=args.claim,
+            estimate_tokens=args.estimate_baseline_tokens,
+            require_percent=args.percent,
+        )
     print((Path(args.run_dir) / "report.md").read_text())
     return 0
 
@@ -374,15 +479,20 @@ def cmd_report(args) -> int:
 def cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
+    _finite(args.finetune_fraction, 0, "--finetune-fraction", strict=False)
+    _require(args.eval_examples >= 1, f"--eval-examples={args.eval_examples} must be >= 1")
     recipe = _recipe(args)
-    run_pipeline(
-        recipe,
-        Path(args.out),
-        progress=not args.quiet,
-        baselines=args.baselines,
-        finetune_fraction=args.finetune_fraction,
-        eval_examples=args.eval_examples,
-    )
+    out = Path(args.out)
+    check_separate(out, recipe_inputs(recipe))
+    with writing(out, "run"):
+        run_pipeline(
+            recipe,
+            out,
+            progress=not args.quiet,
+            baselines=args.baselines,
+            finetune_fraction=args.finetune_fraction,
+            eval_examples=args.eval_examples,
+        )
     print(f"done: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -553,11 +663,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as exc:
-        print(f"elasticmoe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"elasticmoe {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as exc:  # only ever from reading an input file
+        print(f"elasticmoe {args.command}: error: an input file is not UTF-8 text ({exc.reason})", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        from .dist import describe_failure
+
+        line = describe_failure(exc) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        if line is None:
+            raise
+        print(f"elasticmoe {args.command}: error: {line}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the machine, not the input: disk full, permissions, a vanished file
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"elasticmoe {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,50 @@ def _int_in(problems: list[str], name: str, value: Any, lo: int, hi: int | None 
     elif value < lo or (hi is not None and value > hi):
         rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
         problems.append(f"{name}={value} is out of range; allowed {rng}")
+
+
+def check_number(
+    problems: list[str],
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    integer: bool = False,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> bool:
+    """Append a problem unless `value` is a finite number (an integer when `integer`; never a
+    boolean) in the interval from `lo` to `hi` (open ends when `lo_open` / `hi_open`). True if fine."""
+    kind = "an integer" if integer else "a finite number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        problems.append(f"{name}={value!r} must be {kind}")
+        return False
+    if not math.isfinite(value):
+        problems.append(f"{name}={value!r} must be {kind}")
+        return False
+    low_ok = lo is None or (value > lo if lo_open else value >= lo)
+    high_ok = hi is None or (value < hi if hi_open else value <= hi)
+    if not (low_ok and high_ok):
+        left = "any" if lo is None else f"{'(' if lo_open else '['}{lo}"
+        right = "any" if hi is None else f"{hi}{')' if hi_open else ']'}"
+        problems.append(f"{name}={value!r} is out of range; allowed {left}, {right}".replace("any, any", "any"))
+        return False
+    return True
+
+
+def check_type(problems: list[str], name: str, value: Any, kind: type, of: type | None = None) -> bool:
+    """Append a problem unless `value` is a `kind` (a tuple/dict whose items are `of`, when given)."""
+    names = {str: "a string", bool: "true or false", tuple: "a list", dict: "a mapping"}
+    ok = isinstance(value, kind)
+    if ok and of is not None:
+        items = value.values() if isinstance(value, dict) else value
+        ok = all(isinstance(v, of) and not (of is not bool and isinstance(v, bool)) for v in items)
+        if ok and isinstance(value, dict):
+            ok = all(isinstance(k, str) for k in value)
+    if not ok:
+        what = names.get(kind, kind.__name__) + (f" of {names.get(of, of.__name__)}s" if of is not None else "")
+        problems.append(f"{name}={value!r} must be {what}")
+    return ok
 
 
 @dataclass(frozen=True)
@@ -103,10 +148,8 @@ class ModelConfig:
             p.append(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
         if not any(q.startswith("head_dim=") for q in p) and self.head_dim % 2:
             p.append(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
-        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
-            p.append(f"rope_theta={self.rope_theta!r} must be a positive number")
-        if not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
-            p.append(f"norm_eps={self.norm_eps!r} must be in (0, 1)")
+        check_number(p, "rope_theta", self.rope_theta, 0, lo_open=True)
+        check_number(p, "norm_eps", self.norm_eps, 0, 1, lo_open=True, hi_open=True)
         if self.layer_shapes and not p:
             if len(self.layer_shapes) != self.layers:
                 p.append(f"layer_shapes has {len(self.layer_shapes)} entries; expected layers={self.layers}")
@@ -220,7 +263,10 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot parse {path}: not UTF-8 text (a binary file?)") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml

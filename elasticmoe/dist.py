@@ -84,6 +84,7 @@ from __future__ import annotations
 import builtins
 import collections
 import dataclasses
+import datetime
 import enum
 import hashlib
 import importlib
@@ -93,7 +94,7 @@ import os
 import pathlib
 import pickle
 import shutil
-import tempfile
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -103,7 +104,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checkpoint import MANIFEST, CheckpointError, sha256_file, write_json
+from .checkpoint import CheckpointError, begin_folder, publish_folder, write_json
 from .config import ConfigError
 from .model import ElasticMoE
 from .subnet import LayerSpec, Subnet
@@ -117,6 +118,8 @@ TEST_DIVERGE_ENV = "ELASTICMOE_TEST_DIVERGE_RANK"  # "RANK" or "RANK:STEP": pert
 # "RANK:STEP": that rank's loss becomes NaN at that step, in its second sub-network (after the first
 # backward pass, so FSDP has already reduce-scattered) or its only one
 TEST_NAN_ENV = "ELASTICMOE_TEST_NAN"
+COLLECTIVE_TIMEOUT_ENV = "ELASTICMOE_COLLECTIVE_TIMEOUT_S"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 
 
 class RankDivergenceError(RuntimeError):
@@ -128,6 +131,28 @@ def _env_int(name: str, default: int) -> int:
         return int(os.environ.get(name, default))
     except ValueError:
         raise ConfigError(f"environment variable {name}={os.environ[name]!r} must be an integer") from None
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The watchdog: a collective that waits longer than this for another rank (hung, stopped,
+    swapped out) fails on every waiting rank with an error, instead of blocking the job forever.
+    Long enough for rank 0's slowest solo work between collectives (publishing the parent)."""
+    seconds = _env_int(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S)
+    if seconds < 1:
+        raise ConfigError(f"{COLLECTIVE_TIMEOUT_ENV}={seconds} must be >= 1 (seconds)")
+    return datetime.timedelta(seconds=seconds)
+
+
+def describe_failure(exc: BaseException) -> str | None:
+    """One line for a collective that timed out (the watchdog fired), else None."""
+    text = str(exc)
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (
+            f"a collective waited more than {collective_timeout().seconds} s for another rank (hung, stopped or "
+            f"dead): stopping this job; resume it with --resume. Set {COLLECTIVE_TIMEOUT_ENV} to change the limit "
+            f"({text.splitlines()[0][:160] if text else 'timeout'})"
+        )
+    return None
 
 
 def setup(device: torch.device, parallel: str = "auto") -> Parallel:
@@ -149,7 +174,9 @@ def setup(device: torch.device, parallel: str = "auto") -> Parallel:
         torch.cuda.set_device(device)
     if not initialized:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend, device_id=device if device.type == "cuda" else None, timeout=collective_timeout()
+        )
     mode = parallel if parallel != "auto" else ("fsdp" if device.type == "cuda" else "ddp")
     cls = Sharded if mode == "fsdp" else Replicated
     par = cls(device, dist.get_rank(), dist.get_world_size(), owns_group=not initialized)
@@ -349,7 +376,15 @@ class Replicated(Parallel):
         return summary
 
     def close(self) -> None:
+        """Leave the process group cleanly: after a normal finish every rank first meets at a
+        barrier, so no rank tears the group down while another still uses it (an abort at exit).
+        After an error no barrier (the other ranks may never come): just destroy."""
         if self.owns_group and dist.is_initialized():
+            if sys.exc_info()[0] is None:
+                try:
+                    dist.barrier()
+                except Exception as exc:  # noqa: BLE001 - a rank died at the end: still tear down
+                    log.warning("barrier before shutdown failed: %s", exc)
             dist.destroy_process_group()
 
 
@@ -468,27 +503,6 @@ def is_sharded(folder: Path) -> bool:
     return (Path(folder) / "dcp" / ".metadata").is_file()
 
 
-def write_manifest_all(folder: Path) -> None:
-    """checkpoint.write_manifest, but covering dot-files too (DCP's index is `dcp/.metadata`)."""
-    files = {}
-    for p in sorted(Path(folder).rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[str(p.relative_to(folder))] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    write_json(Path(folder) / MANIFEST, {"files": files})
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Rename a finished folder into place, replacing an older one only once the new one is whole."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
 def save_sharded(par: Replicated, path: Path, model, opt, json_files: dict[str, Any]) -> Path:
     """Collective: every rank writes its shards of model + optimizer with torch.distributed.checkpoint
     into a temporary folder; then rank 0 writes `json_files`, the manifest, and renames into place."""
@@ -497,11 +511,7 @@ def save_sharded(par: Replicated, path: Path, model, opt, json_files: dict[str, 
 
     path = Path(path)
 
-    def make_tmp() -> str:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp")
-
-    tmp = Path(par.on_main(make_tmp))
+    tmp = Path(par.on_main(lambda: str(begin_folder(path, "checkpoint"))))
     msd, osd = get_state_dict(model, opt)
     try:
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
@@ -514,8 +524,7 @@ def save_sharded(par: Replicated, path: Path, model, opt, json_files: dict[str, 
         try:
             for name, data in json_files.items():
                 write_json(tmp / name, data)
-            write_manifest_all(tmp)
-            _publish(tmp, path)
+            publish_folder(tmp, path, "checkpoint")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -578,6 +587,7 @@ def load_sharded(folder: Path, model, opt) -> None:
     """Load a sharded checkpoint's model and optimizer at any world size (resharding as needed);
     works in a plain single process too (no process group)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     msd, osd = get_state_dict(model, opt)
@@ -588,8 +598,9 @@ def load_sharded(folder: Path, model, opt) -> None:
             dcp.load(state, storage_reader=_safe_reader(Path(folder) / "dcp"))
     except CheckpointError:
         raise
-    except Exception as exc:
-        raise CheckpointError(f"{folder / 'dcp'} cannot be loaded into this model: {exc}") from None
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{folder / 'dcp'} cannot be loaded into this model: {first}") from None
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 

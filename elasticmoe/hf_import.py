@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,15 @@ log = logging.getLogger(__name__)
 
 
 def _refuse_unsafe_files(folder: Path) -> None:
+    root = folder.resolve()
+    leaving = sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_symlink() and not p.resolve().is_relative_to(root)
+    )
+    if leaving:
+        raise HFError(
+            f"{folder} holds symbolic links to files outside it {leaving}: they would be copied into the run and "
+            "every export. Replace them by the files themselves"
+        )
     pickles = sorted(
         str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES
     )
@@ -192,6 +202,25 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], s
     return found
 
 
+def _check_size(config: ModelConfig, headers: dict) -> None:
+    """Refuse a config.json that describes more than the weight files hold, before anything of
+    that size is built (`num_hidden_layers: 1e7` must be an error, not an allocation)."""
+    c = config
+    held = sum(math.prod(shape) for _, shape, _ in headers.values())
+    per_layer = (
+        c.d_model * c.heads * c.head_dim * 2  # q and o projections
+        + 2 * c.d_model * c.kv_heads * c.head_dim  # k and v
+        + c.experts * (3 * c.d_model * c.expert_width + c.d_model)  # experts and router
+    )
+    implied = c.vocab_size * c.d_model + c.layers * per_layer
+    layers_held = {k.split(".")[2] for k in headers if k.startswith("model.layers.") and k.count(".") > 2}
+    if implied > held or c.layers > len(layers_held):
+        raise HFError(
+            f"config.json describes {c.layers} layers and at least {implied:,} parameters, but the weight files hold "
+            f"{len(layers_held)} layers and {held:,} values: config.json does not describe these weights"
+        )
+
+
 def _check_headers(headers: dict, expected: dict[str, tuple[int, ...]], tied: bool) -> None:
     p: list[str] = []
     extra = [
@@ -255,6 +284,7 @@ def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None) -> ElasticM
     _refuse_unsafe_files(folder)
     model_type, config = read_hf_config(folder)
     headers = _read_headers(_weight_files(folder))
+    _check_size(config, headers)
     _check_headers(headers, expected_shapes(config, model_type), config.tie_embeddings)
     if space is not None:
         space.validate(config)
@@ -274,6 +304,10 @@ def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None) -> ElasticM
                 raise HFError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs from the embeddings")
     finally:
         handles.clear()
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise HFError(f"{folder}: weights hold NaN or infinite values ({shown}); nothing was imported")
     model = ElasticMoE(config)
     model.load_state_dict(state, strict=True, assign=True)
     log.info("imported %s from %s: %d params", ARCHITECTURES[model_type], folder, model.num_params())

@@ -1,5 +1,11 @@
 """The cost ledger: one JSON line per unit of work, appended atomically to `RUN_DIR/ledger.jsonl`.
 
+Exactness. Every unit of work has an idempotent key (`work_key`): a training segment is
+(phase, run, step range), a periodic evaluation or re-ordering (phase, run, step), and any record
+may carry an explicit `key`. Sums count each key once, so a resume that redoes a segment, a
+re-run closing evaluation, or a record written again after a kill never double-counts; damaged
+lines are returned by `Ledger.problems()` (and shown by `report`), never silently dropped.
+
 Each phase writes a `start` record when it begins and an `end` record when it finishes
 (status `ok` or `crashed`); long phases also write `progress` records (training: one per
 checkpoint interval, so a resumed run never counts a step twice; the work lost between the
@@ -9,14 +15,14 @@ last checkpoint and a crash, at most `ckpt_every` steps, is not recorded). Only 
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from .jsonl import append_record, read_records
 
 
 class Ledger:
@@ -35,31 +41,36 @@ class Ledger:
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """One line, one `write` on an O_APPEND descriptor, then fsync: lines never interleave."""
         record = {"time": time.time(), **record}
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line (power cut): end it first
-                line = b"\n" + line
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_record(self.path, record)
         return record
 
+    def append_once(self, record: dict[str, Any]) -> bool:
+        """Append `record` unless one with the same `work_key` is already there (True if written):
+        how a resume records a segment its checkpoint holds but a kill kept out of the ledger."""
+        key = work_key(record)
+        if key is not None and any(work_key(r) == key for r in self.records()):
+            return False
+        self.append(record)
+        return True
+
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:  # a torn last line from a power cut: ignore it
-                    continue
-        return out
+        return self.read()[0]
+
+    def problems(self) -> list[str]:
+        """The damaged lines ("line N: why"): work they held is missing from every sum."""
+        return self.read()[1]
+
+    def read(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """(records, problems); a record whose work fields are not numbers counts as damaged."""
+        records, problems = read_records(self.path)
+        good = []
+        for r in records:
+            bad = [k for k in _NUMBERS if k in r and not _is_number(r[k])]
+            if bad:
+                problems.append(f"record at time {r.get('time')!r}: {bad} must be numbers")
+            else:
+                good.append(r)
+        return good, problems
 
     def totals(self, phase: str | None = None, **match: Any) -> dict[str, float]:
         """Sum tokens, FLOPs and device-seconds over this ledger's records (see `sum_work`)."""
@@ -105,15 +116,44 @@ class Ledger:
         self.append({**base, **work, "event": "end", **extra})
 
 
+_NUMBERS = ("tokens", "flops", "seconds", "world_size")
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def work_key(record: dict[str, Any]) -> tuple | None:
+    """The idempotent key of a unit of work, or None for work that is counted every time it is
+    recorded (a search, an evaluation the user asked for twice). A record's own `key` wins; a
+    training segment is (phase, run, first step, last step); a periodic evaluation or re-ordering
+    (phase, run, step)."""
+    if record.get("key") is not None:
+        return ("key", str(record["key"]))
+    steps = record.get("steps")
+    if record.get("event") == "progress" and isinstance(steps, list) and len(steps) == 2:
+        return ("segment", record.get("phase"), record.get("run"), *steps)
+    if record.get("event") == "end" and record.get("phase") in ("train-eval", "importance") and "step" in record:
+        return ("at-step", record.get("phase"), record.get("run"), record["step"])
+    return None
+
+
 def sum_work(records: list[dict[str, Any]], **match: Any) -> dict[str, float]:
     """Tokens, FLOPs and device-seconds (wall seconds x world size) of the `progress` and `end`
-    records whose fields equal `match`. An `end` record that only states a phase's wall time
-    (`phase_seconds`, its work being in `progress` records) adds nothing."""
+    records whose fields equal `match`, each `work_key` counted once (its first record). An `end`
+    record that only states a phase's wall time (`phase_seconds`, its work being in `progress`
+    records) adds nothing."""
     tot = {"tokens": 0, "flops": 0, "seconds": 0.0}
+    seen: set[tuple] = set()
     for r in records:
         if r.get("event") not in ("progress", "end") or "phase_seconds" in r:
             continue
         if all(r.get(k) == v for k, v in match.items()):
+            key = work_key(r)
+            if key is not None:
+                if key in seen:
+                    continue
+                seen.add(key)
             tot["tokens"] += r.get("tokens", 0) or 0
             tot["flops"] += r.get("flops", 0) or 0
             tot["seconds"] += (r.get("seconds", 0) or 0) * int(r.get("world_size", 1) or 1)

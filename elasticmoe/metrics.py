@@ -12,25 +12,36 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import atomic_write_text
+from .jsonl import append_record, read_records
+
 log = logging.getLogger("elasticmoe.train")
 
 
 def _append_metrics(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    append_record(path, rec, fsync=False)  # one line per step: the checkpoint, not this log, is the state
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
+    """On resume from `step`: keep the records up to it (damaged lines dropped, with a warning),
+    rewritten atomically, so a kill during the rewrite leaves the old file whole."""
+    if not Path(path).exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(k + "\n" for k in keep))
+    keep = [r for r in read_metrics(path) if _step(r) <= step]
+    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _step(rec: dict) -> float:
+    s = rec.get("step", 0)
+    return s if isinstance(s, (int, float)) else float("inf")
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of metrics.jsonl; damaged lines (a kill mid-write) are logged and skipped."""
+    records, problems = read_records(path)
+    for p in problems:
+        log.warning("%s: damaged record skipped (%s)", path, p)
+    return records
 
 
 def _mean_tok_per_s(path: Path) -> float:

@@ -103,29 +103,76 @@ class Recipe:
         self.validate()
 
     def validate(self) -> None:
+        """Every field's type, range and finiteness, and the cross-field rules; all problems at once."""
+        from .config import check_number, check_type
+
         p: list[str] = []
         try:
             self.space.validate(self.model)
         except ConfigError as exc:
             p.append(str(exc))
-        t, d, s = self.train, self.data, self.sampling
-        for name in (
-            "steps",
-            "batch_size",
-            "eval_every",
-            "eval_windows",
-            "ckpt_every",
-            "keep_last",
-            "log_every",
-            "max_bad_steps",
-        ):
-            v = getattr(t, name)
-            if not isinstance(v, int) or v < 1:
-                p.append(f"train.{name}={v!r} must be an integer >= 1")
-        if not isinstance(t.warmup, int) or t.warmup < 0:
-            p.append(f"train.warmup={t.warmup!r} must be an integer >= 0")
-        if not (isinstance(t.lr, (int, float)) and t.lr > 0):
-            p.append(f"train.lr={t.lr!r} must be > 0")
+        t, d, s, k, r = self.train, self.data, self.sampling, self.distill, self.reorder
+        ints = {  # field: lowest allowed value
+            "train.steps": 1,
+            "train.batch_size": 1,
+            "train.warmup": 0,
+            "train.seed": 0,
+            "train.eval_every": 1,
+            "train.eval_windows": 1,
+            "train.ckpt_every": 1,
+            "train.keep_last": 1,
+            "train.log_every": 1,
+            "train.max_bad_steps": 1,
+            "sampling.n_random": 0,
+            "reorder.batches": 1,
+            "data.vocab_size": 2,
+        }
+        # field: (low, high, low excluded, high excluded); None = unbounded
+        floats = {
+            "train.lr": (0, None, True, False),
+            "train.min_lr_ratio": (0, 1, False, False),
+            "train.weight_decay": (0, None, False, False),
+            "train.beta1": (0, 1, False, True),
+            "train.beta2": (0, 1, False, True),
+            "train.grad_clip": (0, None, True, False),
+            "train.aux_weight": (0, None, False, False),
+            "train.z_weight": (0, None, False, False),
+            "data.scale": (0, None, True, False),
+            "sampling.full_fraction": (0, 1, False, False),
+            "distill.kd_weight": (0, None, False, False),
+            "distill.ce_weight": (0, None, False, False),
+            "distill.temperature": (0, None, True, False),
+            "distill.subnet_weight": (0, None, False, False),
+        }
+        sections = {"train": t, "data": d, "sampling": s, "distill": k, "reorder": r}
+
+        def value(dotted: str):
+            section, name = dotted.split(".")
+            return getattr(sections[section], name)
+
+        for name, lo in ints.items():
+            check_number(p, name, value(name), lo, 2**32 - 1 if name == "train.seed" else None, integer=True)
+        for name, (lo, hi, lo_open, hi_open) in floats.items():
+            check_number(p, name, value(name), lo, hi, lo_open=lo_open, hi_open=hi_open)
+        for name in ("data.text_field", "data.tokenizer", "train.init_from", "train.device", "data.source"):
+            check_type(p, name, value(name), str)
+        for name in ("data.paths", "data.eval_paths", "sampling.targets"):
+            check_type(p, name, value(name), tuple, str)
+        for name in ("sampling.per_layer", "reorder.neurons", "reorder.layers"):
+            check_type(p, name, value(name), bool)
+        for name in ("data.task_weights", "sampling.phases"):
+            mapping = value(name)
+            if check_type(p, name, mapping, dict):
+                for key, w in mapping.items():
+                    check_number(p, f"{name}.{key}", w, 0)
+                if mapping and all(isinstance(w, (int, float)) for w in mapping.values()) and not sum(mapping.values()):
+                    p.append(f"{name} weights sum to 0")
+        if check_type(p, "sampling.target_weights", s.target_weights, tuple):
+            for i, w in enumerate(s.target_weights):
+                check_number(p, f"sampling.target_weights[{i}]", w, 0)
+        if check_type(p, "reorder.at_steps", r.at_steps, tuple):
+            for i, step in enumerate(r.at_steps):
+                check_number(p, f"reorder.at_steps[{i}]", step, 1, integer=True)
         if t.device not in DEVICE_CHOICES:
             p.append(f"train.device={t.device!r}; allowed {list(DEVICE_CHOICES)}")
         if d.source not in ("default", "files", "shards"):
@@ -137,33 +184,21 @@ class Recipe:
                 "data.source=shards needs data.paths (training shards), data.eval_paths (held-out shards) "
                 "and data.tokenizer (the tokenizer.json the shards were made with)"
             )
-        if not isinstance(d.seq_len, int) or not 2 <= d.seq_len <= self.model.max_seq_len:
-            p.append(
-                f"data.seq_len={d.seq_len!r} out of range; allowed [2, {self.model.max_seq_len}] (model.max_seq_len)"
-            )
-        if not d.tokenizer and (not isinstance(d.vocab_size, int) or d.vocab_size != self.model.vocab_size):
+        check_number(p, "data.seq_len", d.seq_len, 2, self.model.max_seq_len, integer=True)
+        if not d.tokenizer and d.vocab_size != self.model.vocab_size:
             p.append(f"data.vocab_size={d.vocab_size!r} must equal model.vocab_size={self.model.vocab_size}")
         if s.mode not in SAMPLING_MODES:
             p.append(f"sampling.mode={s.mode!r}; allowed {list(SAMPLING_MODES)}")
-        if not isinstance(s.n_random, int) or s.n_random < 0:
-            p.append(f"sampling.n_random={s.n_random!r} must be an integer >= 0")
         if s.mode == "budget" and not s.targets:
             p.append("sampling.mode=budget needs sampling.targets (Subnet specs)")
-        if s.target_weights and len(s.target_weights) != len(s.targets):
+        if isinstance(s.target_weights, tuple) and s.target_weights and len(s.target_weights) != len(s.targets):
             p.append(f"sampling.target_weights has {len(s.target_weights)} values for {len(s.targets)} targets")
-        if s.mode == "progressive":
+        if s.mode == "progressive" and isinstance(s.phases, dict):
             bad = sorted(set(s.phases) - {"full", "depth", "experts", "all"})
             if bad:
                 p.append(f"sampling.phases has unknown phase(s) {bad}; allowed full, depth, experts, all")
-        if not (isinstance(s.full_fraction, (int, float)) and 0 <= s.full_fraction <= 1):
-            p.append(f"sampling.full_fraction={s.full_fraction!r} must be in [0, 1]")
-        sw = self.distill.subnet_weight
-        if not (isinstance(sw, (int, float)) and not isinstance(sw, bool) and 0 <= sw < float("inf")):
-            p.append(f"distill.subnet_weight={sw!r} must be a finite number >= 0")
-        if self.distill.temperature <= 0:
-            p.append(f"distill.temperature={self.distill.temperature!r} must be > 0")
-        if self.reorder.experts_by not in ("mass", "output"):
-            p.append(f"reorder.experts_by={self.reorder.experts_by!r}; allowed ['mass', 'output']")
+        if r.experts_by not in ("mass", "output"):
+            p.append(f"reorder.experts_by={r.experts_by!r}; allowed ['mass', 'output']")
         if p:
             raise ConfigError("; ".join(p))
 

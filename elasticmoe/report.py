@@ -27,14 +27,18 @@ numbers as the ledger); wall seconds are shown beside them and depend on the mac
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import atomic_write_text
 from .config import ConfigError
 from .ledger import Ledger, sum_work
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -327,8 +331,11 @@ def write_report(
     retention: list[dict] | None = None,
 ) -> dict:
     """Compute and write RUN_DIR/report.md, report.json and cost.png. Returns the JSON data."""
-    records = Ledger(run_dir / "ledger.jsonl").records()
-    costs = family_costs(records, children, baselines, Ledger(run_dir / "ledger.jsonl").ref)
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    records, problems = ledger.read()
+    for p in problems:
+        log.warning("%s: damaged line, its work is missing from every figure: %s", ledger.path, p)
+    costs = family_costs(records, children, baselines, ledger.ref)
     if (require_percent or claims) and not any(c.baseline for c in costs):
         costs[0].percent("marginal")  # raises the explanatory ConfigError
     target = next((c for c in costs if c.baseline), costs[0])
@@ -336,6 +343,14 @@ def write_report(
     be = break_even(costs, costs[0].parent["flops"])
     totals = ledger_by_phase(records)
     md = render_markdown(costs, parent_info, evals or {}, checked, be, totals, retention)
+    if problems:
+        shown = "; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
+        md = md.replace(
+            "# elasticmoe report\n\n",
+            f"# elasticmoe report\n\n**Warning: ledger.jsonl has {len(problems)} damaged line(s); the work they "
+            f"recorded is missing from every figure below:** {shown}\n\n",
+            1,
+        )
     data = {
         "parent": parent_info,
         "family_size": len(costs),
@@ -363,16 +378,22 @@ def write_report(
         "ledger_totals": totals,
         "evals": evals or {},
         "retention": retention or [],
+        "ledger_problems": problems,
     }
-    (run_dir / "report.md").write_text(md)
-    (run_dir / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_text(run_dir / "report.md", md)
+    atomic_write_text(run_dir / "report.json", json.dumps(data, indent=2) + "\n")
     plot_costs(costs, run_dir / "cost.png")
     return data
 
 
 # -- reading a run folder --------------------------------------------------------------------
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object file of the run ({} when absent); a damaged one is a one-line error."""
+    if not path.is_file():
+        return {}
+    from .checkpoint import read_json_object
+
+    return read_json_object(path)
 
 
 def collect_children(run_dir: Path) -> list[dict]:

@@ -11,6 +11,8 @@ read by `dist`'s allow-list unpickler).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import shutil
@@ -21,7 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import dist as distmod
-from .checkpoint import AtomicFolder, CheckpointError, read_json, save_model_files, verify_manifest, write_json
+from .checkpoint import (
+    AtomicFolder,
+    CheckpointError,
+    clean_stale,
+    read_json_object,
+    save_model_files,
+    verify_manifest,
+    write_json,
+)
+from .config import ConfigError
 from .model import ElasticMoE
 
 log = logging.getLogger(__name__)
@@ -83,9 +94,22 @@ def _prune_checkpoints(run_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recipe_fingerprint(run_dir: Path) -> str | None:
+    """sha256 of the run's recipe (recipe.yaml parsed, as canonical JSON), or None without one.
+    Every checkpoint records it, so a resume can tell that recipe.yaml changed under it."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        return None
+    from .config import load_mapping
+
+    canonical = json.dumps(load_mapping(path), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def save_checkpoint(run_dir: Path, step: int, model, opt, train_state: dict, keep_last: int) -> Path:
     path = run_dir / "checkpoints" / f"step-{step:06d}"
-    with AtomicFolder(path) as tmp:
+    train_state = {**train_state, "recipe_sha256": recipe_fingerprint(run_dir)}
+    with AtomicFolder(path, "checkpoint") as tmp:
         save_model_files(tmp, model, meta={"step": step})
         tensors, meta = _optimizer_tensors(opt, model)
         tensors["rng::torch"] = torch.get_rng_state()
@@ -106,6 +130,7 @@ def save_sharded_checkpoint(par, run_dir: Path, step: int, model, opt, train_sta
         "meta": {"step": step, "tensors": "dcp"},
     }
     state = {**train_state, "step": step, "world_size": par.world_size, "parallel": par.mode, "rng_per_rank": rng}
+    state["recipe_sha256"] = par.on_main(lambda: recipe_fingerprint(run_dir))
     distmod.save_sharded(par, path, model, opt, {"config.json": config, "train_state.json": state})
     par.on_main(lambda: _prune_checkpoints(run_dir, keep_last))
     return path
@@ -118,27 +143,65 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def clean_stale_temporaries(run_dir: Path) -> None:
-    """Remove half-written checkpoint folders a killed save left behind (never valid: no rename)."""
+    """Remove what killed writers left in a run folder: half-written checkpoint folders (never
+    valid: they were never renamed into place) and the temporaries of its files and folders. Call
+    it with the run folder locked (`runfolder.lock`), so no live writer's temporaries are touched."""
     for p in (run_dir / "checkpoints").glob(".step-*"):
         shutil.rmtree(p, ignore_errors=True)
+    clean_stale(run_dir)
+
+
+def _quarantine(path: Path) -> Path:
+    """Move a checkpoint that failed verification to checkpoints/corrupted/ (kept for inspection,
+    out of the way of step ordering and pruning)."""
+    dest_dir = path.parent / "corrupted"
+    dest_dir.mkdir(exist_ok=True)
+    dest, n = dest_dir / path.name, 1
+    while dest.exists():
+        dest, n = dest_dir / f"{path.name}.{n}", n + 1
+    path.rename(dest)
+    return dest
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
-    """Newest checkpoint whose manifest verifies; corrupted ones are reported and skipped."""
-    for path in reversed(_checkpoints(run_dir)):
+    """The newest checkpoint that verifies (manifest complete, every checksum right), or None when
+    the run has none yet. Checkpoints that fail are reported; those newer than the one chosen are
+    moved to checkpoints/corrupted/ so later saves and pruning order by step among valid ones.
+    If checkpoints exist and none verifies, raise naming each and why: a resume never silently
+    restarts from step 0. A checkpoint trained with another recipe than recipe.yaml is refused."""
+    found = _checkpoints(run_dir)
+    failed: list[tuple[Path, str]] = []
+    for path in reversed(found):
         try:
             verify_manifest(path)
-            return path
+            state = read_json_object(path / "train_state.json")
         except CheckpointError as exc:
             log.warning("skipping checkpoint: %s", exc)
+            failed.append((path, str(exc)))
+            continue
+        saved, now = state.get("recipe_sha256"), recipe_fingerprint(run_dir)
+        if saved is not None and now is not None and saved != now:
+            raise ConfigError(
+                f"{run_dir / 'recipe.yaml'} is not the recipe {path.name} was trained with (it changed since): "
+                "an exact resume needs that recipe; restore it, or start a new run with another --out"
+            )
+        for bad, _ in failed:
+            log.warning("moved %s to %s", bad, _quarantine(bad))
+        return path
+    if failed:
+        why = "; ".join(f"{p.name}: {msg}" for p, msg in failed)
+        raise CheckpointError(
+            f"--resume: no checkpoint in {run_dir / 'checkpoints'} verifies, refusing to restart from step 0 ({why}). "
+            "Restore them, or move them away to train from scratch"
+        )
     return None
 
 
 def load_checkpoint(path: Path, model: ElasticMoE, opt) -> dict:
     model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
-    model.layer_order = list(read_json(path / "config.json")["layer_order"])
+    model.layer_order = list(read_json_object(path / "config.json")["layer_order"])
     tensors = load_file(str(path / "optimizer.safetensors"))
-    state = read_json(path / "train_state.json")
+    state = read_json_object(path / "train_state.json")
     torch.set_rng_state(tensors.pop("rng::torch"))
     _load_optimizer(opt, model, tensors, state["optimizer"])
     _set_rng_state(state["rng"])
@@ -149,8 +212,8 @@ def load_any_checkpoint(path: Path, model, opt, par) -> dict:
     """Resume from a single-process or a sharded checkpoint, at any world size."""
     if distmod.is_sharded(path):
         distmod.load_sharded(path, model, opt)
-        model.layer_order = list(read_json(path / "config.json")["layer_order"])
-        state = read_json(path / "train_state.json")
+        model.layer_order = list(read_json_object(path / "config.json")["layer_order"])
+        state = read_json_object(path / "train_state.json")
         rngs = state["rng_per_rank"]
         rng = rngs[par.rank % len(rngs)]  # at another world size ranks reuse the saved states in turn
         torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
@@ -159,7 +222,7 @@ def load_any_checkpoint(path: Path, model, opt, par) -> dict:
     if par.world_size == 1:
         return load_checkpoint(path, model, opt)
     tensors = load_file(str(path / "optimizer.safetensors"))  # full tensors, resharded on load
-    state = read_json(path / "train_state.json")
+    state = read_json_object(path / "train_state.json")
     torch.set_rng_state(tensors.pop("rng::torch"))
     per_param = _state_by_param(tensors)
     groups = [
@@ -168,6 +231,6 @@ def load_any_checkpoint(path: Path, model, opt, par) -> dict:
     ]
     model_tensors = load_file(str(path / "model.safetensors"))
     distmod.load_full(model, opt, model_tensors, {"state": per_param, "param_groups": groups})
-    model.layer_order = list(read_json(path / "config.json")["layer_order"])
+    model.layer_order = list(read_json_object(path / "config.json")["layer_order"])
     _set_rng_state(state["rng"])
     return state

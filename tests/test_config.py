@@ -76,7 +76,7 @@ OUT = "is out of range; allowed"
         ({"heads": 6, "kv_heads": 4}, r"heads=6 must be a multiple of kv_heads=4"),
         ({"head_dim": 7}, r"head_dim=7 must be even"),
         ({"d_model": "big"}, r"d_model='big' must be an integer"),
-        ({"norm_eps": 2.0}, r"norm_eps=2.0 must be in \(0, 1\)"),
+        ({"norm_eps": 2.0}, r"norm_eps=2.0 is out of range; allowed \(0, 1\)"),
         ({"qk_norm": "yes"}, r"qk_norm='yes' must be true or false"),
         ({"layers": 2, "layer_shapes": [[8, 2, 256]]}, r"layer_shapes has 1 entries; expected layers=2"),
         ({**ONE_LAYER, "layer_shapes": [[8, 2, 300]]}, rf"layer_shapes\[0\] width=300 {OUT} \[1, 256\]"),

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from elasticmoe import dist as distmod
 from elasticmoe import train as trainmod
-from elasticmoe.checkpoint import CheckpointError, load_model, read_json, verify_manifest
+from elasticmoe.checkpoint import CheckpointError, load_model, read_json, verify_manifest, write_manifest
 from elasticmoe.config import ConfigError
 from elasticmoe.ledger import Ledger
 from elasticmoe.recipe import load_recipe
@@ -211,7 +211,7 @@ def test_manifest_covers_dot_files(tmp_path):
     (tmp_path / "dcp").mkdir()
     (tmp_path / "dcp" / ".metadata").write_bytes(b"index")
     (tmp_path / "train_state.json").write_text("{}")
-    distmod.write_manifest_all(tmp_path)
+    write_manifest(tmp_path)
     assert set(read_json(tmp_path / "manifest.json")["files"]) == {"dcp/.metadata", "train_state.json"}
     (tmp_path / "dcp" / ".metadata").write_bytes(b"INDEX")
     with pytest.raises(CheckpointError, match="metadata"):

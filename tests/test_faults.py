@@ -1,0 +1,524 @@
+"""Fault injection (issue 16): hostile folders, corrupted files of each kind, torn records, kills,
+concurrency, disk full and bad input. Each test names the item of the issue it guards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from elasticmoe import cli
+from elasticmoe.checkpoint import (
+    MARKER,
+    AtomicFolder,
+    CheckpointError,
+    atomic_write_text,
+    read_marker,
+    verify_manifest,
+    write_json,
+)
+from elasticmoe.config import ConfigError
+from elasticmoe.jsonl import append_record, read_records
+from elasticmoe.ledger import Ledger, sum_work
+from elasticmoe.metrics import _truncate_metrics, read_metrics
+from elasticmoe.runfolder import check_separate, claim, lock
+from elasticmoe.trainstate import find_checkpoint, recipe_fingerprint
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "elasticmoe", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env or ENV,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def one_line(code: int, err: str) -> bool:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    return code == 2 and "Traceback" not in err and len(lines) == 1 and "error:" in lines[0]
+
+
+def in_process(capsys, *args) -> tuple[int, str]:
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# -- item 1: ownership that cannot be fooled -------------------------------------------------------
+def test_train_refuses_a_users_project_folder_and_leaves_it_untouched(tmp_path, capsys):
+    proj = tmp_path / "myproj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "data" / "results.csv").write_text("a,b\n1,2\n")
+    (proj / "metrics.jsonl").write_text('{"mine": 1}\n')
+    before = snapshot(proj)
+    code, err = in_process(capsys, "train", "--config", "micro", "--out", proj, "--quiet")
+    assert one_line(code, err) and "not an elasticmoe run folder" in err
+    assert snapshot(proj) == before
+
+
+def test_outputs_never_go_inside_inputs(tmp_path, capsys):
+    docs = tmp_path / "proj2" / "data"
+    docs.mkdir(parents=True)
+    for i in range(3):
+        (docs / f"doc{i}.txt").write_text(f"document {i} " * 50)
+    before = snapshot(tmp_path / "proj2")
+    for out in (tmp_path / "proj2", docs / "run", tmp_path / "elsewhere"):
+        spec = str(docs) if out != tmp_path / "elsewhere" else str(out / "x.txt")
+        code, err = in_process(
+            capsys,
+            "train",
+            "--config",
+            "micro",
+            "--set",
+            "data.source=files",
+            "--set",
+            f"data.paths=['{spec}']",
+            "--out",
+            out,
+            "--quiet",
+        )
+        assert one_line(code, err) and "input" in err, err
+    assert snapshot(tmp_path / "proj2") == before
+    assert not (docs / "run").exists() and not (tmp_path / "elsewhere").exists()
+    with pytest.raises(ConfigError, match="inside"):
+        check_separate(tmp_path / "a" / "b", [str(tmp_path / "a" / "*.txt")])
+
+
+def test_a_manifest_alone_does_not_make_a_folder_ours(tmp_path):
+    webapp = tmp_path / "webapp"
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "my app", "files": {}}')
+    (webapp / "index.html").write_text("<html></html>")
+    before = snapshot(webapp)
+    with pytest.raises(CheckpointError, match="not a folder elasticmoe wrote"):
+        with AtomicFolder(webapp, "hf-export") as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert snapshot(webapp) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".webapp")]  # no temporary left
+
+
+def test_a_folder_is_replaced_only_by_one_of_its_kind_and_never_written_into(tmp_path):
+    run = tmp_path / "run"
+    claim(run)
+    with AtomicFolder(run / "parent", "elastic-parent") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"parent")
+    with AtomicFolder(run / "checkpoints" / "step-000195", "checkpoint") as tmp:
+        (tmp / "train_state.json").write_text("{}")
+    assert read_marker(run / "parent")["run"] == read_marker(run)["id"]  # the run's identity travels with it
+    before = snapshot(run)
+    for path, kind in [
+        (run / "parent", "child"),  # extract RUN --out RUN/parent
+        (run / "checkpoints" / "step-000195", "folder"),  # export CKPT --out RUN/checkpoints/step-N
+        (run / "parent" / "sub", "child"),  # inside a model folder
+        (run, "child"),  # the run folder itself
+    ]:
+        with pytest.raises(CheckpointError, match="refusing"):
+            with AtomicFolder(path, kind) as tmp:
+                (tmp / "x").write_text("new")
+    assert snapshot(run) == before
+    with AtomicFolder(run / "parent", "elastic-parent") as tmp:  # the same kind, the same run: replaced
+        (tmp / "model.safetensors").write_bytes(b"parent v2")
+    assert (run / "parent" / "model.safetensors").read_bytes() == b"parent v2"
+
+
+def test_published_files_and_folders_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with AtomicFolder(tmp_path / "out", "folder") as tmp:
+            (tmp / "a.txt").write_text("x")
+        atomic_write_text(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "out") == 0o755
+    for f in (tmp_path / "out" / "a.txt", tmp_path / "out" / "manifest.json", tmp_path / "out" / MARKER):
+        assert mode(f) == 0o644, f
+    assert mode(tmp_path / "b.json") == 0o644
+
+
+# -- item 10: temporaries left by kills are cleaned up ---------------------------------------------
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    pid = dead_pid()
+    stale_dir = tmp_path / f".parent.tmp-{pid}-0123abcd"
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"half")
+    stale_file = tmp_path / f".x.json.{pid}-0123abcd.tmp"
+    stale_file.write_text("half")
+    legacy = tmp_path / ".parent.tmpabcd1234"
+    legacy.mkdir()
+    os.utime(legacy, (time.time() - 3600, time.time() - 3600))
+    live = tmp_path / f".parent.tmp-{os.getpid()}-0123abcd"  # a live writer's: kept
+    live.mkdir()
+    with AtomicFolder(tmp_path / "parent", "elastic-parent") as tmp:
+        (tmp / "w").write_text("ok")
+    atomic_write_text(tmp_path / "x.json", "{}")
+    assert not stale_dir.exists() and not stale_file.exists() and not legacy.exists()
+    assert live.exists()
+
+
+def test_locking_a_run_removes_what_killed_runs_left(tmp_path):
+    run = tmp_path / "run"
+    claim(run)
+    pid = dead_pid()
+    (run / "checkpoints" / ".step-000010.tmp-1-00000000").mkdir(parents=True)
+    (run / f".recipe.yaml.{pid}-00000000.tmp").write_text("half")
+    with lock(run):
+        pass
+    assert not list((run / "checkpoints").iterdir())
+    assert not (run / f".recipe.yaml.{pid}-00000000.tmp").exists()
+
+
+# -- item 3: resume never silently restarts ---------------------------------------------------------
+def _checkpoint(run: Path, step: int, recipe_sha: str | None = None) -> Path:
+    path = run / "checkpoints" / f"step-{step:06d}"
+    with AtomicFolder(path, "checkpoint") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"w" * 64)
+        write_json(tmp / "train_state.json", {"step": step, "recipe_sha256": recipe_sha})
+    return path
+
+
+def test_resume_refuses_when_no_checkpoint_verifies_and_names_each(tmp_path):
+    run = tmp_path / "run"
+    a, b = _checkpoint(run, 100), _checkpoint(run, 200)
+    (a / "model.safetensors").write_bytes(b"x" * 64)  # a flipped byte
+    (b / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="refusing to restart from step 0") as err:
+        find_checkpoint(run)
+    assert "step-000100" in str(err.value) and "step-000200" in str(err.value)
+    assert find_checkpoint(tmp_path / "fresh") is None  # a run that never checkpointed starts at 0
+
+
+def test_corrupted_newer_checkpoints_are_moved_aside_so_steps_order_among_valid_ones(tmp_path):
+    run = tmp_path / "run"
+    good, bad = _checkpoint(run, 100), _checkpoint(run, 300)
+    (bad / "model.safetensors").write_bytes(b"y" * 64)
+    assert find_checkpoint(run) == good
+    assert not bad.exists() and (run / "checkpoints" / "corrupted" / "step-000300").is_dir()
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda f: write_json(f / "manifest.json", {"files": {}}), "lists no files"),
+        (lambda f: write_json(f / "manifest.json", ["model.safetensors"]), "must be an object"),
+        (lambda f: (f / "extra.bin").write_bytes(b"?"), "does not list"),
+        (lambda f: (f / "manifest.json").write_bytes(b"\xff\xfe"), "not valid JSON"),
+    ],
+)
+def test_a_manifest_must_be_well_formed_and_list_every_file(tmp_path, damage, needle):
+    folder = _checkpoint(tmp_path, 1)
+    damage(folder)
+    with pytest.raises(CheckpointError, match=needle):
+        verify_manifest(folder)
+
+
+def test_resume_refuses_a_recipe_that_changed_under_its_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("train:\n  lr: 0.0057\n")
+    _checkpoint(run, 100, recipe_fingerprint(run))
+    assert find_checkpoint(run).name == "step-000100"
+    (run / "recipe.yaml").write_text("train:\n  lr: 0.028\n")
+    with pytest.raises(ConfigError, match="not the recipe step-000100 was trained with"):
+        find_checkpoint(run)
+
+
+@pytest.mark.slow
+def test_a_new_run_replaces_the_recipe_a_failed_attempt_left(tmp_path):
+    run = tmp_path / "run"
+    claim(run)
+    (run / "recipe.yaml").write_text("stale: true\n")  # an attempt that died before its first checkpoint
+    res = run_cli(
+        "train", "--config", "micro", "--set", "train.steps=2", "--set", "train.lr=0.028", "--out", run, "--quiet"
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    from elasticmoe.recipe import load_recipe
+
+    assert load_recipe(run / "recipe.yaml").train.lr == 0.028
+
+
+# -- items 4 and 5: append-only records that survive torn writes and add up exactly -----------------
+def test_a_torn_metrics_line_neither_breaks_resume_nor_the_next_record(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    for step in (1, 2, 3):
+        append_record(path, {"step": step})
+    with open(path, "ab") as f:
+        f.write(b'{"step": 4, "lo')  # killed mid-write
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    append_record(path, {"step": 4})
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
+    _truncate_metrics(path, 2)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert read_records(path)[1] == []
+
+
+def test_damaged_ledger_lines_are_reported_not_dropped(tmp_path):
+    led = Ledger(tmp_path / "ledger.jsonl")
+    led.append({"event": "end", "phase": "search", "tokens": 10, "flops": 5})
+    with open(led.path, "ab") as f:
+        f.write(b'{"event": "end", "phase": "search", "tok\xff\n[1, 2]\n')
+    led.append({"event": "end", "phase": "search", "tokens": "many", "flops": 1})
+    led.append({"event": "end", "phase": "search", "tokens": 1, "flops": 1})
+    assert sum_work(led.records(), phase="search")["tokens"] == 11
+    problems = led.problems()
+    assert len(problems) == 3 and problems[0].startswith("line 2") and "not an object" in problems[1]
+
+
+def test_every_unit_of_work_is_counted_once(tmp_path):
+    led = Ledger(tmp_path / "ledger.jsonl")
+    seg = {"event": "progress", "phase": "train", "run": ".", "steps": [0, 50], "tokens": 100, "flops": 7}
+    led.append({**seg, "attempt": "a1"})
+    led.append({**seg, "attempt": "a2"})  # the same segment trained again after a resume
+    final_eval = {"event": "end", "status": "ok", "phase": "train-eval", "run": ".", "step": 50, "tokens": 3}
+    led.append({**final_eval, "attempt": "a1"})
+    led.append({**final_eval, "attempt": "a3"})  # a resumed finished run measures its closing evaluation again
+    assert led.totals("train")["tokens"] == 100 and led.totals("train-eval")["tokens"] == 3
+    later = {**seg, "steps": [50, 100], "attempt": "a2"}
+    assert led.append_once(later) and not led.append_once(later)  # a resume re-recording a checkpoint's segment
+    assert led.totals("train")["tokens"] == 200
+
+
+# -- item 6: a run-folder lock ------------------------------------------------------------------------
+def test_a_second_writer_gets_one_line_and_exit_2(tmp_path, capsys):
+    run = tmp_path / "run"
+    claim(run)
+    (run / "recipe.yaml").write_text("{}\n")
+    with lock(run, "train"):
+        with lock(run):  # reentrant in one process (the pipeline calls stages that lock)
+            pass
+        res = run_cli("train", "--config", "micro", "--out", run, "--resume", "--quiet")
+        assert one_line(res.returncode, res.stderr) and "in use by another elasticmoe command" in res.stderr
+        assert f"pid {os.getpid()}" in res.stderr
+    with lock(run):  # released: the next writer gets it
+        pass
+
+
+def test_a_lock_dies_with_its_holder(tmp_path):
+    run = tmp_path / "run"
+    claim(run)
+    code = f"from elasticmoe.runfolder import lock\nwith lock({str(run)!r}):\n    print('held', flush=True)\n"
+    code += "    import time; time.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigError, match="in use"):
+        with lock(run):
+            pass
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with lock(run):
+        pass
+
+
+# -- item 7: import-hf holes -----------------------------------------------------------------------------
+@pytest.fixture
+def hf_folder(tmp_path, tiny_config):
+    import torch
+
+    from elasticmoe.hf import export_hf
+    from elasticmoe.model import ElasticMoE
+
+    torch.manual_seed(0)
+    export_hf(ElasticMoE(tiny_config), tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_import_refuses_symlinks_leaving_the_folder(hf_folder, tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    (hf_folder / "tokenizer.json").symlink_to(secret)
+    code, err = in_process(capsys, "import-hf", hf_folder, "--out", tmp_path / "imported")
+    assert one_line(code, err) and "symbolic links" in err
+    assert not (tmp_path / "imported").exists()
+
+
+def test_import_refuses_non_finite_weights(hf_folder):
+    from safetensors.torch import load_file, save_file
+
+    from elasticmoe.hf import HFError
+    from elasticmoe.hf_import import import_hf
+
+    tensors = load_file(str(hf_folder / "model.safetensors"))
+    key = next(k for k in tensors if "experts" in k or "mlp" in k)
+    tensors[key][0].view(-1)[0] = float("nan")
+    save_file(tensors, str(hf_folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(HFError, match="NaN or infinite"):
+        import_hf(hf_folder)
+
+
+def test_import_refuses_a_config_bigger_than_its_weights_before_allocating(hf_folder):
+    from elasticmoe.hf import HFError
+    from elasticmoe.hf_import import import_hf
+
+    cfg = json.loads((hf_folder / "config.json").read_text())
+    cfg["num_hidden_layers"] = 10_000_000
+    (hf_folder / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    with pytest.raises(HFError, match="does not describe these weights"):
+        import_hf(hf_folder)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_imported_paths_do_not_depend_on_the_working_directory(hf_folder, tmp_path, capsys):
+    from elasticmoe.recipe import load_recipe
+
+    (hf_folder / "tokenizer.json").write_text("{}")
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code, err = in_process(capsys, "import-hf", "hf", "--out", "imported")
+    finally:
+        os.chdir(old)
+    assert code == 0, err
+    recipe = load_recipe(tmp_path / "imported" / "recipe.yaml")
+    tok = Path(recipe.data.tokenizer)
+    assert tok.is_absolute() and tok.is_relative_to((tmp_path / "imported").resolve()) and tok.is_file()
+    code, err = in_process(capsys, "import-hf", hf_folder, "--out", tmp_path / "imported")
+    assert one_line(code, err)  # never onto an existing import
+
+
+def test_import_never_writes_onto_a_users_folder(hf_folder, tmp_path, capsys):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "recipe.yaml").write_text("mine: true\n")
+    code, err = in_process(capsys, "import-hf", hf_folder, "--out", proj)
+    assert one_line(code, err)
+    assert snapshot(proj) == {"recipe.yaml": b"mine: true\n"}
+
+
+# -- item 8: every bad input gives one line and exit 2, and leaves nothing behind --------------------------
+def _bad_inputs(tmp: Path) -> list[tuple[str, list[str]]]:
+    binary = tmp / "binary.yaml"
+    binary.write_bytes(bytes(range(256)))
+    latin = tmp / "latin.yaml"
+    latin.write_bytes("train:\n  steps: 5 # caf\xe9\n".encode("latin-1"))
+    bad_jsonl = tmp / "docs.jsonl"
+    bad_jsonl.write_bytes(b'{"text": "caf\xe9 ' + b"x" * 100 + b'"}\n')
+    listing = tmp / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    a_dir = tmp / "a_dir"
+    a_dir.mkdir()
+    out = str(tmp / "out")
+    sets = [
+        "distill.temperature=abc",
+        "distill.temperature=0",
+        "distill.kd_weight=nan",
+        "train.seed=-1",
+        "train.lr=.inf",
+        "train.lr=0",
+        "train.beta1=2",
+        "train.beta2=-0.1",
+        "train.steps=true",
+        "train.steps=0",
+        "train.batch_size=1.5",
+        "train.grad_clip=0",
+        "train.min_lr_ratio=2",
+        "train.weight_decay=-1",
+        "train.device=tpu",
+        "train.init_from=[1]",
+        "reorder.at_steps=5",
+        "reorder.at_steps=[0]",
+        "reorder.batches=0",
+        "reorder.neurons=maybe",
+        "data.scale=0",
+        "data.seq_len=100000",
+        "data.task_weights={kv: -1}",
+        "sampling.n_random=-1",
+        "sampling.full_fraction=1.5",
+        "sampling.target_weights=[nan]",
+        "sampling.phases={full: .nan}",
+        "model.rope_theta=.inf",
+        "model.norm_eps=.nan",
+        "model.layers=0",
+    ]
+    cases = [(f"--set {s}", ["train", "--config", "micro", "--set", s, "--out", out, "--quiet"]) for s in sets]
+    cases += [
+        ("info --rows 0", ["info", "--config", "micro", "--rows", "0"]),
+        ("binary config", ["train", "--config", str(binary), "--out", out]),
+        ("non-UTF-8 recipe", ["info", "--config", str(latin)]),
+        ("config is a list", ["info", "--config", str(listing)]),
+        (
+            "non-UTF-8 .jsonl",
+            ["train", "--config", "micro", "--set", "data.source=files", "--set", f"data.paths=['{bad_jsonl}']"]
+            + ["--out", out, "--quiet"],
+        ),
+        ("finetune --temperature 0", ["finetune", str(a_dir), "--steps", "1", "--temperature", "0", "--out", out]),
+        ("finetune --kd-weight nan", ["finetune", str(a_dir), "--steps", "1", "--kd-weight", "nan", "--out", out]),
+        ("finetune --lr -1", ["finetune", str(a_dir), "--steps", "1", "--lr", "-1", "--out", out]),
+        ("finetune --steps 0", ["finetune", str(a_dir), "--steps", "0", "--out", out]),
+        ("eval --out DIR", ["eval", str(a_dir), "--out", str(a_dir)]),
+        ("eval --device tpu", ["eval", str(a_dir), "--device", "tpu"]),
+        ("eval --examples 0", ["eval", str(a_dir), "--examples", "0"]),
+        ("run --finetune-fraction -1", ["run", "--config", "micro", "--finetune-fraction", "-1", "--out", out]),
+        ("run --finetune-fraction nan", ["run", "--config", "micro", "--finetune-fraction", "nan", "--out", out]),
+        ("search --windows 0", ["search", str(a_dir), "--windows", "0"]),
+        ("search --device tpu", ["search", str(a_dir), "--device", "tpu"]),
+        ("report on a non-run", ["report", str(a_dir)]),
+        ("extract without a parent", ["extract", str(a_dir), "--subnet", "L1", "--out", out]),
+        ("train --resume on nothing", ["train", "--out", out, "--resume"]),
+    ]
+    return cases
+
+
+def test_bad_inputs_give_one_line_exit_2_and_leave_nothing(tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    cases = _bad_inputs(inputs)
+    failures = []
+    for label, argv in cases:
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        code, err = in_process(capsys, *argv)
+        after = sorted(p.name for p in tmp_path.rglob("*"))
+        if not one_line(code, err) or after != before:
+            failures.append(
+                f"{label}: exit {code}, {err.strip()[-300:]!r}, new files {sorted(set(after) - set(before))}"
+            )
+    print(f"bad inputs with one line, exit 2 and nothing left behind: {len(cases) - len(failures)} of {len(cases)}")
+    assert not failures, "\n".join(failures)
+
+
+def test_disk_full_is_one_line_not_a_traceback(capsys, monkeypatch):
+    import errno
+
+    def full(args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "run/checkpoints/step-000010")
+
+    monkeypatch.setattr(cli, "cmd_info", full)
+    code, err = in_process(capsys, "info", "--config", "micro")
+    assert code == 1 and "No space left on device" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+# -- item 9: torchrun watchdog ---------------------------------------------------------------------------
+def test_collective_timeout_is_configurable_and_validated(monkeypatch):
+    from elasticmoe import dist as distmod
+
+    monkeypatch.setenv(distmod.COLLECTIVE_TIMEOUT_ENV, "7")
+    assert distmod.collective_timeout().total_seconds() == 7
+    assert "waited more than 7 s" in distmod.describe_failure(RuntimeError("[gloo] Timed out waiting 7000ms"))
+    assert distmod.describe_failure(RuntimeError("shape mismatch")) is None
+    monkeypatch.setenv(distmod.COLLECTIVE_TIMEOUT_ENV, "0")
+    with pytest.raises(ConfigError):
+        distmod.collective_timeout()
+    assert math.isclose(distmod.DEFAULT_COLLECTIVE_TIMEOUT_S, 600)
