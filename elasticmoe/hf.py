@@ -14,8 +14,9 @@ Conventions fixed by this mapping (each is what both sides compute; the parity t
 * experts: SwiGLU `down(silu(gate x) * up x)`, no biases; Mixtral's on-disk names are
   w1 = gate, w3 = up, w2 = down;
 * RoPE: rotate-half (GPT-NeoX) convention, `rope_parameters = {"rope_type": "default",
-  "rope_theta": theta}` (transformers 5.x states theta there, not at the top level), applied to
-  the whole head (`head_dim` stated explicitly), after Qwen3's per-head q/k RMSNorm;
+  "rope_theta": theta}` (where transformers 5.x reads it) and the same theta as top-level
+  `rope_theta` (where 4.x reads it: without it, 4.x silently takes Mixtral's default 1e6), applied
+  to the whole head (`head_dim` stated explicitly), after Qwen3's per-head q/k RMSNorm;
 * attention: grouped-query, scale `head_dim ** -0.5`, no biases (`attention_bias=false`), full
   causal attention (`sliding_window=null`, `use_sliding_window=false`), no dropout;
 * RMSNorm: `weight * x * rsqrt(mean(x^2) + eps)` computed in float32, `rms_norm_eps = norm_eps`;
@@ -23,8 +24,12 @@ Conventions fixed by this mapping (each is what both sides compute; the parity t
 * embeddings: tied exactly when `tie_embeddings` (`tie_word_embeddings`); tied folders carry no
   `lm_head.weight`;
 * weights on disk: one `model.safetensors` (metadata `format: pt`) with the per-expert key names
-  `save_pretrained` writes in transformers 5.x, float32 as stored in the model;
-* tokens: `<|endoftext|>` is bos, eos and pad; tokenizer class `PreTrainedTokenizerFast`.
+  `save_pretrained` writes in transformers 5.x, float32 as stored in the model; config.json states
+  the dtype both as `dtype` (5.x) and `torch_dtype` (4.x), and the `transformers_version` it was
+  written for;
+* tokens: `<|endoftext|>` is bos and eos, `<|pad|>` pads (older tokenizers: `<|endoftext|>`);
+  tokenizer class `PreTrainedTokenizerFast`, `model_max_length` = the model's context; the prompt
+  convention is `PROMPT_CONVENTION`.
 
 What the stock architectures cannot express, we refuse to export (with the reason): a shared
 expert, and per-layer heterogeneous expert counts, top-k or widths (`layer_shapes`). The parent's
@@ -43,7 +48,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,17 @@ ARCHITECTURES = {MIXTRAL: "MixtralForCausalLM", QWEN3_MOE: "Qwen3MoeForCausalLM"
 DEFAULT_THETA = {MIXTRAL: 1_000_000.0, QWEN3_MOE: 10_000.0}  # transformers' defaults when unstated
 DEFAULT_EPS = {MIXTRAL: 1e-5, QWEN3_MOE: 1e-6}
 SPECIAL_TOKEN = "<|endoftext|>"
+# The one statement of how prompts are fed, quoted by the model cards and the lm-eval adapter.
+PROMPT_CONVENTION = (
+    "Every sequence starts with `<|endoftext|>`, which serves as BOS: the model was trained on documents "
+    "separated by `<|endoftext|>` (EOS), so the token before a document is always that one. `elasticmoe eval` "
+    "feeds `[<|endoftext|>] + tokens(prompt)`; this tokenizer adds it by itself whenever special tokens are added "
+    "(`tokenizer(text)`, `pipeline(...)`: transformers' default), and so does llama.cpp (`add_bos_token = true` "
+    "in the GGUF), so a stock `pipeline` answers as `elasticmoe eval` does. lm-evaluation-harness encodes "
+    "without special tokens, so the task files of `elasticmoe lm-eval-tasks` write `<|endoftext|>` at the start "
+    "of each context (do not also pass `add_bos_token=True`). Generation ends at `<|endoftext|>`; `<|pad|>` "
+    "(its own id) pads batches."
+)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -167,14 +182,28 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _transformers_version() -> str:
+    """The installed transformers' version (without importing it), else the oldest 5.x we support."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "5.0.0"
+
+
 def hf_config(
     config: ModelConfig,
     model_type: str,
     dtype: torch.dtype = torch.float32,
     token_id: int | None = None,
     provenance: dict[str, Any] | None = None,
+    pad_id: int | None = None,
 ) -> dict[str, Any]:
-    """config.json for `config` as a stock `model_type` (see the module docstring's conventions)."""
+    """config.json for `config` as a stock `model_type` (see the module docstring's conventions).
+
+    `token_id` is bos and eos (`<|endoftext|>`), `pad_id` the pad (default: `token_id`).
+    """
     c = config
     out: dict[str, Any] = {
         "architectures": [ARCHITECTURES[model_type]],
@@ -189,6 +218,7 @@ def hf_config(
         "max_position_embeddings": c.max_seq_len,
         "rms_norm_eps": c.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rope_theta)},
+        "rope_theta": float(c.rope_theta),  # transformers 4.x reads only this
         "tie_word_embeddings": c.tie_embeddings,
         "sliding_window": None,
         "attention_dropout": 0.0,
@@ -199,8 +229,10 @@ def hf_config(
         "use_cache": True,
         "bos_token_id": token_id,
         "eos_token_id": token_id,
-        "pad_token_id": token_id,
+        "pad_token_id": token_id if pad_id is None else pad_id,
         "dtype": _dtype_name(dtype),
+        "torch_dtype": _dtype_name(dtype),  # transformers 4.x's name for `dtype`
+        "transformers_version": _transformers_version(),
     }
     if model_type == MIXTRAL:
         out.update(intermediate_size=c.expert_width, num_local_experts=c.experts, router_jitter_noise=0.0)
@@ -220,117 +252,13 @@ def hf_config(
     return out
 
 
-def _special_token_id(tokenizer_json: Path) -> int | None:
-    """Id of `<|endoftext|>` in a tokenizers JSON file (added tokens first, then the vocab)."""
-    try:
-        data = json.loads(Path(tokenizer_json).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise HFError(f"{tokenizer_json} is not a readable tokenizer.json: {exc}") from None
-    for tok in data.get("added_tokens") or []:
-        if tok.get("content") == SPECIAL_TOKEN:
-            return int(tok["id"])
-    vocab = (data.get("model") or {}).get("vocab")
-    if isinstance(vocab, dict) and SPECIAL_TOKEN in vocab:
-        return int(vocab[SPECIAL_TOKEN])
-    return None
+def _write_tokenizer(tokenizer_json: Path, folder: Path, max_len: int) -> tuple[int, int]:
+    """Tokenizer files for transformers in `folder` (`Tokenizer.export`); return (bos/eos id, pad id)."""
+    from .tokenizer import load_tokenizer
 
-
-def _write_tokenizer(tokenizer_json: Path, folder: Path, max_len: int) -> int | None:
-    """Tokenizer files for transformers in `folder`; return the `<|endoftext|>` id (bos/eos/pad).
-
-    Uses the project's `Tokenizer.save` (tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json) when `elasticmoe.tokenizer` is importable; otherwise copies
-    tokenizer.json and writes a tokenizer_config.json with the same conventions.
-    """
-    try:
-        from .tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        tokenizer = load_tokenizer(tokenizer_json)
-        tokenizer.save(folder)
-        return tokenizer.eos_id
-    token_id = _special_token_id(tokenizer_json)
-    if token_id is None:
-        raise HFError(f"{tokenizer_json} has no {SPECIAL_TOKEN} token, which the export uses as bos, eos and pad")
-    shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": SPECIAL_TOKEN,
-        "eos_token": SPECIAL_TOKEN,
-        "pad_token": SPECIAL_TOKEN,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_len,
-    }
-    checkpoint.write_json(folder / "tokenizer_config.json", tok_config)
-    return token_id
-
-
-def _model_card(config: ModelConfig, model_type: str, provenance: dict[str, Any]) -> str:
-    c = config
-    arch = ARCHITECTURES[model_type]
-    verification = provenance.get("verification") or {}
-    hf_check = provenance.get("hf_verification") or {}
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        f"tags: [elasticmoe, mixture-of-experts, {model_type}]",
-        "---",
-        "",
-        f"# elasticmoe export ({arch})",
-        "",
-        f"A stock `{arch}` written by elasticmoe: loads with `AutoModelForCausalLM.from_pretrained(folder)`, "
-        "no custom code, no `trust_remote_code`.",
-        "",
-        "| field | value |",
-        "|---|---|",
-    ]
-    rows = {
-        "layers / d_model / vocab": f"{c.layers} / {c.d_model} / {c.vocab_size}",
-        "heads / kv heads / head dim": f"{c.heads} / {c.kv_heads} / {c.head_dim}",
-        "experts / top-k / expert width": f"{c.experts} / {c.top_k} / {c.expert_width}",
-        "tied embeddings / qk norm": f"{c.tie_embeddings} / {c.qk_norm}",
-        "RoPE theta / max sequence length": f"{c.rope_theta:g} / {c.max_seq_len}",
-        "params / active params per token": f"{provenance.get('params', '?')} / {provenance.get('active_params', '?')}",
-    }
-    lines += [f"| {k} | {v} |" for k, v in rows.items()]
-    lines += ["", "## Provenance", ""]
-    parent = provenance.get("parent")
-    if isinstance(parent, dict) and parent.get("path"):
-        lines.append(
-            f"- parent: `{parent['path']}`"
-            + (f" (model sha256 `{parent['model_sha256']}`)" if parent.get("model_sha256") else "")
-        )
-    if provenance.get("subnet"):
-        lines.append(f"- sub-network: `{provenance['subnet']}`")
-    if verification:
-        lines.append(
-            f"- extraction verified: max abs logit difference {verification.get('max_abs_logit_diff')} "
-            f"(tolerance {verification.get('tolerance')}) on {verification.get('tokens_verified')} held-out tokens"
-        )
-    if hf_check:
-        lines.append(
-            f"- export verified with transformers {hf_check.get('transformers_version')}: max abs logit "
-            f"difference {hf_check.get('max_abs_logit_diff')} on {hf_check.get('tokens_verified')} tokens"
-        )
-    lines += [
-        "",
-        "## Conventions",
-        "",
-        "- router: float32 softmax over experts, top-k, kept probabilities renormalised to sum to one",
-        "- SwiGLU experts, no biases anywhere, no shared expert",
-        "- RoPE rotate-half, `rope_type: default`; RMSNorm computed in float32",
-        "- `<|endoftext|>` is bos, eos and pad",
-        "",
-        "## Full provenance",
-        "",
-        "```json",
-        json.dumps(provenance, indent=2),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    tokenizer = load_tokenizer(tokenizer_json)
+    tokenizer.export(folder, model_max_length=max_len)
+    return tokenizer.eos_id, tokenizer.pad_id
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
@@ -344,13 +272,16 @@ def export_hf(
     provenance: dict[str, Any] | None = None,
     verify_tokens: torch.Tensor | None = None,
     tolerance: float = 1e-4,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Write a stock transformers folder (weights, config, generation config, tokenizer, model card).
 
     `model_dir_or_model`: a model folder (its meta, e.g. a child's extraction record, joins the
     provenance, and its tokenizer.json is used when `tokenizer_path` is not given) or a model.
-    `verify_tokens`: if given, the folder is loaded with transformers before it is put in place and
-    refused (nothing written) unless its logits match ours to `tolerance`. Returns the provenance.
+    Before the folder is put in place it is loaded with transformers and refused (nothing written)
+    unless its logits match ours to `tolerance` on `verify_tokens` (B, T), or, when none are given
+    (a folder outside a run), on random token ids: the record says which (`hf_verification.tokens`).
+    `verify=False` skips the check (and the record says so). Returns the provenance.
     """
     meta: dict[str, Any] = {}
     if isinstance(model_dir_or_model, ElasticMoE):
@@ -374,18 +305,32 @@ def export_hf(
     )
     from safetensors.torch import save_file
 
+    from .model_card import model_card
+
+    record.setdefault("name", Path(out_dir).name)
+    record["out"] = str(out_dir)
+    tokens_note = "held-out tokens of the run"
+    if verify and verify_tokens is None:
+        length = min(64, model.config.max_seq_len)
+        verify_tokens = torch.randint(
+            0, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(0)
+        )
+        tokens_note = "random token ids (no run folder to take held-out tokens from)"
+        log.warning("no held-out tokens for %s: checking the export against random token ids", out_dir)
     with checkpoint.AtomicFolder(out_dir) as tmp:
         save_file(hf_state_dict(model, model_type), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        token_id = None
+        token_id = pad_id = None
         if tokenizer_path is not None:
-            token_id = _write_tokenizer(Path(tokenizer_path), tmp, model.config.max_seq_len)
-        generation = {"bos_token_id": token_id, "eos_token_id": token_id, "pad_token_id": token_id}
+            token_id, pad_id = _write_tokenizer(Path(tokenizer_path), tmp, model.config.max_seq_len)
+        generation = {"bos_token_id": token_id, "eos_token_id": token_id, "pad_token_id": pad_id}
         checkpoint.write_json(tmp / "generation_config.json", generation)
-        checkpoint.write_json(tmp / "config.json", hf_config(model.config, model_type, dtype, token_id, record))
-        if verify_tokens is not None:
-            record["hf_verification"] = _verify_folder(model, tmp, verify_tokens, tolerance)
-            checkpoint.write_json(tmp / "config.json", hf_config(model.config, model_type, dtype, token_id, record))
-        (tmp / "README.md").write_text(_model_card(model.config, model_type, record))
+        checkpoint.write_json(tmp / "config.json", hf_config(model.config, model_type, dtype, token_id, record, pad_id))
+        if verify:
+            record["hf_verification"] = {**_verify_folder(model, tmp, verify_tokens, tolerance), "tokens": tokens_note}
+        else:
+            record["hf_verification"] = {"skipped": "verify=False"}
+        checkpoint.write_json(tmp / "config.json", hf_config(model.config, model_type, dtype, token_id, record, pad_id))
+        (tmp / "README.md").write_text(model_card(model, record), encoding="utf-8")
     log.info("exported %s to %s", ARCHITECTURES[model_type], out_dir)
     return record
 
@@ -425,6 +370,7 @@ def _verify_folder(model: ElasticMoE, folder: Path, tokens: torch.Tensor, tolera
 
 __all__ = [
     "ARCHITECTURES",
+    "PROMPT_CONVENTION",
     "HFError",
     "architecture_for",
     "expected_shapes",

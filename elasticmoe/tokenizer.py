@@ -2,8 +2,12 @@
 
 Why byte-level BPE: every string (any unicode, any whitespace) maps to tokens and back exactly,
 so a model trained here can be evaluated by exact match on generated text and exported to
-transformers without a lossy conversion. One special token, `<|endoftext|>`, ends every document
-(EOS) and doubles as BOS and PAD, as in GPT-2.
+transformers without a lossy conversion. Special tokens: `<|endoftext|>` ends every document
+(EOS) and, since the token before any document in training is the previous one's EOS, also
+serves as BOS (the prompt convention, `hf.PROMPT_CONVENTION`); `<|pad|>` pads batches and never
+occurs in the data, so a pad can never be mistaken for a BOS/EOS (an attention mask inferred from
+pad positions stays right). Tokenizers trained before `<|pad|>` existed load as they are and pad
+with `<|endoftext|>`.
 
 Digits are split one per pre-token (as LLaMA does) before the GPT-2 byte-level regex. This keeps
 numbers as digit sequences, which makes the arithmetic / sorting / retrieval tasks learnable by
@@ -16,6 +20,11 @@ The folder written by `Tokenizer.save` holds:
     tokenizer_config.json     tokenizer_class PreTrainedTokenizerFast, eos/bos/pad tokens, no
                               clean-up of spaces, so transformers decodes exactly like we do
     special_tokens_map.json   eos/bos/pad/unk
+
+`Tokenizer.export` writes the same files for a model export, with the model's context as
+`model_max_length` and a post-processor that puts `<|endoftext|>` first whenever special tokens
+are added (transformers' default, so `tokenizer(text)` and `pipeline(...)` feed the model what
+`elasticmoe eval` feeds it); `encode` here never adds it.
 """
 
 from __future__ import annotations
@@ -34,8 +43,9 @@ from .config import ConfigError
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
-MIN_VOCAB_SIZE = 257  # 256 byte symbols + EOS
+MIN_VOCAB_SIZE = 258  # 256 byte symbols + EOS + PAD
 MAX_VOCAB_SIZE = 2**32 - 1  # token ids must fit the uint32 shards of elasticmoe.data
 
 
@@ -59,14 +69,20 @@ class Tokenizer:
         self.eos_id: int = eos_id
         self.eos_token: str = EOS_TOKEN
 
-    # transformers-style aliases: EOS is also BOS and PAD
+    # transformers-style aliases: EOS is also BOS; PAD has its own id (EOS in older tokenizers)
     @property
     def bos_id(self) -> int:
         return self.eos_id
 
     @property
+    def pad_token(self) -> str:
+        pad = self.backend.token_to_id(PAD_TOKEN)
+        added = self.backend.get_added_tokens_decoder()
+        return PAD_TOKEN if pad is not None and pad in added and added[pad].special else EOS_TOKEN
+
+    @property
     def pad_id(self) -> int:
-        return self.eos_id
+        return int(self.backend.token_to_id(self.pad_token))
 
     @property
     def vocab_size(self) -> int:
@@ -101,37 +117,67 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         _write_text(folder / TOKENIZER_FILE, self.to_str())
-        _write_text(folder / "tokenizer_config.json", json.dumps(self.transformers_config(), indent=2) + "\n")
-        specials = {name: EOS_TOKEN for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        _write_text(folder / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
+        self._write_transformers_files(folder, self.transformers_config())
         return folder
 
-    def transformers_config(self) -> dict[str, Any]:
-        """tokenizer_config.json for transformers 5.x (`PreTrainedTokenizerFast` = `TokenizersBackend`).
+    def export(self, folder: str | Path, model_max_length: int) -> Path:
+        """Tokenizer files for a model export: as `save`, plus `<|endoftext|>` prepended whenever
+        special tokens are added (the prompt convention) and the model's context as its limit."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        data = json.loads(self.backend.to_str())
+        backend = _HFTokenizer.from_str(json.dumps(data))
+        backend.post_processor = processors.Sequence(
+            [
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{EOS_TOKEN} $A",
+                    pair=f"{EOS_TOKEN} $A {EOS_TOKEN} $B",
+                    special_tokens=[(EOS_TOKEN, self.eos_id)],
+                ),
+            ]
+        )
+        _write_text(folder / TOKENIZER_FILE, backend.to_str(pretty=True))
+        config = self.transformers_config(model_max_length)
+        config["add_bos_token"] = True
+        self._write_transformers_files(folder, config)
+        return folder
+
+    def _write_transformers_files(self, folder: Path, config: dict[str, Any]) -> None:
+        _write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        specials = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": self.pad_token, "unk_token": EOS_TOKEN}
+        _write_text(folder / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
+
+    def transformers_config(self, model_max_length: int = 1_000_000_000) -> dict[str, Any]:
+        """tokenizer_config.json for transformers (5.x: `PreTrainedTokenizerFast` = `TokenizersBackend`).
 
         `clean_up_tokenization_spaces: false` keeps transformers from deleting spaces before
-        punctuation when decoding; no BOS is added on encode, matching `encode` here.
+        punctuation when decoding; no BOS is added on encode, matching `encode` here (`export`
+        changes that for exported models).
         """
+        added = self.backend.get_added_tokens_decoder()
         return {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": EOS_TOKEN,
             "eos_token": EOS_TOKEN,
-            "pad_token": EOS_TOKEN,
+            "pad_token": self.pad_token,
             "unk_token": EOS_TOKEN,
             "add_bos_token": False,
             "add_eos_token": False,
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
-            "model_max_length": 1_000_000_000,
+            "model_max_length": int(model_max_length),
             "added_tokens_decoder": {
-                str(self.eos_id): {
-                    "content": EOS_TOKEN,
+                str(i): {
+                    "content": t.content,
                     "lstrip": False,
                     "normalized": False,
                     "rstrip": False,
                     "single_word": False,
                     "special": True,
                 }
+                for i, t in sorted(added.items())
+                if t.special
             },
         }
 
@@ -171,7 +217,7 @@ def train_tokenizer(
 
     `out_path` is a folder or a path ending in `tokenizer.json`; a folder gets the transformers
     files too (see `Tokenizer.save`). The result has at most `vocab_size` ids: the 256 byte
-    symbols, EOS, and merges until the budget or the data runs out (a small corpus can give
+    symbols, EOS, PAD, and merges until the budget or the data runs out (a small corpus can give
     fewer; the model must use `Tokenizer.vocab_size`). Training is deterministic: merges are
     chosen by count with ties broken by the pair, and the inputs are summed word counts.
     """
@@ -182,14 +228,14 @@ def train_tokenizer(
     ):
         raise ConfigError(
             f"vocab_size={vocab_size!r} is out of range; allowed [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] "
-            "(256 byte symbols + EOS at least)"
+            "(256 byte symbols + EOS + PAD at least)"
         )
     backend = _empty_backend()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         show_progress=False,
-        special_tokens=[AddedToken(EOS_TOKEN, special=True, normalized=False)],
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in (EOS_TOKEN, PAD_TOKEN)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     seen = {"docs": 0}
@@ -228,4 +274,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer(backend)
 
 
-__all__ = ["EOS_TOKEN", "Tokenizer", "load_tokenizer", "train_tokenizer"]
+__all__ = ["EOS_TOKEN", "PAD_TOKEN", "Tokenizer", "load_tokenizer", "train_tokenizer"]

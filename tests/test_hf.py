@@ -5,7 +5,6 @@ library in memory.
 """
 
 import json
-import sys
 from dataclasses import replace
 
 import pytest
@@ -275,11 +274,118 @@ def test_failed_export_verification_leaves_nothing(tiny_config, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_tokenizer_files_without_project_tokenizer_module(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "elasticmoe.tokenizer", None)  # import fails: fallback writer
+def test_wordlevel_tokenizer_files(tiny_config, tmp_path):
     tok = write_tokenizer(tmp_path / "tokenizer.json", tiny_config.vocab_size)
     export_hf(make_model(tiny_config), tmp_path / "hf", tokenizer_path=tok)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    assert hf_tok.eos_token_id == hf_tok.pad_token_id == tiny_config.vocab_size - 1
-    assert hf_tok.decode(hf_tok("w3 w5")["input_ids"]) == "w3 w5"
-    assert load_hf(tmp_path / "hf").config.bos_token_id == tiny_config.vocab_size - 1
+    eos = tiny_config.vocab_size - 1
+    assert hf_tok.eos_token_id == hf_tok.pad_token_id == eos  # no <|pad|> in this tokenizer: pad falls back
+    assert hf_tok("w3 w5")["input_ids"] == [eos, 3, 5]  # the prompt convention: <|endoftext|> first
+    assert hf_tok.decode(hf_tok("w3 w5", add_special_tokens=False)["input_ids"]) == "w3 w5"
+    assert load_hf(tmp_path / "hf").config.bos_token_id == eos
+
+
+# -- older readers, prompt convention, model card ----------------------------------------------
+def test_config_states_what_older_readers_need(tiny_config, tmp_path):
+    """transformers 4.x (4.57 is what llama.cpp's converter pins) reads `rope_theta` and
+    `torch_dtype` at the top level and falls back to Mixtral's theta 1e6 without it. Installing
+    4.57 beside 5.x in CI costs a second environment, so this checks the fields explicitly and
+    loads a config.json stripped to what 4.x reads (no `rope_parameters`, no `dtype`)."""
+    config = replace(tiny_config, rope_theta=500.0)
+    model = make_model(config)
+    tok = write_tokenizer(tmp_path / "tokenizer.json", config.vocab_size)
+    export_hf(model, tmp_path / "hf", tokenizer_path=tok)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 500.0
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
+    assert cfg["transformers_version"] == transformers.__version__
+    tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tok_cfg["model_max_length"] == config.max_seq_len
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).model_max_length == config.max_seq_len
+    old_style = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "dtype")}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(old_style))
+    assert load_hf(tmp_path / "hf").config.rope_parameters["rope_theta"] == 500.0
+    assert max_logit_diff_hf(model, load_hf(tmp_path / "hf"), tokens_for(config)) <= TOL
+
+
+def test_export_without_tokens_checks_random_ids(tiny_config, tmp_path):
+    record = export_hf(make_model(tiny_config), tmp_path / "hf")
+    check = record["hf_verification"]
+    assert check["max_abs_logit_diff"] <= TOL and check["tokens_verified"] > 0
+    assert "random" in check["tokens"]
+    assert "random token ids" in (tmp_path / "hf" / "README.md").read_text()
+    record = export_hf(make_model(tiny_config), tmp_path / "hf2", verify=False)
+    assert record["hf_verification"] == {"skipped": "verify=False"}
+    assert "NOT checked" in (tmp_path / "hf2" / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory):
+    from elasticmoe.data import build_default_corpus
+    from elasticmoe.tokenizer import train_tokenizer
+
+    corpus = build_default_corpus(seed=0, scale=0.02, text_fraction=0.3)
+    folder = tmp_path_factory.mktemp("tok")
+    return train_tokenizer(corpus.texts("train"), vocab_size=320, out_path=folder), folder / "tokenizer.json"
+
+
+def test_pipeline_answers_as_our_eval_does(tiny_config, tmp_path, trained_tokenizer):
+    """A stock `pipeline("text-generation")` call gets `<|endoftext|>` + prompt, as `evaluate` feeds
+    it, and its greedy answer equals ours; pad has its own id, so inferred attention masks hold."""
+    from elasticmoe.evaluate import greedy_continuations
+
+    tokenizer, tok_file = trained_tokenizer
+    config = replace(tiny_config, vocab_size=tokenizer.vocab_size)
+    model = make_model(config, seed=4)
+    with torch.no_grad():
+        model.embed.weight.mul_(20.0)  # sharper logits: no near-ties for argmax to break differently
+    export_hf(model, tmp_path / "hf", tokenizer_path=tok_file)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    prompts = ["k3=v7 k9=v2 k3=", "12+30=", "sort: 5 2 9 ->"]
+    for p in prompts:
+        assert hf_tok(p)["input_ids"] == [tokenizer.eos_id] + tokenizer.encode(p)
+    assert hf_tok.pad_token == "<|pad|>" and hf_tok.pad_token_id == tokenizer.pad_id != tokenizer.eos_id
+    gen = transformers.pipeline("text-generation", model=load_hf(tmp_path / "hf"), tokenizer=hf_tok)
+    theirs = [gen(p, max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"] for p in prompts]
+    ours = greedy_continuations(model, tokenizer, prompts, 6)
+    assert [t.split("\n")[0] for t in theirs] == ours
+
+
+def test_model_card_has_cost_eval_convention_and_usage(tiny_config, tmp_path, trained_tokenizer):
+    from elasticmoe.cost import cost
+    from elasticmoe.hf import PROMPT_CONVENTION
+    from elasticmoe.ledger import Ledger
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    ledger = Ledger(run / "ledger.jsonl")
+    for phase, model, tokens in (("train", "parent", 123456), ("extract", "L[0,2] E3 k1 W16", 64)):
+        ledger.append(
+            {
+                "event": "end",
+                "status": "ok",
+                "phase": phase,
+                "model": model,
+                "tokens": tokens,
+                "flops": 10 * tokens,
+                "seconds": 1.5,
+                "device": "cpu",
+                "world_size": 1,
+            }
+        )
+    result = {"tasks": {"kv": {"metric": "exact_match", "score": 0.25, "ci": [0.1, 0.4]}}}
+    (run / "eval" / "results.json").write_text(json.dumps({"models": {"child": result, "parent": result}}))
+    parent = make_model(tiny_config)
+    subnet = Subnet.uniform([0, 2], 3, 1, 16)
+    _, tok_file = trained_tokenizer
+    extract_to_folder(parent, subnet, tmp_path / "child", tokens_for(tiny_config), parent_meta={"path": str(run)})
+    export_hf(tmp_path / "child", tmp_path / "hf", verify_tokens=tokens_for(tiny_config))
+    card = (tmp_path / "hf" / "README.md").read_text()
+    child = checkpoint.load_model(tmp_path / "child")[0]
+    k = cost(child.config)
+    assert f"{k.total_params:,} / {k.active_params:,}" in card
+    assert str(subnet) in card and str(run) in card
+    assert "123,456" in card and "| parent training (whole run) | 123k |" in card
+    assert "| extraction of this sub-network | 64 |" in card
+    assert "| results.json | child | kv | exact_match | 0.250 [0.100, 0.400] |" in card
+    assert PROMPT_CONVENTION in card and "AutoModelForCausalLM" in card and "--format gguf" in card

@@ -1,0 +1,211 @@
+"""The model card (README.md) of every export: what the model is, what it cost, how it scores, how to run it.
+
+One card for both export formats (`hf.export_hf`, `gguf_export.export_gguf`). It states:
+
+* the architecture, params and active params per token (`cost.cost`, embeddings included);
+* provenance: the parent (path, checksum), the sub-network, how extraction was verified;
+* cost, when the run's ledger is found (`RUN_DIR/ledger.jsonl`, the run named in the model's
+  meta): tokens, FLOPs and device-seconds of parent training, search, this child's extraction
+  and fine-tuning, summed by `Ledger.totals`;
+* evaluation, when the run has `eval/*.json` results for a model of this name;
+* the prompt convention (`hf.PROMPT_CONVENTION`) and how to run the model in transformers and
+  in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .cost import cost
+from .ledger import Ledger
+from .model import ElasticMoE
+
+
+def _run_folder(record: dict[str, Any]) -> Path | None:
+    parent = record.get("parent") if isinstance(record.get("parent"), dict) else {}
+    candidates = [parent.get("run"), record.get("run")]
+    if parent.get("path"):
+        p = Path(parent["path"])
+        candidates.append(p.parent if p.name == "parent" else p)
+    for c in candidates:
+        if c and (Path(c) / "ledger.jsonl").is_file():
+            return Path(c)
+    return None
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def cost_rows(run: Path, subnet: str | None) -> list[tuple[str, dict[str, float]]]:
+    """(what, totals) from the run's ledger: parent training, search, this child's extraction and
+    fine-tuning (matched by the sub-network spec the ledger records as `model`)."""
+    ledger = Ledger(run / "ledger.jsonl")
+    rows = [("parent training (whole run)", ledger.totals("train")), ("search (all searches)", ledger.totals("search"))]
+    if subnet:
+        rows.append(("extraction of this sub-network", ledger.totals("extract", model=subnet)))
+        rows.append(("fine-tuning of this sub-network", ledger.totals("finetune", model=subnet)))
+    return [(what, t) for what, t in rows if t.get("tokens") or t.get("flops") or t.get("seconds")]
+
+
+def eval_rows(run: Path, names: list[str]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(results file, model, task, result) for every eval result in RUN_DIR/eval/*.json of a model
+    named in `names` (and of the parent, for comparison)."""
+    out = []
+    for path in sorted((run / "eval").glob("*.json")):
+        try:
+            models = json.loads(path.read_text()).get("models") or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        for name in [*names, "parent"]:
+            for task, res in sorted(((models.get(name) or {}).get("tasks") or {}).items()):
+                if isinstance(res, dict) and "score" in res:
+                    out.append((path.name, name, task, res))
+    return out
+
+
+def _usage(folder_hint: str, gguf_file: str | None) -> list[str]:
+    from .hf import PROMPT_CONVENTION
+
+    lines = ["## Prompt convention", "", PROMPT_CONVENTION, "", "## How to run it", ""]
+    if gguf_file is None:
+        lines += [
+            "transformers (no custom code):",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+            f'tok = AutoTokenizer.from_pretrained("{folder_hint}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{folder_hint}", dtype="float32")',
+            'gen = pipeline("text-generation", model=model, tokenizer=tok)',
+            'print(gen("k3=v7 k9=v2 k3=", max_new_tokens=8, do_sample=False)[0]["generated_text"])',
+            "```",
+            "",
+            "llama.cpp: `elasticmoe export CHILD --format gguf --out DIR` writes a GGUF of the same child, checked "
+            "in llama.cpp (ids, logits, greedy tokens) before it is published.",
+        ]
+    else:
+        lines += [
+            "llama.cpp:",
+            "",
+            "```bash",
+            f'llama-cli -m {gguf_file} -p "k3=v7 k9=v2 k3=" -n 8 --temp 0',
+            "```",
+            "",
+            f"Python: `xllamacpp` or `llama-cpp-python` load `{gguf_file}` like any GGUF.",
+        ]
+    return lines
+
+
+def model_card(model: ElasticMoE, record: dict[str, Any], gguf_file: str | None = None) -> str:
+    """README.md text for an export of `model` whose provenance is `record`."""
+    from .hf import ARCHITECTURES, architecture_for
+
+    c = model.config
+    model_type = architecture_for(c)
+    arch = ARCHITECTURES[model_type]
+    k = cost(c)
+    fmt = f"GGUF `{gguf_file}` (llama.cpp arch `{record['gguf']['arch']}`)" if gguf_file else f"transformers `{arch}`"
+    lines = [
+        "---",
+        "library_name: " + ("gguf" if gguf_file else "transformers"),
+        "pipeline_tag: text-generation",
+        f"tags: [elasticmoe, mixture-of-experts, {model_type}]",
+        "---",
+        "",
+        f"# {record.get('name') or 'elasticmoe export'}",
+        "",
+        f"A {fmt} written by elasticmoe"
+        + (": no custom code, no `trust_remote_code`." if not gguf_file else ", with llama.cpp's own `gguf` package."),
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| architecture | {arch} math ({'Qwen3-MoE' if c.qk_norm else 'Mixtral'}) |",
+        f"| params / active params per token | {k.total_params:,} / {k.active_params:,} |",
+        f"| layers / d_model / vocab | {c.layers} / {c.d_model} / {c.vocab_size} |",
+        f"| heads / kv heads / head dim | {c.heads} / {c.kv_heads} / {c.head_dim} |",
+        f"| experts / top-k / expert width | {c.experts} / {c.top_k} / {c.expert_width} |",
+        f"| context / RoPE theta | {c.max_seq_len} / {c.rope_theta:g} |",
+        "",
+        "## Provenance",
+        "",
+    ]
+    parent = record.get("parent") if isinstance(record.get("parent"), dict) else {}
+    if parent.get("path"):
+        sha = f" (model sha256 `{parent['model_sha256']}`)" if parent.get("model_sha256") else ""
+        lines.append(f"- parent: `{parent['path']}`{sha}")
+    else:
+        lines.append("- parent: none recorded (this folder is not a child extracted by elasticmoe)")
+    subnet = record.get("subnet")
+    lines.append(f"- sub-network: `{subnet}`" if subnet else "- sub-network: the whole model")
+    v = record.get("verification") or {}
+    if v:
+        lines.append(
+            f"- extraction verified: max abs logit difference {v.get('max_abs_logit_diff')} vs the parent running "
+            f"the sub-network on {v.get('tokens_verified')} held-out tokens"
+        )
+    for key, label in (("hf_verification", "transformers"), ("gguf_verification", "llama.cpp")):
+        check = record.get(key) or {}
+        if check.get("skipped"):
+            lines.append(f"- export NOT checked in {label}: {check['skipped']}")
+        elif check:
+            lines.append(
+                f"- export checked in {label} ({check.get('transformers_version') or check.get('runtime')}): max abs "
+                f"logit difference {check.get('max_abs_logit_diff'):.3g} on {check.get('tokens_verified')} "
+                f"{check.get('tokens', 'tokens')}"
+                + (
+                    f"; greedy continuations identical {check['greedy_identical']}"
+                    if "greedy_identical" in check
+                    else ""
+                )
+            )
+    run = _run_folder(record)
+    lines += ["", "## Cost (from the run's ledger)", ""]
+    rows = cost_rows(run, subnet) if run else []
+    if rows:
+        lines += ["| work | tokens | FLOPs | device-seconds |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {what} | {_fmt(t.get('tokens', 0))} | {_fmt(t.get('flops', 0))} | {t.get('seconds', 0):.1f} |"
+            for what, t in rows
+        ]
+        lines.append(
+            f"\nTraining tokens of the parent: {int(rows[0][1].get('tokens', 0)):,}; `elasticmoe report "
+            f"{run}` puts these against a named baseline."
+        )
+    else:
+        lines.append("No ledger found (the model's run folder is not on this machine).")
+    names = [n for n in (record.get("name"), Path(str(record.get("source", ""))).name) if n]
+    evals = eval_rows(run, names) if run else []
+    lines += ["", "## Evaluation (test split of the run)", ""]
+    if evals:
+        lines += ["| results | model | task | metric | score [95% CI] |", "|---|---|---|---|---|"]
+        for file, name, task, res in evals:
+            ci = res.get("ci") or [float("nan"), float("nan")]
+            lines.append(
+                f"| {file} | {name} | {task} | {res.get('metric')} | {res['score']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] |"
+            )
+    else:
+        lines.append("No evaluation of this model yet: `elasticmoe eval RUN_DIR/parent THIS_CHILD`, then export again.")
+    lines += ["", *_usage(record.get("out", "THIS_FOLDER"), gguf_file), ""]
+    lines += [
+        "## Conventions",
+        "",
+        "- router: float32 softmax over experts, top-k, kept probabilities renormalised to sum to one",
+        "- SwiGLU experts, no biases anywhere, no shared expert",
+        "- RoPE rotate-half (`rope_type: default`); RMSNorm computed in float32",
+        "",
+        "## Full provenance",
+        "",
+        "```json",
+        json.dumps(record, indent=2, default=str),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["cost_rows", "eval_rows", "model_card"]
