@@ -18,37 +18,24 @@ same recipe and no elastic sampling: the measured denominator of every cost perc
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
 import shutil
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import cost as costmod
-from .checkpoint import load_model, read_json, save_model
+from . import dist as distmod
+from .checkpoint import atomic_write_text, load_model, read_json
 from .config import ConfigError, ElasticSpace
 from .ledger import Ledger
-from .metrics import _append_metrics, _truncate_metrics
-from .recipe import Recipe, SamplingConfig, load_recipe
+from .recipe import DistillConfig, Recipe, SamplingConfig, load_recipe
 from .rundata import load_run_data
 from .subnet import Subnet
-from .train import (
-    autocast,
-    eval_losses,
-    find_checkpoint,
-    kd_loss,
-    load_checkpoint,
-    lr_at,
-    make_optimizer,
-    resolve_device,
-    save_checkpoint,
-    train,
-)
+from .train import Job, eval_losses, kd_loss, resolve_device, run_job, train
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +112,7 @@ def finetune(
     kd_weight: float = 1.0,
     ce_weight: float = 1.0,
     temperature: float = 1.0,
-    ckpt_every: int = 50,
+    ckpt_every: int | None = None,
     resume: bool = False,
     device: str = "auto",
     ledger_path: Path | None = None,
@@ -151,35 +138,44 @@ def finetune(
         teacher.eval()
         if teacher.config.vocab_size != child.config.vocab_size:
             raise ConfigError("teacher and child have different vocabularies")
+    # the fine-tune as a recipe for the training engine: one fixed sub-network (the whole child),
+    # the teacher outside it, the parent's data with the fine-tune's mix, its own batch order
+    ckpt_every = ckpt_every or max(1, min(50, math.ceil(n_steps / 10)))  # a kill loses <= 10% of the work
     ft_recipe = dataclasses.replace(
         recipe,
         model=child.config,
         space=ElasticSpace.full(child.config),
+        data=dataclasses.replace(recipe.data, task_weights=dict(task_weights or {})),
+        sampling=SamplingConfig(mode="sandwich", n_random=0),
+        distill=DistillConfig(kd_weight=kd_weight, ce_weight=ce_weight, temperature=temperature, subnet_weight=0.0),
+        reorder=dataclasses.replace(recipe.reorder, at_steps=()),
         train=dataclasses.replace(
-            recipe.train, lr=lr, steps=n_steps, warmup=max(1, n_steps // 10), batch_size=bs, ckpt_every=ckpt_every
+            recipe.train,
+            lr=lr,
+            steps=n_steps,
+            warmup=max(1, n_steps // 10),
+            batch_size=bs,
+            ckpt_every=ckpt_every,
+            eval_every=n_steps,
+            keep_last=2,
+            seed=recipe.train.seed + 1,
+            device=device,
+            init_from="",
         ),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    opt = make_optimizer(child, ft_recipe)
-    batches = data.train_batches(bs, recipe.train.seed + 1, task_weights=task_weights)
     windows = data.eval_windows("val", recipe.train.eval_windows)
     if task_weights:
         windows = {t: w for t, w in windows.items() if task_weights.get(t, 0) > 0} or windows
-    metrics = out_dir / "metrics.jsonl"
-    step, done_tokens, state = 0, 0, {}
-    if resume and (ck := find_checkpoint(out_dir)) is not None:
-        state = load_checkpoint(ck, child, opt)
-        step, done_tokens = state["step"], state["tokens_seen"]
-        batches.load_state_dict(state["data"])
-    _truncate_metrics(metrics, step) if resume else metrics.unlink(missing_ok=True)
     full = Subnet.full(child.config)
-    if "val_before" in state:  # measured on the zero-shot child when this fine-tune began
-        before, kd_before = state["val_before"], state["kd_before"]
+    before_file = out_dir / "before.json"
+    if resume and before_file.is_file():  # measured on the zero-shot child when this fine-tune began
+        saved = json.loads(before_file.read_text())
+        before, kd_before = saved["val"], saved["kd"]
     else:
         before = eval_losses(child, windows, {"child": full}, dev)["child"]
         kd_before = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
-    student_flops = costmod.cost(child.config, None, recipe.data.seq_len).flops_train
-    teacher_flops = costmod.cost(teacher.config, None, recipe.data.seq_len).flops_forward if teacher else 0
+        atomic_write_text(before_file, json.dumps({"val": before, "kd": kd_before}) + "\n")
     ledger = Ledger(ledger_path or data_run / "ledger.jsonl")
     info = {
         "model": str(child_meta.get("subnet", child_dir)),
@@ -188,72 +184,18 @@ def finetune(
         "teacher": bool(teacher),
         "out": ledger.ref(out_dir),
     }
-    seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
-    with ledger.phase("finetune", device=str(dev), counted=False, **info):
-        child.train()
-        while step < n_steps and (stop_at is None or step < stop_at):
-            t0 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, ft_recipe)
-            x, y = (v.to(dev) for v in next(batches))
-            with autocast(dev):
-                logits = child(x).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            rec: dict[str, Any] = {"step": step + 1, "ce": loss.item()}
-            if teacher is not None:
-                with torch.no_grad(), autocast(dev):
-                    t_logits = teacher(x).logits
-                kd = kd_loss(logits, t_logits, temperature)
-                rec["kd"] = kd.item()
-                loss = ce_weight * loss + kd_weight * kd
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite fine-tuning loss at step {step}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(child.parameters(), ft_recipe.train.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            done_tokens += x.numel()
-            seg["tokens"] += x.numel()
-            seg["flops"] += (student_flops + teacher_flops) * x.numel()
-            seg["seconds"] += time.perf_counter() - t0
-            _append_metrics(metrics, rec)
-            if step % ckpt_every == 0 or step == n_steps:
-                save_checkpoint(
-                    out_dir,
-                    step,
-                    child,
-                    opt,
-                    {
-                        "bad_in_row": 0,
-                        "tokens_seen": done_tokens,
-                        "data": batches.state_dict(),
-                        "val_before": before,
-                        "kd_before": kd_before,
-                    },
-                    2,
-                )
-                ledger.append(
-                    {
-                        "event": "progress",
-                        "phase": "finetune",
-                        "steps": [seg["from"], step],
-                        "device": str(dev),
-                        "world_size": 1,
-                        **info,
-                        **{k: seg[k] for k in ("tokens", "flops", "seconds")},
-                    }
-                )
-                seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
-    after = eval_losses(child, windows, {"child": full}, dev)["child"]
-    kd_after = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
-    if step >= n_steps:
-        meta = {
+    after: dict[str, float] = {}
+    kd_after: list[float | None] = [None]
+
+    def final_meta(model, _val) -> dict:
+        after.update(eval_losses(model, windows, {"child": full}, dev)["child"])
+        kd_after[0] = mean_kd(model, teacher, windows, dev, temperature) if teacher is not None else None
+        return {
             **child_meta,
             "kind": "finetuned-child",
             "finetune": {
-                "tokens": done_tokens,
-                "steps": step,
+                "tokens": n_steps * bs * recipe.data.seq_len,
+                "steps": n_steps,
                 "teacher": str(teacher_run) if teacher_run else None,
                 "task_weights": task_weights or {},
                 "kd_weight": kd_weight,
@@ -261,13 +203,34 @@ def finetune(
                 "temperature": temperature,
                 "lr": lr,
                 "val_before": before,
-                "val_after": after,
+                "val_after": dict(after),
                 "kd_before": kd_before,
-                "kd_after": kd_after,
+                "kd_after": kd_after[0],
             },
         }
-        save_model(out_dir / "model", child, meta, extra_files={"tokenizer.json": data.tokenizer_path})
-    return FinetuneResult(out_dir, step, done_tokens, before, after, kd_before, kd_after)
+
+    job = Job(
+        ft_recipe,
+        out_dir,
+        data,
+        phase="finetune",
+        output="model",
+        model=child,
+        teacher=teacher,
+        eval_tasks=tuple(windows),
+        eval_phase="finetune-eval",
+        ledger_info=info,
+        final_meta=final_meta,
+    )
+    par = distmod.setup(dev, "auto")
+    try:
+        res = run_job(job, par, resume, progress=False, stop_at=stop_at, ledger_path=ledger.path)
+    finally:
+        par.close()
+    if not after:  # stopped early, or resumed a finished fine-tune: measure the model as it is
+        after = eval_losses(child, windows, {"child": full}, dev)["child"]
+        kd_after[0] = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
+    return FinetuneResult(out_dir, res.step, res.step * bs * recipe.data.seq_len, before, after, kd_before, kd_after[0])
 
 
 def extract_child(run_dir: Path | str, parent, spec: str, out: Path, n_windows: int = 4) -> dict:

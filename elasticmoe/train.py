@@ -28,9 +28,11 @@ import random
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -213,41 +215,6 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"output folder {run_dir} is not writable: {exc.strerror}") from None
 
 
-def train(
-    recipe: Recipe,
-    run_dir: Path | str,
-    resume: bool = False,
-    progress: bool = True,
-    stop_at: int | None = None,
-    phase: str = "train",
-    ledger_path: Path | None = None,
-    parallel: str = "auto",
-) -> TrainResult:
-    """Train the elastic parent into `run_dir` (see module docstring). `stop_at` ends early
-    (for tests that simulate an interruption) without writing the final parent. `phase` and
-    `ledger_path` let a baseline run record itself as such in its parent's ledger. Under torchrun
-    (WORLD_SIZE > 1) this is data-parallel training, `parallel` picking FSDP2 or DDP (see dist.py)."""
-    run_dir = Path(run_dir)
-    par = distmod.setup(resolve_device(recipe.train.device), parallel)
-    try:
-        if recipe.train.batch_size % par.world_size:
-            raise ConfigError(
-                f"train.batch_size={recipe.train.batch_size} is the global batch and must be divisible by the "
-                f"world size {par.world_size} (each rank takes batch_size / world size rows)"
-            )
-        prepared: dict = {}
-        par.on_main(lambda: prepared.setdefault("data", _prepare(recipe, run_dir, resume)) and None)
-        if not par.is_main:
-            from .rundata import load_run_data
-
-            prepared["data"] = load_run_data(run_dir, recipe)
-        data = prepared["data"]
-        ledger = Ledger(ledger_path or run_dir / "ledger.jsonl") if par.is_main else _NoLedger()
-        return _loop(recipe, run_dir, data, par, resume, progress, stop_at, phase, ledger)
-    finally:
-        par.close()
-
-
 def _prepare(recipe: Recipe, run_dir: Path, resume: bool):
     """Check the run folder, prepare the data, write recipe.yaml (rank 0 only)."""
     from .rundata import prepare_run_data
@@ -319,25 +286,133 @@ def _init_model(recipe: Recipe, device: torch.device) -> ElasticMoE:
     return model.to(device)
 
 
-def _loop(
-    recipe: Recipe, run_dir: Path, data, par, resume: bool, progress: bool, stop_at, phase: str, ledger
+# -- the engine ----------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One training run for the engine. Elastic pre-training: the defaults. A from-scratch
+    baseline: a recipe whose space is one point (one fixed sub-network, no teacher). Distillation
+    fine-tuning: a given `model`, one fixed sub-network and an external `teacher`."""
+
+    recipe: Recipe
+    run_dir: Path
+    data: Any  # RunData
+    phase: str = "train"  # the ledger phase of the training segments
+    output: str = "parent"  # final model folder, inside run_dir
+    model: ElasticMoE | None = None  # start from this model instead of the recipe's init
+    teacher: ElasticMoE | None = None  # every sub-network distils from it (else from the largest)
+    eval_tasks: tuple[str, ...] = ()  # evaluate only these tasks (default: all)
+    eval_phase: str = "train-eval"  # the ledger phase of in-training evaluations
+    ledger_info: dict = field(default_factory=dict)  # fields added to every ledger record
+    final_meta: Callable[[ElasticMoE, dict], dict] | None = None  # meta of the final model folder
+
+
+@dataclass
+class StepResult:
+    finite: bool
+    losses: dict[str, float]  # data cross-entropy per sub-network
+    aux: float
+    grad_norm: float | None
+    flops: int  # training FLOPs spent, teacher forward included
+
+
+def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teacher=None) -> StepResult:
+    """One optimizer step: each sub-network's forward and backward (gradient accumulation), one
+    clip, one AdamW step. With no external teacher the first (largest) sub-network learns from the
+    data and teaches the others in place; the step's loss is a weighted mean (distill.subnet_weight).
+    A non-finite loss or gradient leaves parameters and optimizer untouched."""
+    t, d, seq = recipe.train, recipe.distill, recipe.data.seq_len
+    n_sub = len(subnets) - 1
+    scale = 1.0 / (1.0 + (d.subnet_weight if n_sub else 0.0))
+    flops = 0
+    target = None
+    if teacher is not None:
+        with torch.no_grad(), autocast(par.device):
+            target = teacher(x).logits.detach()
+        flops += costmod.cost(teacher.config, None, seq).flops_forward * x.numel()
+    losses: dict[str, float] = {}
+    out = None
+    for n, (name, sn) in enumerate(subnets):
+        with autocast(par.device):
+            out = model(x, sn)
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+        if target is None:  # in-place distillation: the largest is the teacher of the step
+            loss, target = ce, out.logits.detach()
+        else:
+            loss = d.ce_weight * ce + d.kd_weight * kd_loss(out.logits, target, d.temperature)
+        weight = scale if n == 0 else scale * d.subnet_weight / n_sub
+        loss = weight * (loss + t.aux_weight * out.aux_loss + t.z_weight * out.z_loss)
+        flops += costmod.cost(recipe.model, sn, seq).flops_train * x.numel()
+        if not par.all_finite(loss, step):  # agreed by all ranks before any backward
+            opt.zero_grad(set_to_none=True)
+            return StepResult(False, losses, 0.0, None, flops)
+        loss.backward()
+        losses[name] = ce.item()
+    par.sync_grads(model)
+    grad_norm = par.clip_grad_norm(model, t.grad_clip)
+    if not torch.isfinite(grad_norm):
+        opt.zero_grad(set_to_none=True)
+        return StepResult(False, losses, 0.0, None, flops)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return StepResult(True, losses, out.aux_loss.item(), grad_norm.item(), flops)
+
+
+def train(
+    recipe: Recipe,
+    run_dir: Path | str,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+    phase: str = "train",
+    ledger_path: Path | None = None,
+    parallel: str = "auto",
 ) -> TrainResult:
-    t, device, world = recipe.train, par.device, par.world_size
+    """Train the elastic parent into `run_dir` (see module docstring). `stop_at` ends early
+    (for tests that simulate an interruption) without writing the final parent. `phase` and
+    `ledger_path` let a baseline run record itself as such in its parent's ledger. Under torchrun
+    (WORLD_SIZE > 1) this is data-parallel training, `parallel` picking FSDP2 or DDP (see dist.py)."""
+    run_dir = Path(run_dir)
+    par = distmod.setup(resolve_device(recipe.train.device), parallel)
+    try:
+        if recipe.train.batch_size % par.world_size:
+            raise ConfigError(
+                f"train.batch_size={recipe.train.batch_size} is the global batch and must be divisible by the "
+                f"world size {par.world_size} (each rank takes batch_size / world size rows)"
+            )
+        prepared: dict = {}
+        par.on_main(lambda: prepared.setdefault("data", _prepare(recipe, run_dir, resume)) and None)
+        if not par.is_main:
+            from .rundata import load_run_data
+
+            prepared["data"] = load_run_data(run_dir, recipe)
+        job = Job(recipe, run_dir, prepared["data"], phase=phase)
+        return run_job(job, par, resume, progress, stop_at, ledger_path)
+    finally:
+        par.close()
+
+
+def run_job(
+    job: Job, par, resume: bool, progress: bool = True, stop_at: int | None = None, ledger_path: Path | None = None
+) -> TrainResult:
+    """The training loop: resume, then steps with their periodic work (re-order, evaluate,
+    checkpoint + ledger segment), then the final model folder. Shared by train, baseline and
+    finetune, so resume, the non-finite-step policy, checkpoints and the ledger hold for all."""
+    recipe, run_dir, t = job.recipe, job.run_dir, job.recipe.train
+    device, world, main = par.device, par.world_size, par.is_main
+    ledger = Ledger(ledger_path or run_dir / "ledger.jsonl") if main else _NoLedger()
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
-    model = par.wrap(_init_model(recipe, device))
+    model = par.wrap(job.model.to(device) if job.model is not None else _init_model(recipe, device))
     opt = make_optimizer(model, recipe)
-    if world == 1:
-        batches = data.train_batches(t.batch_size, t.seed)
-    else:
-        batches = data.train_batches(t.batch_size // world, t.seed, par.rank, world)
+    weights = dict(recipe.data.task_weights) or None
+    rank_args = () if world == 1 else (par.rank, world)
+    batches = job.data.train_batches(t.batch_size // world, t.seed, *rank_args, task_weights=weights)
     step, bad_in_row, tokens_seen = 0, 0, 0
     # this attempt's id; the ids of all attempts whose work led to the saved state travel with the
     # checkpoints and the final model, so a report can sum exactly the work behind an artefact
     attempt, attempts = uuid.uuid4().hex[:12], []
     metrics_path = run_dir / "metrics.jsonl"
-    main = par.is_main
     if resume:
         ckpt = par.on_main(lambda: find_checkpoint(run_dir))
         if ckpt is not None:
@@ -351,47 +426,76 @@ def _loop(
     elif main and metrics_path.exists():
         metrics_path.unlink()
     attempts.append(attempt)
-    windows = data.eval_windows("val", t.eval_windows)
-    tokens_per_step = t.batch_size * recipe.data.seq_len
-    seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
-    bar = _Progress(t.steps, step, enabled=progress and main, every=t.log_every)
-    result_eval: dict = {}
+    windows = job.data.eval_windows("val", t.eval_windows)
+    if job.eval_tasks:
+        windows = {k: w for k, w in windows.items() if k in job.eval_tasks} or windows
+    record = {"run": ledger.ref(run_dir), "attempt": attempt, "device": str(device), "world_size": world}
+    record.update(job.ledger_info)
 
-    def timed_eval() -> dict:
+    def evaluate() -> dict:
         t0, subnets = time.perf_counter(), _eval_subnets(recipe, model)
         out = eval_losses(model, windows, subnets, device)
         n = sum(w[:, 1:].numel() for w in windows.values())
-        flops = sum(costmod.cost(recipe.model, sn, recipe.data.seq_len).flops_forward for sn in subnets.values()) * n
+        flops = sum(costmod.cost(recipe.model, sn, recipe.data.seq_len).flops_forward for sn in subnets.values())
         ledger.append(
             {
                 "event": "end",
                 "status": "ok",
-                "phase": "train-eval",
-                "run": ledger.ref(run_dir),
-                "attempt": attempt,
-                "device": str(device),
-                "world_size": world,
+                "phase": job.eval_phase,
+                **record,
                 "step": step,
                 "tokens": n * len(subnets) * world,
-                "flops": flops * world,
+                "flops": flops * n * world,
                 "seconds": time.perf_counter() - t0,
             }
         )
+        if main:
+            _append_metrics(metrics_path, {"step": step, "val": out})
         return out
 
-    if step == 0:
-        val = timed_eval()
+    def reorder_now() -> None:
+        held_out = [w[: recipe.reorder.batches * 4, :-1].to(device) for w in windows.values()]
+        t0 = time.perf_counter()
+        summary = par.reorder(model, opt, functools.partial(_reorder, recipe, held_out))
+        n = sum(h.numel() for h in held_out)
+        ledger.append(
+            {
+                "event": "end",
+                "status": "ok",
+                "phase": "importance",
+                **record,
+                "step": step,
+                "tokens": n,
+                "flops": costmod.cost(recipe.model, None, recipe.data.seq_len).flops_forward * n,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         if main:
-            _append_metrics(metrics_path, {"step": 0, "val": val})
-    with ledger.phase(
-        phase,
-        device=str(device),
-        world_size=world,
-        counted=False,
-        run=ledger.ref(run_dir),
-        resumed_from=step if resume else None,
-        attempt=attempt,
-    ) as _:
+            _append_metrics(metrics_path, {"step": step, "reorder": summary})
+
+    def checkpoint(seg: dict) -> None:
+        state = {"bad_in_row": bad_in_row, "tokens_seen": tokens_seen, "data": batches.state_dict()}
+        state["attempts"] = attempts
+        if world == 1:
+            save_checkpoint(run_dir, step, model, opt, state, t.keep_last)
+        else:
+            save_sharded_checkpoint(par, run_dir, step, model, opt, state, t.keep_last)
+        seg["tokens"], seg["flops"] = par.sum_ints([seg["tokens"], seg["flops"]])  # work of all ranks
+        ledger.append(
+            {
+                "event": "progress",
+                "phase": job.phase,
+                **record,
+                "steps": [seg["from"], step],
+                **{k: seg[k] for k in ("tokens", "flops", "seconds")},
+            }
+        )
+
+    result_eval = evaluate() if step == 0 else {}
+    tokens_per_step = t.batch_size * recipe.data.seq_len
+    seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
+    bar = _Progress(t.steps, step, enabled=progress and main, every=t.log_every)
+    with ledger.phase(job.phase, counted=False, resumed_from=step if resume else None, **record):
         model.train()
         while step < t.steps and (stop_at is None or step < stop_at):
             t0 = time.perf_counter()
@@ -400,150 +504,81 @@ def _loop(
                 g["lr"] = lr
             x, y = (v.to(device) for v in next(batches))
             subnets = par.agree_on_subnets(step, sample_step(recipe, step, model.layer_order))
-            losses, finite, step_flops = {}, True, 0
-            teacher = None
-            d = recipe.distill
-            n_sub = len(subnets) - 1
-            scale = 1.0 / (1.0 + (d.subnet_weight if n_sub else 0.0))
-            for name, sn in subnets:
-                with autocast(device):
-                    out = model(x, sn)
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-                if teacher is None:
-                    loss = ce
-                    teacher = out.logits.detach()
-                    weight = scale
-                else:
-                    loss = d.ce_weight * ce + d.kd_weight * kd_loss(out.logits, teacher, d.temperature)
-                    weight = scale * d.subnet_weight / n_sub
-                loss = weight * (loss + t.aux_weight * out.aux_loss + t.z_weight * out.z_loss)
-                if not par.all_finite(loss, step):  # agreed by all ranks before any backward
-                    finite = False
-                    break
-                loss.backward()
-                losses[name] = ce.item()
-                step_flops += costmod.cost(recipe.model, sn, recipe.data.seq_len).flops_train * x.numel()
-            if finite:
-                par.sync_grads(model)
-            grad_norm = par.clip_grad_norm(model, t.grad_clip) if finite else None
-            skipped = not finite or not torch.isfinite(grad_norm)
-            if skipped:  # parameters and optimizer untouched; the step's compute was spent all the same
-                opt.zero_grad(set_to_none=True)
+            res = train_step(model, opt, x, y, subnets, recipe, par, step, job.teacher)
+            step += 1
+            dt = time.perf_counter() - t0
+            seg["flops"] += res.flops  # a skipped step's compute was spent all the same
+            seg["seconds"] += dt
+            if not res.finite:
                 bad_in_row += 1
                 if main:
                     _append_metrics(
-                        metrics_path, {"step": step + 1, "skipped": True, "reason": "non-finite loss or gradient"}
+                        metrics_path, {"step": step, "skipped": True, "reason": "non-finite loss or gradient"}
                     )
-                log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step + 1, bad_in_row)
+                log.warning("step %d skipped: non-finite loss or gradient (%d in a row)", step, bad_in_row)
                 if bad_in_row >= t.max_bad_steps:
                     raise FloatingPointError(
-                        f"{bad_in_row} non-finite steps in a row at step {step + 1}; the last good checkpoint is intact"
+                        f"{bad_in_row} non-finite steps in a row at step {step}; the last good checkpoint is intact"
                     )
-                step += 1
-                seg["flops"] += step_flops
-                seg["seconds"] += time.perf_counter() - t0
             else:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
                 bad_in_row = 0
-                step += 1
                 tokens_seen += x.numel() * world
-                aux = out.aux_loss.item()
+                seg["tokens"] += x.numel()
+                losses, aux = res.losses, res.aux
                 if world > 1:  # log means over ranks, i.e. over the global batch
                     *means, aux = par.mean([*losses.values(), aux])
                     losses = dict(zip(losses, means))
-                dt = time.perf_counter() - t0
-                seg["tokens"] += x.numel()
-                seg["flops"] += step_flops
-                seg["seconds"] += dt
                 rec = {
                     "step": step,
                     "lr": lr,
                     "loss": losses,
                     "aux": aux,
-                    "grad_norm": grad_norm.item(),
+                    "grad_norm": res.grad_norm,
                     "subnets": {n: str(s) for n, s in subnets},
                     "ms": dt * 1000,
                     "tok_per_s": tokens_per_step / dt,
                 }
                 if main:
                     _append_metrics(metrics_path, rec)
-                bar.update(step, losses.get("largest", float("nan")), lr, dt, len(subnets))
+                bar.update(step, next(iter(losses.values()), float("nan")), lr, dt, len(subnets))
             # periodic work runs after skipped steps too, so a skipped last step still checkpoints
             if step in recipe.reorder.at_steps:
-                held_out = [w[: recipe.reorder.batches * 4, :-1].to(device) for w in windows.values()]
-                t0 = time.perf_counter()
-                summary = par.reorder(model, opt, functools.partial(_reorder, recipe, held_out))
-                n = sum(h.numel() for h in held_out)
-                ledger.append(
-                    {
-                        "event": "end",
-                        "status": "ok",
-                        "phase": "importance",
-                        "run": ledger.ref(run_dir),
-                        "attempt": attempt,
-                        "device": str(device),
-                        "world_size": world,
-                        "step": step,
-                        "tokens": n,
-                        "flops": costmod.cost(recipe.model, None, recipe.data.seq_len).flops_forward * n,
-                        "seconds": time.perf_counter() - t0,
-                    }
-                )
-                if main:
-                    _append_metrics(metrics_path, {"step": step, "reorder": summary})
+                reorder_now()
             if step % t.eval_every == 0 or step == t.steps:
-                result_eval = timed_eval()
-                if main:
-                    _append_metrics(metrics_path, {"step": step, "val": result_eval})
+                result_eval = evaluate()
             if step % t.ckpt_every == 0 or step == t.steps:
-                state = {
-                    "bad_in_row": bad_in_row,
-                    "tokens_seen": tokens_seen,
-                    "data": batches.state_dict(),
-                    "attempts": attempts,
-                }
-                if world == 1:
-                    save_checkpoint(run_dir, step, model, opt, state, t.keep_last)
-                else:
-                    save_sharded_checkpoint(par, run_dir, step, model, opt, state, t.keep_last)
-                seg["tokens"], seg["flops"] = par.sum_ints([seg["tokens"], seg["flops"]])  # work of all ranks
-                ledger.append(
-                    {
-                        "event": "progress",
-                        "phase": phase,
-                        "run": ledger.ref(run_dir),
-                        "attempt": attempt,
-                        "device": str(device),
-                        "world_size": world,
-                        "steps": [seg["from"], step],
-                        "tokens": seg["tokens"],
-                        "flops": seg["flops"],
-                        "seconds": seg["seconds"],
-                    }
-                )
+                checkpoint(seg)
                 seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
         bar.close()
         if step >= t.steps:
             if not result_eval:  # resumed from the final checkpoint: nothing ran, measure once more
-                result_eval = timed_eval()
-            meta = {
-                "kind": "elastic-parent" if phase == "train" else phase,
-                "steps": step,
-                "tokens_seen": tokens_seen,
-                "ledger_attempts": attempts,
-                "space": recipe.space.to_dict(),
-                "val": result_eval,
-            }
-            full = par.main_model(model)  # gathered on rank 0 when sharded
-
-            def publish() -> None:
-                save_model(run_dir / "parent", full, meta, extra_files={"tokenizer.json": data.tokenizer_path})
-                _plot_losses(metrics_path, run_dir / "loss.png")
-
-            par.on_main(publish)
+                result_eval = evaluate()
+            _publish(job, par, model, step, tokens_seen, attempts, result_eval, metrics_path)
     tok_s = _mean_tok_per_s(metrics_path) if main else 0.0
     return TrainResult(run_dir, step, result_eval, tok_s, world, main)
+
+
+def _publish(job: Job, par, model, step: int, tokens_seen: int, attempts: list, val: dict, metrics_path) -> None:
+    """Write the final model folder (rank 0; gathered there when sharded) and the loss plot."""
+    recipe = job.recipe
+    full = par.main_model(model)
+    if job.final_meta is not None:
+        meta = job.final_meta(full, val) if par.is_main else {}
+    else:
+        meta = {
+            "kind": "elastic-parent" if job.phase == "train" else job.phase,
+            "steps": step,
+            "tokens_seen": tokens_seen,
+            "ledger_attempts": attempts,
+            "space": recipe.space.to_dict(),
+            "val": val,
+        }
+
+    def publish() -> None:
+        save_model(job.run_dir / job.output, full, meta, extra_files={"tokenizer.json": job.data.tokenizer_path})
+        _plot_losses(metrics_path, job.run_dir / "loss.png")
+
+    par.on_main(publish)
 
 
 def _reorder(recipe: Recipe, held_out: list[torch.Tensor], model: ElasticMoE, opt) -> dict:

@@ -89,38 +89,77 @@ def test_budget_sampling_draws_only_targets():
     assert drawn.count("L[0-1] E2 k1 W16") > drawn.count("L[0-2] E4 k1 W32")
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
-    args = ["--config", "micro", "--set", "train.steps=24", "--set", "train.ckpt_every=4", "--quiet"]
-    ref = _cli("train", *args, "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr
-    kill_at = random.Random(os.getpid()).randint(6, 18)
-    run = tmp_path / "killed"
+def _kill_at_step(cmd: list[str], metrics: Path, kill_at: int) -> None:
+    """Run an elasticmoe command and SIGKILL it once its metrics log shows step `kill_at`."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "elasticmoe", "train", *args, "--out", str(run)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "elasticmoe", *cmd], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if max(_train_losses(run), default=0) >= kill_at if (run / "metrics.jsonl").exists() else False:
+        if max(_train_losses(metrics.parent), default=0) >= kill_at if metrics.exists() else False:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+
+
+def _assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    a = load_file(str(a_dir / "model.safetensors"))
+    b = load_file(str(b_dir / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
+    args = ["--config", "micro", "--set", "train.steps=24", "--set", "train.ckpt_every=4", "--quiet"]
+    ref = _cli("train", *args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    _kill_at_step(["train", *args, "--out", str(run)], run / "metrics.jsonl", random.Random(os.getpid()).randint(6, 18))
     assert not (run / "parent").exists()
     res = _cli("train", *args, "--out", str(run), "--resume")
     assert res.returncode == 0, res.stderr
     want, got = _train_losses(tmp_path / "ref"), _train_losses(run)
     assert sorted(got) == sorted(want) == list(range(1, 25))
     assert got == want  # exact float equality, every sub-network, every step
-    from safetensors.torch import load_file
+    _assert_same_weights(tmp_path / "ref" / "parent", run / "parent")
 
-    a = load_file(str(tmp_path / "ref" / "parent" / "model.safetensors"))
-    b = load_file(str(run / "parent" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["finetune", "baseline"])
+def test_finetune_and_baseline_resume_after_kill_9_bit_for_bit(tmp_path, stage):
+    """Fine-tuning and baselines run on the same engine as train: the same exact resume."""
+    parent = tmp_path / "parent"
+    res = _cli("train", "--config", "micro", "--set", "train.steps=6", "--quiet", "--out", str(parent))
+    assert res.returncode == 0, res.stderr
+    if stage == "finetune":
+        res = _cli("extract", str(parent), "--subnet", "L2 E4 k1 W32", "--out", str(tmp_path / "child"))
+        assert res.returncode == 0, res.stderr
+
+        def cmd(out: Path) -> list[str]:
+            child, teacher = str(tmp_path / "child"), str(parent)
+            return ["finetune", child, "--teacher", teacher, "--steps", "24", "--out", str(out)]
+
+        outs, model = (tmp_path / "ref", tmp_path / "killed"), "model"
+    else:
+
+        def cmd(out: Path) -> list[str]:
+            return ["baseline", str(parent), "--arch", "L2 E4 k1 W32", "--steps", "24", "--name", out.name, "--quiet"]
+
+        outs, model = (parent / "baselines" / "ref", parent / "baselines" / "killed"), "parent"
+    ref, run = outs
+    assert _cli(*cmd(ref)).returncode == 0
+    _kill_at_step(cmd(run), run / "metrics.jsonl", random.Random(os.getpid()).randint(6, 18))
+    assert not (run / model).exists()
+    res = _cli(*cmd(run), "--resume")
+    assert res.returncode == 0, res.stderr
+    want, got = _train_losses(ref), _train_losses(run)
+    assert sorted(got) == sorted(want) == list(range(1, 25))
+    assert got == want
+    _assert_same_weights(ref / model, run / model)
 
 
 def test_corrupted_checkpoint_is_rejected_and_resume_falls_back(tmp_path, caplog):
