@@ -21,7 +21,7 @@ import torch
 
 from elasticmoe.config import ElasticSpace, ModelConfig, load_mapping
 from elasticmoe.model import ElasticMoE
-from elasticmoe.search import LatencyTable
+from elasticmoe.latency import LatencyTable
 from elasticmoe.subnet import Subnet, enumerate_uniform
 
 PRESET = Path(__file__).resolve().parents[1] / "elasticmoe" / "presets" / "tiny.yaml"

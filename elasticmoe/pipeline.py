@@ -149,7 +149,7 @@ class Pipeline:
                 print(f"  {name}: skipped, {exc}")
                 continue
             write_search_results(
-                self.run / "search" / name, result, constraints=cons, parent_cost=cost(parent.config, None, seq)
+                self.run / "search" / name, result, parent_cost=cost(parent.config, None, seq)
             )
             if self.progress:
                 from rich.console import Console

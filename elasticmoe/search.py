@@ -11,7 +11,7 @@ Pieces, each usable alone:
 * `RidgePredictor`: closed-form ridge regression from Subnet features to loss, used to pick which
   of many bred candidates deserve a real evaluation.
 * `exhaustive_search`, `evolutionary_search` (multi-objective, NSGA-II style selection, Deb et
-  al. 2002) and `search`, which picks one; `pareto_front`; `write_search_results`; `format_table`.
+  al. 2002) and `search`, which picks one; `pareto_front` (files and tables of a result: search_output.py).
 
 Units: params are counts, FLOPs are forward FLOPs per token at `seq_len` (`cost.py`), latency is
 milliseconds of one forward pass (prefill, no KV cache) of `batch x seq_len` tokens, memory is
@@ -35,8 +35,7 @@ import torch
 
 from . import cost as costmod
 from .config import ConfigError, ElasticSpace, ModelConfig
-from .latency import LatencyTable, _error_summary  # noqa: F401  (LatencyTable re-exported)
-from .search_output import format_table, results_dict, write_search_results  # noqa: F401  (re-exported)
+from .latency import LatencyTable, _error_summary
 from .subnet import LayerSpec, Subnet, enumerate_uniform, smallest
 from .train import eval_losses, resolve_device
 
@@ -639,6 +638,6 @@ def search(evaluator: SubnetEvaluator, space: ElasticSpace, layer_order: Sequenc
 
 __all__ = [
     "Candidate", "Constraints", "FEATURES", "LatencyTable", "RidgePredictor", "SearchResult", "SubnetEvaluator",
-    "dominates", "evolutionary_search", "exhaustive_search", "format_table", "make_candidate", "pareto_front",
-    "parse_constraints", "results_dict", "search", "subnet_features", "write_search_results",
+    "dominates", "evolutionary_search", "exhaustive_search", "make_candidate", "pareto_front",
+    "parse_constraints", "search", "subnet_features",
 ]

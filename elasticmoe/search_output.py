@@ -8,36 +8,21 @@ and resolved, the parent's figures, the predictors' errors and the search's own 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import cost as costmod
+from .checkpoint import atomic_write_bytes
 from .subnet import Subnet
 
 if TYPE_CHECKING:
     from .search import SearchResult
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def results_dict(result: SearchResult, seed: int | None = None, constraints=None, parent_cost=None) -> dict:
     """The content of pareto.json (see `write_search_results`)."""
-    from .search import parse_constraints
-
-    cons = parse_constraints(constraints) if constraints is not None else result.constraints
+    cons = result.constraints if constraints is None else constraints  # a search.Constraints
     if isinstance(parent_cost, costmod.Cost):
         parent_cost = asdict(parent_cost)
     table = result.latency_table
@@ -71,8 +56,9 @@ def write_search_results(out_dir: Path | str, result: SearchResult, seed: int | 
     (evaluations, tokens, FLOPs, seconds) and every evaluated candidate in short form."""
     out = Path(out_dir)
     data = results_dict(result, seed, constraints, parent_cost)
-    _atomic_write(out / "pareto.json", (json.dumps(data, indent=2) + "\n").encode())
-    _atomic_write(out / "pareto.png", _plot(result))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "pareto.json", (json.dumps(data, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "pareto.png", _plot(result))
     return {"json": out / "pareto.json", "png": out / "pareto.png"}
 
 

@@ -19,12 +19,11 @@ from elasticmoe.search import (
     dominates,
     evolutionary_search,
     exhaustive_search,
-    format_table,
     pareto_front,
     parse_constraints,
     search,
-    write_search_results,
 )
+from elasticmoe.search_output import format_table, write_search_results
 from elasticmoe.subnet import Subnet, enumerate_uniform, sample_uniform
 
 SEQ = 32  # constraints' sequence length (FLOPs, memory, latency)
