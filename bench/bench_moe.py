@@ -88,8 +88,13 @@ def moe_pair(d_model: int, experts: int, top_k: int, width: int):
     with torch.no_grad():
         for p in (ours.router.weight, ours.w_gate, ours.w_up, ours.w_down):
             p.normal_(0.0, 0.05)
-    cfg = MixtralConfig(hidden_size=d_model, intermediate_size=width, num_local_experts=experts,
-                        num_experts_per_tok=top_k, router_jitter_noise=0.0)
+    cfg = MixtralConfig(
+        hidden_size=d_model,
+        intermediate_size=width,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        router_jitter_noise=0.0,
+    )
     cfg._experts_implementation = "eager"  # the per-expert loop; MACHINE.md: grouped_mm is no faster on CPU
     theirs = MixtralSparseMoeBlock(cfg)
     with torch.no_grad():  # transformers 5.x fuses experts: gate_up_proj (E, 2I, H), gate rows first
@@ -109,8 +114,7 @@ def bench_moe_layer(args, threads: int) -> list[str]:
     gy = torch.randn(N, D, generator=g)
 
     def ours_y(method: str) -> torch.Tensor:
-        ours.dispatch = method
-        return ours(x, spec)[0]  # aux and z losses are computed too: they are part of our forward
+        return ours(x, spec, method)[0]  # aux and z losses are computed too: they are part of our forward
 
     # Same function: outputs and gradients against transformers.
     y_ours = ours_y("loop")
@@ -210,9 +214,18 @@ def label(subnet: Subnet) -> str:
 
 
 def bench_subnet(args, threads: int) -> list[str]:
-    config = ModelConfig(vocab_size=4096, d_model=args.d_model, layers=4, heads=8, kv_heads=4,
-                         head_dim=args.d_model // 8, experts=args.experts, top_k=args.top_k,
-                         expert_width=args.width, max_seq_len=args.seq_len)
+    config = ModelConfig(
+        vocab_size=4096,
+        d_model=args.d_model,
+        layers=4,
+        heads=8,
+        kv_heads=4,
+        head_dim=args.d_model // 8,
+        experts=args.experts,
+        top_k=args.top_k,
+        expert_width=args.width,
+        max_seq_len=args.seq_len,
+    )
     torch.manual_seed(0)
     parent = ElasticMoE(config).train()
     g = torch.Generator().manual_seed(2)
@@ -257,8 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4, help="sequences for the sub-network comparison")
     ap.add_argument("--seq-len", type=int, default=128, help="sequence length for the sub-network comparison")
     ap.add_argument("--matmul-n", type=int, default=1024, help="size of the square fp32 matmul ceiling")
-    ap.add_argument("--subnet-threads", type=int, nargs="*", default=[1],
-                    help="thread counts for the sub-network comparison (1 thread is the stable one on a shared CPU)")
+    ap.add_argument(
+        "--subnet-threads",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="thread counts for the sub-network comparison (1 thread is the stable one on a shared CPU)",
+    )
     ap.add_argument("--write", default=None, help="write the markdown report to this file")
     args = ap.parse_args(argv)
 
@@ -270,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Produced by:",
         "",
-        "    " + " ".join([f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", ".venv/bin/python",
-                           *sys.argv]),
+        "    "
+        + " ".join([f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", ".venv/bin/python", *sys.argv]),
         "",
         f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}. Load average at start "

@@ -216,8 +216,6 @@ class MoE(nn.Module):
     """Router + stacked experts (+ optional shared expert). Expert tensors are (E, W, D) for
     gate/up and (E, D, W) for down, so an expert-prefix and a width-prefix are plain slices."""
 
-    dispatch = "auto"  # "auto" (grouped GEMM on CUDA, loop elsewhere), "loop" or "grouped"
-
     def __init__(self, d_model: int, experts: int, width: int, shared_width: int):
         super().__init__()
         self.router = nn.Linear(d_model, experts, bias=False)
@@ -226,7 +224,8 @@ class MoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(experts, d_model, width))
         self.shared = SwiGLU(d_model, shared_width) if shared_width > 0 else None
 
-    def forward(self, x_ND: torch.Tensor, spec: LayerSpec):
+    def forward(self, x_ND: torch.Tensor, spec: LayerSpec, dispatch: str = "auto"):
+        """`dispatch`: "auto" (grouped GEMM on CUDA, the loop elsewhere), "loop" or "grouped"."""
         E, K, W = spec.experts, spec.top_k, spec.width
         logits_NE = F.linear(x_ND, self.router.weight[:E])
         probs_NE = logits_NE.float().softmax(dim=-1)
@@ -239,7 +238,7 @@ class MoE(nn.Module):
             top_p_NK = top_p_NK / top_p_NK.detach()
         else:
             top_p_NK = top_p_NK / top_p_NK.sum(dim=-1, keepdim=True)
-        method = self.dispatch
+        method = dispatch
         if method == "auto":
             method = "grouped" if x_ND.is_cuda and _grouped_mm_available() else "loop"
         y_ND = moe_dispatch(
@@ -269,10 +268,10 @@ class Block(nn.Module):
         self.moe_norm = RMSNorm(c.d_model, c.norm_eps)
         self.moe = MoE(c.d_model, experts, width, c.shared_expert_width)
 
-    def forward(self, x_BTD, cos, sin, spec: LayerSpec, cache=None, slot=0):
+    def forward(self, x_BTD, cos, sin, spec: LayerSpec, cache=None, slot=0, dispatch: str = "auto"):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, slot)
         B, T, D = x_BTD.shape
-        y_ND, aux, z = self.moe(self.moe_norm(x_BTD).reshape(B * T, D), spec)
+        y_ND, aux, z = self.moe(self.moe_norm(x_BTD).reshape(B * T, D), spec, dispatch)
         return x_BTD + y_ND.view(B, T, D), aux, z
 
 
@@ -316,7 +315,9 @@ class ElasticMoE(nn.Module):
         tokens_BT: torch.Tensor,
         subnet: Subnet | None = None,
         cache: KVCache | None = None,
+        dispatch: str = "auto",
     ) -> ModelOutput:
+        """`dispatch` picks the MoE kernel (see MoE.forward); every choice gives the same function."""
         subnet = self.resolve(subnet)
         B, T = tokens_BT.shape
         start = cache.length if cache is not None else 0
@@ -328,7 +329,7 @@ class ElasticMoE(nn.Module):
         aux = x_BTD.new_zeros((), dtype=torch.float32)
         z = x_BTD.new_zeros((), dtype=torch.float32)
         for slot, (i, spec) in enumerate(zip(subnet.layers, subnet.specs)):
-            x_BTD, a, zz = self.blocks[i](x_BTD, cos, sin, spec, cache, slot)
+            x_BTD, a, zz = self.blocks[i](x_BTD, cos, sin, spec, cache, slot, dispatch)
             aux, z = aux + a, z + zz
         if cache is not None:
             cache.length += T
