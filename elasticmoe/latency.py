@@ -35,8 +35,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fns: dict[Any, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1,
-             statistic: str = "median") -> dict[Any, float]:
+def _time_ms(
+    fns: dict[Any, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1, statistic: str = "median"
+) -> dict[Any, float]:
     """Milliseconds per call of each function: `warmup` untimed calls each, then `repeats` rounds
     that call every function once in turn (interleaved, so a burst of load from other processes
     hits all of them alike), reduced by the median (or min) over rounds."""
@@ -77,8 +78,17 @@ class LatencyTable:
 
     @classmethod
     @torch.no_grad()
-    def measure(cls, parent, seq_len: int, batch: int, device: torch.device | str, repeats: int = 5,
-                space: ElasticSpace | None = None, warmup: int = 1, statistic: str = "median") -> LatencyTable:
+    def measure(
+        cls,
+        parent,
+        seq_len: int,
+        batch: int,
+        device: torch.device | str,
+        repeats: int = 5,
+        space: ElasticSpace | None = None,
+        warmup: int = 1,
+        statistic: str = "median",
+    ) -> LatencyTable:
         """Time each part on `device` with the parent's own weights (the first layer in keep order)
         for every (experts, top_k, width) of `space` (default: `ElasticSpace.default_for`) and the parent's."""
         if statistic not in ("median", "min") or repeats < 1:
@@ -97,17 +107,23 @@ class LatencyTable:
             cos, sin = _rope(parent, seq_len, device, x.dtype)
             fns: dict[Any, Callable[[], Any]] = {
                 "base": lambda: _base_forward(parent, tokens),
-                "attention": lambda: x + block.attn(block.attn_norm(x), cos, sin),
+                "attention": lambda: block.attention_half(x, cos, sin),
             }
-            fns.update({s: (lambda s=s: _moe_forward(block, x, LayerSpec(*s))) for s in sorted(shapes)})
+            fns.update({s: (lambda s=s: block.moe_half(x, LayerSpec(*s))[0]) for s in sorted(shapes)})
             ms = _time_ms(fns, device, repeats, warmup, statistic)
         parent.train(was)
         moe = {s: ms[s] for s in sorted(shapes)}
-        table = cls(seq_len, batch, str(device), repeats, ms["base"], ms["attention"], moe, statistic=statistic,
-                    parent=parent)
-        table.meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(x.dtype),
-                      "model": c.to_dict(), "seconds": round(time.perf_counter() - t0, 3),
-                      "measured_at": time.time()}
+        table = cls(
+            seq_len, batch, str(device), repeats, ms["base"], ms["attention"], moe, statistic=statistic, parent=parent
+        )
+        table.meta = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "dtype": str(x.dtype),
+            "model": c.to_dict(),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "measured_at": time.time(),
+        }
         return table
 
     def predict(self, subnet: Subnet) -> float:
@@ -118,13 +134,21 @@ class LatencyTable:
         """Predicted milliseconds of one kept layer with shape `s`."""
         key = (s.experts, s.top_k, s.width)
         if key not in self.moe_ms:
-            raise ConfigError(f"latency table has no MoE entry for experts={s.experts} top_k={s.top_k} "
-                              f"width={s.width}; re-measure it with a space that holds this shape")
+            raise ConfigError(
+                f"latency table has no MoE entry for experts={s.experts} top_k={s.top_k} "
+                f"width={s.width}; re-measure it with a space that holds this shape"
+            )
         return self.attention_ms + self.moe_ms[key]
 
     @torch.no_grad()
-    def measure_direct(self, parent, subnets: Subnet | Sequence[Subnet], device: torch.device | str | None = None,
-                       repeats: int | None = None, warmup: int = 1) -> float | list[float]:
+    def measure_direct(
+        self,
+        parent,
+        subnets: Subnet | Sequence[Subnet],
+        device: torch.device | str | None = None,
+        repeats: int | None = None,
+        warmup: int = 1,
+    ) -> float | list[float]:
         """Milliseconds of the real `parent(tokens, subnet)` forward at the table's shape (same
         statistic and repeats as the table). A list of subnets is timed interleaved; returns a list."""
         device = torch.device(device or self.device)
@@ -147,18 +171,26 @@ class LatencyTable:
             raise ConfigError("LatencyTable.validate needs the parent model (pass parent=...)")
         subnets = list(subnets)
         measured = self.measure_direct(parent, subnets, device, repeats) if subnets else []
-        points = [{"subnet": str(sn), "predicted_ms": self.predict(sn), "measured_ms": m} for sn, m in
-                  zip(subnets, measured)]
+        points = [
+            {"subnet": str(sn), "predicted_ms": self.predict(sn), "measured_ms": m} for sn, m in zip(subnets, measured)
+        ]
         for p in points:
             p["rel_error"] = abs(p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"]
         return {**_error_summary([p["rel_error"] for p in points]), "points": points}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": "elasticmoe-latency", "seq_len": self.seq_len, "batch": self.batch,
-                "device": self.device, "repeats": self.repeats, "base_ms": self.base_ms,
-                "attention_ms": self.attention_ms, "statistic": self.statistic,
-                "moe_ms": [{"experts": e, "top_k": k, "width": w, "ms": ms} for (e, k, w), ms in self.moe_ms.items()],
-                "meta": self.meta}
+        return {
+            "format": "elasticmoe-latency",
+            "seq_len": self.seq_len,
+            "batch": self.batch,
+            "device": self.device,
+            "repeats": self.repeats,
+            "base_ms": self.base_ms,
+            "attention_ms": self.attention_ms,
+            "statistic": self.statistic,
+            "moe_ms": [{"experts": e, "top_k": k, "width": w, "ms": ms} for (e, k, w), ms in self.moe_ms.items()],
+            "meta": self.meta,
+        }
 
     def save(self, path: Path | str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -171,15 +203,27 @@ class LatencyTable:
             if d.get("format") != "elasticmoe-latency":
                 raise ValueError("not an elasticmoe latency table")
             moe = {(m["experts"], m["top_k"], m["width"]): float(m["ms"]) for m in d["moe_ms"]}
-            return cls(d["seq_len"], d["batch"], d["device"], d["repeats"], d["base_ms"], d["attention_ms"],
-                       moe, d["statistic"], d.get("meta", {}))
+            return cls(
+                d["seq_len"],
+                d["batch"],
+                d["device"],
+                d["repeats"],
+                d["base_ms"],
+                d["attention_ms"],
+                moe,
+                d["statistic"],
+                d.get("meta", {}),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"cannot read latency table {path}: {exc}") from None
 
 
 def _error_summary(errs: list[float]) -> dict[str, Any]:
-    return {"mean_rel_error": float(np.mean(errs)) if errs else None,
-            "max_rel_error": float(max(errs)) if errs else None, "n": len(errs)}
+    return {
+        "mean_rel_error": float(np.mean(errs)) if errs else None,
+        "max_rel_error": float(max(errs)) if errs else None,
+        "n": len(errs),
+    }
 
 
 def _tokens(c: ModelConfig, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -197,9 +241,3 @@ def _base_forward(parent, tokens: torch.Tensor) -> torch.Tensor:
     _rope(parent, tokens.shape[1], tokens.device, x.dtype)
     weight = parent.embed.weight if parent.lm_head is None else parent.lm_head.weight
     return F.linear(parent.norm(x), weight)
-
-
-def _moe_forward(block, x_BTD: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    B, T, D = x_BTD.shape
-    y_ND, _, _ = block.moe(block.moe_norm(x_BTD).reshape(B * T, D), spec)
-    return x_BTD + y_ND.view(B, T, D)

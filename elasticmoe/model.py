@@ -269,7 +269,13 @@ class Block(nn.Module):
         self.moe = MoE(c.d_model, experts, width, c.shared_expert_width)
 
     def forward(self, x_BTD, cos, sin, spec: LayerSpec, cache=None, slot=0, dispatch: str = "auto"):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, slot)
+        return self.moe_half(self.attention_half(x_BTD, cos, sin, cache, slot), spec, dispatch)
+
+    # the two residual halves, also run on their own by re-ordering (importance) and latency tables
+    def attention_half(self, x_BTD, cos, sin, cache=None, slot=0):
+        return x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, slot)
+
+    def moe_half(self, x_BTD, spec: LayerSpec, dispatch: str = "auto"):
         B, T, D = x_BTD.shape
         y_ND, aux, z = self.moe(self.moe_norm(x_BTD).reshape(B * T, D), spec, dispatch)
         return x_BTD + y_ND.view(B, T, D), aux, z

@@ -42,7 +42,7 @@ def measure_importance(model: ElasticMoE, batches: list[torch.Tensor], experts_b
         cos, sin = rope_cos_sin(model.inv_freq, torch.arange(tokens.shape[1], device=tokens.device), x.dtype)
         for i, spec in zip(full.layers, full.specs):
             block = model.blocks[i]
-            h = x + block.attn(block.attn_norm(x), cos, sin)
+            h = block.attention_half(x, cos, sin)
             hn = block.moe_norm(h).reshape(-1, c.d_model)
             probs = torch.softmax(torch.nn.functional.linear(hn, block.moe.router.weight).float(), dim=-1)
             if experts_by == "mass":
@@ -58,8 +58,7 @@ def measure_importance(model: ElasticMoE, batches: list[torch.Tensor], experts_b
                     xe = hn[rows[:, 0]]
                     ye = (torch.nn.functional.silu(xe @ m.w_gate[e].T) * (xe @ m.w_up[e].T)) @ m.w_down[e].T
                     expert_scores[i][e] += (top_p[rows[:, 0], rows[:, 1]] * ye.norm(dim=-1)).sum().cpu() / hn.shape[0]
-            y, _, _ = block.moe(block.moe_norm(h).reshape(-1, c.d_model), spec)
-            out = h + y.view_as(h)
+            out, _, _ = block.moe_half(h, spec)
             layer_change[i] += ((out - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-6)).mean().cpu()
             x = out
     neuron_scores = []
