@@ -352,7 +352,7 @@ def cmd_finetune(args) -> int:
     _finite(args.temperature, 0, "--temperature")
     _finite(args.kd_weight, 0, "--kd-weight", strict=False)
     _finite(args.ce_weight, 0, "--ce-weight", strict=False)
-    _require((args.tokens or 1) >= 1 and (args.steps or 1) >= 1, "--tokens / --steps must be >= 1")
+    _require(all(v is None or v >= 1 for v in (args.tokens, args.steps)), "--tokens / --steps must be >= 1")
     _require(args.kd_weight > 0 or args.ce_weight > 0, "--kd-weight and --ce-weight are both 0: nothing to train on")
     child = model_folder(args.child_dir)
     data_run = Path(args.data or args.teacher or parent_run_of(child) or args.child_dir)
@@ -393,7 +393,7 @@ def _finetune(args, finetune) -> int:
 def cmd_baseline(args) -> int:
     from .phases import baseline
 
-    _require((args.tokens or 1) >= 1 and (args.steps or 1) >= 1, "--tokens / --steps must be >= 1")
+    _require(all(v is None or v >= 1 for v in (args.tokens, args.steps)), "--tokens / --steps must be >= 1")
     with lock(args.run_dir, "baseline"):
         out = baseline(
             args.run_dir,

@@ -94,6 +94,7 @@ import os
 import pathlib
 import pickle
 import shutil
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -118,6 +119,7 @@ TEST_DIVERGE_ENV = "ELASTICMOE_TEST_DIVERGE_RANK"  # "RANK" or "RANK:STEP": pert
 # "RANK:STEP": that rank's loss becomes NaN at that step, in its second sub-network (after the first
 # backward pass, so FSDP has already reduce-scattered) or its only one
 TEST_NAN_ENV = "ELASTICMOE_TEST_NAN"
+TEST_STOP_ENV = "ELASTICMOE_TEST_STOP"  # "RANK:STEP": that rank SIGSTOPs itself at that step (a hung rank)
 COLLECTIVE_TIMEOUT_ENV = "ELASTICMOE_COLLECTIVE_TIMEOUT_S"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 
@@ -246,6 +248,7 @@ class Replicated(Parallel):
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self._diverge = _parse_hook(TEST_DIVERGE_ENV, self.rank, step_required=False)
         self._nan = _parse_hook(TEST_NAN_ENV, self.rank, step_required=True)
+        self._stop = _parse_hook(TEST_STOP_ENV, self.rank, step_required=True)
         self._checks = (-1, 0)  # (step, finiteness checks so far in it), for the NaN hook
 
     # -- setup ---------------------------------------------------------------------------------
@@ -291,6 +294,8 @@ class Replicated(Parallel):
     def all_finite(self, loss: torch.Tensor, step: int) -> bool:
         """True when the loss is finite on every rank (all-reduce MIN of a flag)."""
         self._checks = (step, self._checks[1] + 1 if self._checks[0] == step else 1)
+        if self._stop is not None and step == self._stop:
+            os.kill(os.getpid(), signal.SIGSTOP)
         if self._nan is not None and step == self._nan and self._checks[1] == 2:
             loss = loss * float("nan")
         flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1).to(self.comm_device)

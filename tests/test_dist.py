@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,21 @@ def test_nan_on_one_rank_makes_every_rank_skip_that_step(tmp_path):
     assert [r["step"] for r in recs if r.get("skipped")] == [3]
     assert len([r for r in recs if "loss" in r]) == STEPS - 1
     assert (run / "parent" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_job_in_bounded_time_with_a_clear_message(tmp_path):
+    """Rank 1 stops itself (SIGSTOP) at step 2; rank 0's next collective times out after the
+    watchdog's limit and the job ends with one clear line instead of blocking forever."""
+    run = tmp_path / "hung"
+    env = {distmod.TEST_STOP_ENV: "1:2", distmod.COLLECTIVE_TIMEOUT_ENV: "5"}
+    t0 = time.perf_counter()
+    res = _torchrun(*ARGS, "--out", str(run), env=env, timeout=150)
+    elapsed = time.perf_counter() - t0
+    assert res.returncode != 0
+    assert "a collective waited more than 5 s for another rank" in res.stderr, res.stderr[-3000:]
+    assert elapsed < 120, elapsed
+    assert not (run / "parent").exists()
 
 
 def test_global_batch_must_divide_by_world_size(tmp_path, monkeypatch):

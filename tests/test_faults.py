@@ -409,7 +409,8 @@ def test_import_never_writes_onto_a_users_folder(hf_folder, tmp_path, capsys):
 
 
 # -- item 8: every bad input gives one line and exit 2, and leaves nothing behind --------------------------
-def _bad_inputs(tmp: Path) -> list[tuple[str, list[str]]]:
+def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
+    """(label, argv, what the one error line must name)."""
     binary = tmp / "binary.yaml"
     binary.write_bytes(bytes(range(256)))
     latin = tmp / "latin.yaml"
@@ -453,33 +454,45 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str]]]:
         "model.norm_eps=.nan",
         "model.layers=0",
     ]
-    cases = [(f"--set {s}", ["train", "--config", "micro", "--set", s, "--out", out, "--quiet"]) for s in sets]
-    cases += [
-        ("info --rows 0", ["info", "--config", "micro", "--rows", "0"]),
-        ("binary config", ["train", "--config", str(binary), "--out", out]),
-        ("non-UTF-8 recipe", ["info", "--config", str(latin)]),
-        ("config is a list", ["info", "--config", str(listing)]),
+    cases = [
         (
-            "non-UTF-8 .jsonl",
-            ["train", "--config", "micro", "--set", "data.source=files", "--set", f"data.paths=['{bad_jsonl}']"]
-            + ["--out", out, "--quiet"],
-        ),
-        ("finetune --temperature 0", ["finetune", str(a_dir), "--steps", "1", "--temperature", "0", "--out", out]),
-        ("finetune --kd-weight nan", ["finetune", str(a_dir), "--steps", "1", "--kd-weight", "nan", "--out", out]),
-        ("finetune --lr -1", ["finetune", str(a_dir), "--steps", "1", "--lr", "-1", "--out", out]),
-        ("finetune --steps 0", ["finetune", str(a_dir), "--steps", "0", "--out", out]),
-        ("eval --out DIR", ["eval", str(a_dir), "--out", str(a_dir)]),
-        ("eval --device tpu", ["eval", str(a_dir), "--device", "tpu"]),
-        ("eval --examples 0", ["eval", str(a_dir), "--examples", "0"]),
-        ("run --finetune-fraction -1", ["run", "--config", "micro", "--finetune-fraction", "-1", "--out", out]),
-        ("run --finetune-fraction nan", ["run", "--config", "micro", "--finetune-fraction", "nan", "--out", out]),
-        ("search --windows 0", ["search", str(a_dir), "--windows", "0"]),
-        ("search --device tpu", ["search", str(a_dir), "--device", "tpu"]),
-        ("report on a non-run", ["report", str(a_dir)]),
-        ("extract without a parent", ["extract", str(a_dir), "--subnet", "L1", "--out", out]),
-        ("train --resume on nothing", ["train", "--out", out, "--resume"]),
+            f"--set {s}",
+            ["train", "--config", "micro", "--set", s, "--out", out, "--quiet"],
+            s.split("=")[0].split(".")[-1],
+        )
+        for s in sets
     ]
-    return cases
+    files = ["--set", "data.source=files", "--set", f"data.paths=['{bad_jsonl}']", "--out", out, "--quiet"]
+    cases += [
+        ("info --rows 0", ["info", "--config", "micro", "--rows", "0"], "--rows"),
+        ("binary config", ["train", "--config", str(binary), "--out", out], "UTF-8"),
+        ("non-UTF-8 recipe", ["info", "--config", str(latin)], "UTF-8"),
+        ("config is a list", ["info", "--config", str(listing)], "mapping"),
+        ("non-UTF-8 .jsonl", ["train", "--config", "micro", *files], "UTF-8"),
+        ("finetune --temperature 0", ["finetune", a_dir, "--steps", "1", "--temperature", "0", "--out", out], "--temp"),
+        ("finetune --kd-weight nan", ["finetune", a_dir, "--steps", "1", "--kd-weight", "nan", "--out", out], "--kd"),
+        ("finetune --lr -1", ["finetune", a_dir, "--steps", "1", "--lr", "-1", "--out", out], "--lr"),
+        ("finetune --steps 0", ["finetune", a_dir, "--steps", "0", "--out", out], "--steps"),
+        ("eval --out DIR", ["eval", a_dir, "--out", a_dir], "--out"),
+        ("eval --device tpu", ["eval", a_dir, "--device", "tpu"], "--device"),
+        ("eval --examples 0", ["eval", a_dir, "--examples", "0"], "--examples"),
+        (
+            "run --finetune-fraction -1",
+            ["run", "--config", "micro", "--finetune-fraction", "-1", "--out", out],
+            "--fin",
+        ),
+        (
+            "run --finetune-fraction nan",
+            ["run", "--config", "micro", "--finetune-fraction", "nan", "--out", out],
+            "--fin",
+        ),
+        ("search --windows 0", ["search", a_dir, "--windows", "0"], "--windows"),
+        ("search --device tpu", ["search", a_dir, "--device", "tpu"], "--device"),
+        ("report on a non-run", ["report", a_dir], "run folder"),
+        ("extract without a parent", ["extract", a_dir, "--subnet", "L1", "--out", out], "run folder"),
+        ("train --resume on nothing", ["train", "--out", out, "--resume"], "run folder"),
+    ]
+    return [(label, [str(a) for a in argv], needle) for label, argv, needle in cases]
 
 
 def test_bad_inputs_give_one_line_exit_2_and_leave_nothing(tmp_path, capsys):
@@ -487,11 +500,11 @@ def test_bad_inputs_give_one_line_exit_2_and_leave_nothing(tmp_path, capsys):
     inputs.mkdir()
     cases = _bad_inputs(inputs)
     failures = []
-    for label, argv in cases:
+    for label, argv, needle in cases:
         before = sorted(p.name for p in tmp_path.rglob("*"))
         code, err = in_process(capsys, *argv)
         after = sorted(p.name for p in tmp_path.rglob("*"))
-        if not one_line(code, err) or after != before:
+        if not one_line(code, err) or needle not in err or after != before:
             failures.append(
                 f"{label}: exit {code}, {err.strip()[-300:]!r}, new files {sorted(set(after) - set(before))}"
             )
