@@ -177,6 +177,7 @@ def write_gguf(
     tokenizer_json: Path,
     qtype: str = "f32",
     name: str = "elasticmoe",
+    pre_tokenizer: str = PRE_TOKENIZER,
 ) -> dict[str, Any]:
     """Write `model` (+ tokenizer) as one GGUF file at `path`; return {tensor name: ggml type name}."""
     gguf = _gguf()
@@ -210,7 +211,7 @@ def write_gguf(
     w.add_expert_used_count(c.top_k)
     w.add_vocab_size(c.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(PRE_TOKENIZER)
+    w.add_tokenizer_pre(pre_tokenizer)
     w.add_token_list(tok["tokens"])
     w.add_token_types(tok["types"])
     w.add_token_merges(tok["merges"])
@@ -500,6 +501,23 @@ def verify_gguf(
     }
 
 
+def sample_texts(run: Path | None, per_task: int = 10, max_chars: int = 2000) -> list[str]:
+    """Texts to compare llama.cpp's ids with ours: random Unicode, plus the first test documents of
+    each task of `run`'s corpus when the run is on this machine."""
+    texts = random_unicode(50)
+    if run is not None:
+        from .evaluate import load_eval_data
+
+        try:
+            corpus, _ = load_eval_data(run)
+        except ConfigError:
+            return texts
+        split = "test" if "test" in corpus.docs else next(iter(corpus.docs), None)
+        for docs in (corpus.docs.get(split) or {}).values():
+            texts += [d[:max_chars] for d in docs[:per_task]]
+    return texts
+
+
 def _runtime_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -521,12 +539,13 @@ def export_gguf(
     texts: list[str] | None = None,
     provenance: dict[str, Any] | None = None,
     verify: bool = True,
+    tolerance: float | None = None,
 ) -> dict[str, Any]:
     """Write `out_dir/model-<qtype>.gguf` and a model card, checked in llama.cpp before it is published.
 
     `verify_tokens`: (B, T) ids to compare logits on; None draws random ids (seeded) and says so in
-    the record. `texts`: strings whose llama.cpp ids must equal ours (default: random Unicode).
-    Returns the provenance record (with `gguf_verification`).
+    the record. `texts`: strings whose llama.cpp ids must equal ours (default `sample_texts`: random
+    Unicode and the run's test documents). Returns the provenance record (with `gguf_verification`).
     """
     from .model_card import model_card
     from .tokenizer import load_tokenizer
@@ -546,6 +565,8 @@ def export_gguf(
         raise ConfigError("GGUF export needs the model's tokenizer.json (llama.cpp files carry the tokenizer)")
     architecture_for(model.config)  # refuses what no stock architecture expresses, with the reason
     record: dict[str, Any] = json.loads(json.dumps({**meta, **(provenance or {})}, default=str))
+    record.setdefault("name", Path(out_dir).name)
+    record["out"] = str(out_dir)
     record["gguf"] = {"arch": _llama_arch(architecture_for(model.config)), "qtype": qtype, "pre": PRE_TOKENIZER}
     source_of_tokens = "held-out tokens of the run"
     if verify_tokens is None:
@@ -555,13 +576,14 @@ def export_gguf(
         source_of_tokens = "random tokens (no run folder to draw held-out tokens from)"
     with checkpoint.AtomicFolder(out_dir, kind="gguf-export") as tmp:
         file = tmp / GGUF_FILE.format(qtype=qtype)
-        write_gguf(model, file, Path(tokenizer_path), qtype, name=Path(out_dir).name)
+        write_gguf(model, file, Path(tokenizer_path), qtype, name=record["name"])
         if verify:
             tokenizer = load_tokenizer(tokenizer_path)
             started = time.perf_counter()
-            check = verify_gguf(
-                model, file, verify_tokens, texts if texts is not None else random_unicode(50), tokenizer, qtype
-            )
+            from .model_card import run_folder
+
+            texts = texts if texts is not None else sample_texts(run_folder(record))
+            check = verify_gguf(model, file, verify_tokens, texts, tokenizer, qtype, tolerance)
             check["tokens"] = source_of_tokens
             check["seconds"] = round(time.perf_counter() - started, 2)
             record["gguf_verification"] = check

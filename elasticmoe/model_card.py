@@ -23,7 +23,8 @@ from .ledger import Ledger
 from .model import ElasticMoE
 
 
-def _run_folder(record: dict[str, Any]) -> Path | None:
+def run_folder(record: dict[str, Any]) -> Path | None:
+    """The run folder (with its ledger) an exported model came from, when it is on this machine."""
     parent = record.get("parent") if isinstance(record.get("parent"), dict) else {}
     candidates = [parent.get("run"), record.get("run")]
     if parent.get("path"):
@@ -163,7 +164,7 @@ def model_card(model: ElasticMoE, record: dict[str, Any], gguf_file: str | None 
                     else ""
                 )
             )
-    run = _run_folder(record)
+    run = run_folder(record)
     lines += ["", "## Cost (from the run's ledger)", ""]
     rows = cost_rows(run, subnet) if run else []
     if rows:
@@ -208,4 +209,4 @@ def model_card(model: ElasticMoE, record: dict[str, Any], gguf_file: str | None 
     return "\n".join(lines)
 
 
-__all__ = ["cost_rows", "eval_rows", "model_card"]
+__all__ = ["cost_rows", "eval_rows", "model_card", "run_folder"]
