@@ -259,19 +259,46 @@ def extract_child(run_dir: Path | str, parent, spec: str, out: Path, n_windows: 
     return meta
 
 
+BASELINE_METHODS = ("scratch", "dense-parent", "prune-distill", "expert-prune")
+
+
 def baseline(
     run_dir: Path | str,
-    arch: str,
+    arch: str | None = None,
     tokens: int | None = None,
     steps: int | None = None,
     name: str | None = None,
     progress: bool = False,
     resume: bool = False,
+    method: str = "scratch",
+    dense: str = "dense-parent",
+    lr: float = 1e-3,
 ) -> Path:
-    """Train `arch` (a Subnet spec of the run's parent, or a model config file) from scratch on the
-    run's data with the run's recipe and no elastic sampling. Returns the baseline's run folder."""
+    """A measured alternative to an elastic child, recorded in the run's ledger; returns its folder.
+
+    scratch        `arch` (a Subnet spec of the run's parent, or a model config file) trained from
+                   scratch on the run's data with the run's recipe and no elastic sampling
+    dense-parent   the same for the parent's own architecture (`arch` omitted): the normally
+                   trained parent the elastic parent is judged by (equal tokens, or pass more
+                   tokens for equal FLOPs)
+    prune-distill  the dense parent (baselines/`dense`) importance-pruned to the shape of `arch`
+                   and distilled from it for `tokens` (Minitron-style); see `prune_baseline`
+    expert-prune   the dense parent's experts cut one-shot to the expert count of `arch` by
+                   router-weighted output saliency, no training (REAP-style); see `prune_baseline`
+    """
+    if method not in BASELINE_METHODS:
+        raise ConfigError(f"baseline method {method!r}; allowed {list(BASELINE_METHODS)}")
     run_dir = Path(run_dir)
     recipe = run_recipe(run_dir)
+    if method in ("prune-distill", "expert-prune"):
+        if not arch:
+            raise ConfigError(f"baseline --method {method} needs --arch (the child's shape)")
+        return prune_baseline(run_dir, arch, method, tokens, steps, name, dense, resume, lr)
+    if method == "dense-parent":
+        arch = arch or str(Subnet.full(recipe.model))
+        name = name or "dense-parent"
+    if not arch:
+        raise ConfigError("baseline --method scratch needs --arch (a Subnet spec or a model config file)")
     if Path(arch).is_file():
         from .config import ModelConfig, load_mapping
 
@@ -319,5 +346,105 @@ def baseline(
         progress=progress,
         phase="baseline",
         ledger_path=run_dir / "ledger.jsonl",
+        meta={"method": method},
     )
+    return out
+
+
+def _pruned_shape(arch: str, parent) -> Subnet:
+    """The shape of `arch` (depth, experts, top-k, width) on `parent`, keeping its most important
+    layers: a child's spec names layers of the elastic parent, the dense parent ranks its own."""
+    shape = Subnet.parse(arch, parent.config)
+    if not shape.is_uniform:
+        raise ConfigError(f"pruning baselines take uniform shapes; {arch!r} varies per layer")
+    spec = shape.specs[0]
+    layers = tuple(sorted(parent.layer_order[: shape.depth]))
+    return Subnet.uniform(layers, spec.experts, spec.top_k, spec.width)
+
+
+def prune_baseline(
+    run_dir: Path,
+    arch: str,
+    method: str,
+    tokens: int | None,
+    steps: int | None,
+    name: str | None,
+    dense: str,
+    resume: bool,
+    lr: float = 1e-3,
+) -> Path:
+    """Prune the dense parent (RUN/baselines/`dense`/parent) to the shape of `arch`.
+
+    prune-distill: re-order layers, experts and neurons by the importance measures the elastic
+    training uses (reorder.py), measured on training batches (calibration data), keep the best
+    prefix of each, then distil from the dense parent for `tokens`/`steps` with the fine-tune's
+    defaults. expert-prune: rank experts by router-weighted output norm (gate x ||expert output||,
+    the saliency of REAP, Cerebras 2025) and keep the best `experts` of every layer, nothing else
+    cut and no training; only for shapes with the parent's depth, top-k and width."""
+    from .extract import extract_to_folder
+    from .reorder import reorder
+
+    recipe = run_recipe(run_dir)
+    dense_dir = run_dir / "baselines" / dense
+    if not (dense_dir / "parent" / "manifest.json").exists():
+        raise ConfigError(f"{method} needs a trained dense parent at {dense_dir}: run `baseline --method dense-parent`")
+    parent, _ = load_model(dense_dir / "parent")
+    if parent.config != recipe.model:
+        raise ConfigError(f"{dense_dir} is not the parent's architecture: it cannot be pruned to a child shape")
+    shape = Subnet.parse(arch, recipe.model)
+    full = Subnet.full(recipe.model)
+    if method == "expert-prune" and (
+        shape.depth != full.depth
+        or any((s.top_k, s.width) != (f.top_k, f.width) for s, f in zip(shape.specs, full.specs))
+    ):
+        raise ConfigError(
+            f"expert-prune only removes experts: {arch!r} also changes depth, top-k or width (use prune-distill)"
+        )
+    label = name or f"{method}-" + re.sub(r"[^A-Za-z0-9._+-]", "", str(shape).replace(" ", "_").replace(",", "+"))
+    out = run_dir / "baselines" / label
+    pruned = out / "pruned"
+    data = load_run_data(run_dir, recipe)
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    if not (pruned / "manifest.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        batches = data.train_batches(recipe.train.batch_size, recipe.train.seed + 2)
+        calib = [next(batches)[0] for _ in range(recipe.reorder.batches)]
+        by_output = method == "expert-prune"
+        n = sum(c.numel() for c in calib)
+        with ledger.phase(
+            "prune", method=method, model=arch, out=ledger.ref(pruned), parent_run=ledger.ref(run_dir)
+        ) as rec:
+            reorder(
+                parent, calib, None, "output" if by_output else recipe.reorder.experts_by, not by_output, not by_output
+            )
+            subnet = (
+                _pruned_shape(arch, parent)
+                if not by_output
+                else Subnet.uniform(full.layers, shape.specs[0].experts, full.specs[0].top_k, full.specs[0].width)
+            )
+            held = next(iter(data.eval_windows("val", 4).values()))[:, :-1]
+            extract_to_folder(
+                parent,
+                subnet,
+                pruned,
+                held,
+                tokenizer_path=data.tokenizer_path,
+                parent_meta={"path": str((dense_dir / "parent").resolve()), "method": method},
+            )
+            rec["tokens"] = n + 2 * held.numel()
+            rec["flops"] = costmod.cost(parent.config, None, recipe.data.seq_len).flops_forward * n + 2 * (
+                costmod.cost(parent.config, subnet, held.shape[1]).flops_forward * held.numel()
+            )
+    if method == "prune-distill":
+        finetune(
+            pruned,
+            out / "distilled",
+            teacher_run=dense_dir,
+            data_run=run_dir,
+            tokens=tokens,
+            steps=steps,
+            lr=lr,
+            resume=resume and (out / "distilled" / "checkpoints").exists(),
+            ledger_path=run_dir / "ledger.jsonl",
+        )
     return out

@@ -33,7 +33,7 @@ DEFAULT_FAMILY: dict[str, dict[str, float]] = {
     "half-latency": {"max_latency_ratio": 1 / 2},
 }
 # rough share of wall time per phase on the tiny preset, for the ETA
-PHASES = {"train": 40, "search": 10, "extract": 2, "export": 4, "finetune": 10, "eval": 12, "baseline": 18, "report": 4}
+PHASES = {"train": 40, "search": 10, "extract": 2, "export": 4, "finetune": 10, "eval": 12, "baseline": 30, "report": 4}
 
 
 class Pipeline:
@@ -148,9 +148,7 @@ class Pipeline:
                     raise ConfigError(f"the reference child {name!r} cannot be found: {exc}") from None
                 print(f"  {name}: skipped, {exc}")
                 continue
-            write_search_results(
-                self.run / "search" / name, result, parent_cost=cost(parent.config, None, seq)
-            )
+            write_search_results(self.run / "search" / name, result, parent_cost=cost(parent.config, None, seq))
             if self.progress:
                 from rich.console import Console
 
@@ -271,25 +269,52 @@ class Pipeline:
         )
 
     def phase_baseline(self) -> dict:
+        """The alternatives a user would pick instead of elastic training, each measured on the same
+        data: the dense parent (the parent's architecture trained normally, equal tokens), and for
+        the reference child (every child with baselines='all') its architecture from scratch on
+        the parent's tokens and the dense parent pruned to its shape and distilled with the
+        child's fine-tune budget. 'all' adds the dense parent at equal training FLOPs and one-shot
+        expert pruning where the shape allows it."""
         from .phases import baseline
 
-        names = list(self._children())
-        if self.baselines == "reference":
-            names = names[:1]
-        tokens_seen = read_json(self.run / "parent" / "config.json")["meta"].get("tokens_seen", 0)
-        outs, dirs = {}, {}
+        children = self._children()
+        names = list(children)[:1] if self.baselines == "reference" else list(children)
+        meta = read_json(self.run / "parent" / "config.json")["meta"]
+        tokens_seen = meta.get("tokens_seen", 0)
+        ft_tokens = self.state["phases"].get("finetune", {}).get("outputs", {})
+        ft_budget = next((v["tokens"] for v in ft_tokens.values() if isinstance(v, dict) and "tokens" in v), None)
+        ft_budget = ft_budget or max(int(tokens_seen * self.finetune_fraction), 1)
+        outs: dict[str, dict] = {}
+        dirs: dict[str, Path] = {}
+
+        def run(key: str, label: str, model_rel: str, **kw) -> None:
+            out = self.run / "baselines" / key
+            kw.setdefault("resume", out.exists())
+            try:
+                folder = baseline(self.run, name=key, progress=self.progress, **kw)
+            except ConfigError as exc:  # e.g. expert-prune of a shape that also cuts layers
+                outs[key] = {"refused": str(exc)}
+                print(f"  {key}: not run, {exc}")
+                return
+            outs[key] = {"dir": str(folder), "method": kw.get("method", "scratch"), **{
+                k: v for k, v in kw.items() if k in ("arch", "tokens")}}  # fmt: skip
+            dirs[label] = folder / model_rel
+
+        run("dense-parent", "parent (dense, equal tokens)", "parent", method="dense-parent", tokens=tokens_seen)
+        if self.baselines == "all":
+            ledger = Ledger(self.run / "ledger.jsonl")
+            flops = ledger.totals("train", run=ledger.ref(self.run))["flops"]
+            per_token = cost(self.recipe.model, None, self.recipe.data.seq_len).flops_train
+            run("dense-parent-flops", "parent (dense, equal FLOPs)", "parent", method="dense-parent",
+                tokens=max(int(flops / per_token), 1))  # fmt: skip
+        lr = self.recipe.train.lr * 0.3  # what phase_finetune gives the elastic children
         for name in names:
-            spec = self._children()[name]["subnet"]
-            out = baseline(
-                self.run,
-                spec,
-                tokens=tokens_seen,
-                name=name,
-                progress=self.progress,
-                resume=(self.run / "baselines" / name / "checkpoints").exists(),
-            )
-            outs[name] = {"dir": str(out), "subnet": spec, "tokens": tokens_seen}
-            dirs[f"{name} (from scratch)"] = out / "parent"
+            spec = children[name]["subnet"]
+            run(name, f"{name} (from scratch)", "parent", arch=spec, tokens=tokens_seen)
+            run(f"{name}-prune-distill", f"{name} (prune-distill)", "distilled/model", arch=spec,
+                method="prune-distill", tokens=ft_budget, lr=lr)  # fmt: skip
+            if self.baselines == "all":
+                run(f"{name}-expert-prune", f"{name} (expert-prune)", "pruned", arch=spec, method="expert-prune")
         self._evaluate(dirs, "eval/baseline.json")
         return outs
 

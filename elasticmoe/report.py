@@ -343,6 +343,10 @@ def write_report(
     be = break_even(costs, costs[0].parent["flops"])
     totals = ledger_by_phase(records)
     md = render_markdown(costs, parent_info, evals or {}, checked, be, totals, retention)
+    from .methods import compare  # the alternatives a user would pick, when measured
+
+    methods_md, methods = compare(run_dir, records, ledger.ref, costs, evals or {})
+    md += "\n" + methods_md if methods_md else ""
     if problems:
         shown = "; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
         md = md.replace(
@@ -379,6 +383,7 @@ def write_report(
         "evals": evals or {},
         "retention": retention or [],
         "ledger_problems": problems,
+        "methods": methods,
     }
     atomic_write_text(run_dir / "report.md", md)
     atomic_write_text(run_dir / "report.json", json.dumps(data, indent=2) + "\n")

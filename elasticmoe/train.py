@@ -304,6 +304,7 @@ class Job:
     eval_phase: str = "train-eval"  # the ledger phase of in-training evaluations
     ledger_info: dict = field(default_factory=dict)  # fields added to every ledger record
     final_meta: Callable[[ElasticMoE, dict], dict] | None = None  # meta of the final model folder
+    extra_meta: dict = field(default_factory=dict)  # added to the default meta
 
 
 @dataclass
@@ -366,6 +367,7 @@ def train(
     phase: str = "train",
     ledger_path: Path | None = None,
     parallel: str = "auto",
+    meta: dict | None = None,
 ) -> TrainResult:
     """Train the elastic parent into `run_dir` (see module docstring). `stop_at` ends early
     (for tests that simulate an interruption) without writing the final parent. `phase` and
@@ -385,7 +387,7 @@ def train(
             from .rundata import load_run_data
 
             prepared["data"] = load_run_data(run_dir, recipe)
-        job = Job(recipe, run_dir, prepared["data"], phase=phase)
+        job = Job(recipe, run_dir, prepared["data"], phase=phase, extra_meta=dict(meta or {}))
         return run_job(job, par, resume, progress, stop_at, ledger_path)
     finally:
         par.close()
@@ -572,6 +574,7 @@ def _publish(job: Job, par, model, step: int, tokens_seen: int, attempts: list, 
             "ledger_attempts": attempts,
             "space": recipe.space.to_dict(),
             "val": val,
+            **job.extra_meta,
         }
 
     def publish() -> None:

@@ -186,6 +186,10 @@ def test_pipeline_end_to_end_with_kill_and_rerun(tmp_path):
     assert Ledger(run / "ledger.jsonl").totals("train")["tokens"] == r.train.steps * r.train.batch_size * r.data.seq_len
     md = (run / "report.md").read_text()
     assert "% of baseline [measured:" in md
+    # the alternatives: the dense parent beside the elastic one, one row per method, a verdict
+    assert "| dense parent, equal tokens |" in md and "| prune-distill |" in md and "Verdict: " in md
+    rows = report["methods"]["children"]["ernie51-shape"]["rows"]
+    assert [r["method"] for r in rows] == ["elastic, zero-shot", "elastic + fine-tune", "from scratch", "prune-distill"]
     # the ledger names folders relative to the run: a moved run folder reports the same figures
     moved = tmp_path / "moved"
     shutil.move(str(run), moved)
@@ -226,3 +230,51 @@ def test_baseline_denominator_counts_only_the_attempts_behind_its_model(trained_
     assert again.flops == honest.flops and again.tokens == honest.tokens
     meta = load_model(out / "parent")[1]
     assert len(meta["ledger_attempts"]) == 1
+
+
+def test_dense_parent_prune_distill_and_expert_prune_baselines(trained_run):
+    """Each alternative to an elastic child trains or prunes exactly what it names, and is recorded."""
+    from elasticmoe.reorder import measure_importance
+
+    r = run_recipe(trained_run)
+    led = Ledger(trained_run / "ledger.jsonl")
+    dense = baseline(trained_run, method="dense-parent", steps=30)
+    model, meta = load_model(dense / "parent")
+    assert dense.name == "dense-parent" and model.config == r.model and meta["method"] == "dense-parent"
+    assert led.totals("baseline", run=led.ref(dense))["tokens"] == 30 * r.train.batch_size * r.data.seq_len
+
+    # prune-distill: the shape of the spec, on the dense parent's most important layers, then distilled
+    out = baseline(trained_run, "L2 E4 k1 W32", method="prune-distill", steps=6)
+    pruned, pmeta = load_model(out / "pruned")
+    c = pruned.config
+    assert (c.layers, c.experts, c.top_k, c.expert_width) == (2, 4, 1, 32)
+    assert pruned.num_params() == pmeta["params"] == cost(r.model, pmeta_subnet(pmeta, r), r.data.seq_len).total_params
+    distilled, dmeta = load_model(out / "distilled" / "model")
+    assert dmeta["finetune"]["steps"] == 6 and dmeta["finetune"]["teacher"] == str(dense)
+    assert dmeta["finetune"]["kd_after"] < dmeta["finetune"]["kd_before"]
+    assert led.totals("prune", out=led.ref(out / "pruned"))["flops"] > 0
+    ft = led.totals("finetune", out=led.ref(out / "distilled"))
+    assert ft["tokens"] == 6 * r.train.batch_size * r.data.seq_len
+
+    # expert-prune: every layer kept, the experts with the largest router-weighted output norm kept
+    out = baseline(trained_run, "L3 E3 k2 W64", method="expert-prune")
+    cut, _ = load_model(out / "pruned")
+    assert (cut.config.layers, cut.config.experts, cut.config.top_k) == (3, 3, 2)
+    assert not (out / "distilled").exists()
+    data = load_run_data(trained_run, r)
+    batches = data.train_batches(r.train.batch_size, r.train.seed + 2)
+    calib = [next(batches)[0] for _ in range(r.reorder.batches)]
+    scores = measure_importance(model, calib, "output")["experts"]
+    for i in range(3):
+        best = scores[i].argsort(descending=True)[:3]
+        want = {tuple(model.blocks[i].moe.router.weight[e].tolist()) for e in best.tolist()}
+        got = {tuple(row.tolist()) for row in cut.blocks[i].moe.router.weight}
+        assert got == want
+    with pytest.raises(Exception, match="only removes experts"):
+        baseline(trained_run, "L2 E3 k2 W64", method="expert-prune")
+
+
+def pmeta_subnet(meta: dict, recipe):
+    from elasticmoe.subnet import Subnet
+
+    return Subnet.parse(meta["subnet"], recipe.model)

@@ -1,0 +1,170 @@
+"""Is elastic pre-training worth it? Each child against the alternatives a user would pick.
+
+For every child with measured alternatives (see `phases.baseline` and `pipeline.phase_baseline`),
+one row per method, quality per task (95% intervals, on the same test split) and cost in
+training FLOPs, each against the named from-scratch baseline of the child's architecture:
+
+    elastic, zero-shot   marginal = search/K + extraction              all-in = P + marginal
+    elastic + fine-tune  marginal = search/K + extraction + fine-tune  all-in = P + marginal
+    from scratch         the child's architecture trained alone (the named baseline)
+    prune-distill        marginal = pruning pass + distillation        all-in = D + marginal
+    expert-prune         marginal = pruning pass (no training)         all-in = D + marginal
+
+P is the elastic parent's training (with its validation and importance passes), D the dense
+parent's (the parent's architecture trained normally, the starting point of both pruning
+methods); amortized = P/K (or D/K) + marginal over the K children of the family. The parent's
+own section compares the elastic parent with the dense parent at equal tokens (and at equal
+training FLOPs when that baseline was run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .ledger import sum_work
+
+DENSE = {"equal tokens": "dense-parent", "equal FLOPs": "dense-parent-flops"}
+
+
+def _work(records: list[dict], ref, folder: Path, phases: tuple[str, ...], key: str = "run") -> dict[str, float]:
+    parts = [sum_work(records, phase=p, **{key: ref(folder)}) for p in phases]
+    return {k: sum(p[k] for p in parts) for k in ("tokens", "flops", "seconds")}
+
+
+def _score(ev: dict | None, task: str) -> str:
+    t = (ev or {}).get("tasks", {}).get(task)
+    if not t:
+        return "n/a"
+    lo, hi = t["ci"]
+    return f"{t['score']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _tasks(evals: dict) -> list[str]:
+    first = next((e for e in evals.values() if e.get("tasks")), {})
+    return [t for t in first.get("tasks", {}) if not t.endswith("/answer-loss")]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def compare(run_dir: Path, records: list[dict], ref, costs: list, evals: dict) -> tuple[str, dict[str, Any]]:
+    """Markdown and JSON of the method comparison; empty when no alternative was measured."""
+    base = Path(run_dir) / "baselines"
+    dense_cost = {
+        label: _work(records, ref, base / name, ("baseline", "train-eval"))
+        for label, name in DENSE.items()
+        if (base / name / "parent" / "manifest.json").exists()
+    }
+    if not dense_cost and not any(f"{c.name} (from scratch)" in evals for c in costs):
+        return "", {}
+    tasks = _tasks(evals)
+    lines = ["## Is elastic pre-training worth it?", ""]
+    data: dict[str, Any] = {"parent": {}, "children": {}}
+    # the parent against the dense parent
+    if dense_cost:
+        parent_flops = costs[0].parent["flops"]
+        lines += [
+            "The elastic parent against the same architecture trained normally on the same data (quality on the "
+            "test split, 95% intervals; text in bits/byte, lower is better; tasks in exact match):",
+            "",
+            "| model | training FLOPs | " + " | ".join(tasks) + " |",
+            "|---|---|" + "---|" * len(tasks),
+            f"| elastic parent | {_fmt(parent_flops)} | "
+            + " | ".join(_score(evals.get("parent"), t) for t in tasks)
+            + " |",
+        ]
+        data["parent"]["elastic"] = {"flops": parent_flops, "eval": evals.get("parent")}
+        for label, work in dense_cost.items():
+            ev = evals.get(f"parent (dense, {label})")
+            lines.append(
+                f"| dense parent, {label} | {_fmt(work['flops'])} | " + " | ".join(_score(ev, t) for t in tasks) + " |"
+            )
+            data["parent"][label] = {"flops": work["flops"], "tokens": work["tokens"], "eval": ev}
+        ev_e, ev_d = evals.get("parent"), evals.get("parent (dense, equal tokens)")
+        if ev_e and ev_d and "text" in ev_e.get("tasks", {}) and "text" in ev_d.get("tasks", {}):
+            e, d = ev_e["tasks"]["text"]["score"], ev_d["tasks"]["text"]["score"]
+            lines += ["", f"Elastic parent vs dense parent at equal tokens: text {e:.3f} vs {d:.3f} bits/byte "
+                          f"({100 * (e / d - 1):+.1f}%, target within +1%)."]  # fmt: skip
+            data["parent"]["text_vs_dense_equal_tokens"] = e / d - 1
+        lines.append("")
+    dense_flops = dense_cost.get("equal tokens", {}).get("flops")
+    for c in costs:
+        rows = _child_rows(c, records, ref, base, evals, dense_flops)
+        if len(rows) <= 2:  # no alternative measured for this child
+            continue
+        denom = c.baseline.flops if c.baseline else None
+        lines += [
+            f"### {c.name} (`{c.subnet}`)",
+            "",
+            "| method | " + " | ".join(tasks) + " | marginal FLOPs | all-in FLOPs | amortized FLOPs |",
+            "|---|" + "---|" * len(tasks) + "---|---|---|",
+        ]
+        for r in rows:
+            cells = [_score(r["eval"], t) for t in tasks]
+            figs = []
+            for kind in ("marginal", "all-in", "amortized"):
+                v = r["cost"].get(kind)
+                pct = f" ({100 * v / denom:.0f}% of scratch)" if v is not None and denom else ""
+                figs.append("n/a" if v is None else _fmt(v) + pct)
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + " | " + " | ".join(figs) + " |")
+        verdict = _verdict(rows)
+        lines += ["", f"Verdict: {verdict}", ""] if verdict else [""]
+        data["children"][c.name] = {"rows": rows, "verdict": verdict, "scratch_flops": denom}
+    if denom_note := [c.baseline.name for c in costs if c.baseline]:
+        lines.append(f"Percentages are of the named from-scratch baseline: {denom_note[0]}.")
+    return "\n".join(lines) + "\n", data
+
+
+def _child_rows(c, records, ref, base: Path, evals: dict, dense_flops: float | None) -> list[dict]:
+    k = c.family_size
+    zero = c.search_share["flops"] + c.extract["flops"]
+    rows = [
+        {"method": "elastic, zero-shot", "eval": evals.get(c.name),
+         "cost": {"marginal": zero, "all-in": c.parent["flops"] + zero, "amortized": c.parent["flops"] / k + zero}},
+        {"method": "elastic + fine-tune", "eval": evals.get(f"{c.name}-ft"),
+         "cost": {kind: c.figure(kind) for kind in ("marginal", "all-in", "amortized")}},
+    ]  # fmt: skip
+    if f"{c.name} (from scratch)" in evals and c.baseline:
+        f = c.baseline.flops
+        rows.append({"method": "from scratch", "eval": evals[f"{c.name} (from scratch)"],
+                     "cost": {"marginal": f, "all-in": f, "amortized": f}})  # fmt: skip
+    for method in ("prune-distill", "expert-prune"):
+        ev = evals.get(f"{c.name} ({method})")
+        if ev is None:
+            continue
+        folder = base / f"{c.name}-{method}"
+        m = _work(records, ref, folder / "pruned", ("prune",), key="out")["flops"]
+        if method == "prune-distill":
+            m += _work(records, ref, folder / "distilled", ("finetune",), key="out")["flops"]
+        cost = {"marginal": m}
+        if dense_flops is not None:
+            cost.update({"all-in": dense_flops + m, "amortized": dense_flops / k + m})
+        rows.append({"method": method, "eval": ev, "cost": cost})
+    return rows
+
+
+def _verdict(rows: list[dict]) -> str:
+    """One line: the fine-tuned elastic child against prune-distill (else from scratch), on text
+    bits/byte, at what share of that method's all-in and amortized cost."""
+    by = {r["method"]: r for r in rows}
+    ours = by.get("elastic + fine-tune")
+    other = by.get("prune-distill") or by.get("from scratch")
+    if not ours or not other or not ours["eval"] or not other["eval"]:
+        return ""
+    try:
+        a, b = ours["eval"]["tasks"]["text"], other["eval"]["tasks"]["text"]
+    except KeyError:
+        return ""
+    diff = b["score"] - a["score"]
+    overlap = a["ci"][0] <= b["ci"][1] and b["ci"][0] <= a["ci"][1]
+    word = "beats" if diff > 0 else "loses to"
+    noise = " (inside the 95% intervals: not a measured difference)" if overlap else ""
+    shares = []
+    for kind in ("all-in", "amortized"):
+        x, y = ours["cost"].get(kind), other["cost"].get(kind)
+        if x is not None and y:
+            shares.append(f"{100 * x / y:.0f}% of its {kind} FLOPs")
+    at = " at " + " and ".join(shares) if shares else ""
+    return f"the fine-tuned elastic child {word} {other['method']} by {abs(diff):.3f} bits/byte on text{noise}{at}."
