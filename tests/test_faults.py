@@ -523,6 +523,30 @@ def test_disk_full_is_one_line_not_a_traceback(capsys, monkeypatch):
     assert code == 1 and "No space left on device" in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+def test_a_write_that_fails_for_lack_of_space_leaves_the_previous_version(tmp_path, monkeypatch):
+    import errno
+
+    import elasticmoe.checkpoint as ck
+
+    atomic_write_text(tmp_path / "recipe.yaml", "old\n")
+    with AtomicFolder(tmp_path / "parent", "elastic-parent") as tmp:
+        (tmp / "w").write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ck.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_text(tmp_path / "recipe.yaml", "new\n")
+    with pytest.raises(OSError, match="No space"):
+        with AtomicFolder(tmp_path / "parent", "elastic-parent") as tmp:
+            (tmp / "w").write_text("new")
+    monkeypatch.undo()
+    assert (tmp_path / "recipe.yaml").read_text() == "old\n" and (tmp_path / "parent" / "w").read_text() == "old"
+    verify_manifest(tmp_path / "parent")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parent", "recipe.yaml"]  # no temporary left
+
+
 # -- item 9: torchrun watchdog ---------------------------------------------------------------------------
 def test_collective_timeout_is_configurable_and_validated(monkeypatch):
     from elasticmoe import dist as distmod

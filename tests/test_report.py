@@ -197,3 +197,18 @@ def test_a_torn_ledger_line_does_not_swallow_the_next_record(tmp_path):
         f.write('{"event": "end", "phase": "b", "tok')  # a power cut mid-line
     led.append({"event": "end", "phase": "c", "tokens": 3})
     assert [r["phase"] for r in led.records()] == ["a", "c"]
+
+
+def test_damaged_ledger_lines_are_shown_in_the_report_not_dropped(tmp_path):
+    led = Ledger(tmp_path / "ledger.jsonl")
+    recs = _records()
+    for r in recs[:3]:
+        led.append(r)
+    with open(led.path, "ab") as f:
+        f.write(b'{"event": "progress", "phase": "train", "steps": [10, 15], "tok\n')  # damaged mid-file
+    for r in recs[3:]:
+        led.append(r)
+    data = write_report(tmp_path, CHILDREN, {}, {"params": 9000, "active_params": 3000})
+    md = (tmp_path / "report.md").read_text()
+    assert "1 damaged line" in md and "line 4" in md
+    assert data["ledger_problems"] and data["ledger_problems"][0].startswith("line 4")
