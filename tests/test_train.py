@@ -324,3 +324,56 @@ def test_a_skipped_last_step_still_checkpoints_and_records_its_segment(tmp_path,
     assert (run / "parent" / "manifest.json").exists()
     progress = [r["steps"] for r in Ledger(run / "ledger.jsonl").records() if r.get("event") == "progress"]
     assert progress == [[0, 3], [3, 6]]
+
+
+def test_full_network_warmup_trains_the_largest_alone_and_the_ledger_shows_it(tmp_path):
+    """sampling.full_fraction: the first steps train the largest network only; the ledger's FLOPs
+    are those of the sub-networks really trained, step by step."""
+    from elasticmoe.cost import cost
+    from elasticmoe.ledger import Ledger
+
+    r = micro(**{"train.steps": 8, "train.ckpt_every": 4, "sampling.full_fraction": 0.5})
+    order = list(range(r.model.layers))
+    assert all(len(sample_step(r, s, order)) == 1 for s in range(4))
+    assert all(len(sample_step(r, s, order)) > 1 for s in range(4, 8))
+    run = tmp_path / "run"
+    train(r, run, progress=False)
+    per_step = r.train.batch_size * r.data.seq_len
+    want = sum(
+        cost(r.model, sn, r.data.seq_len).flops_train * per_step for s in range(8) for _, sn in sample_step(r, s, order)
+    )
+    assert Ledger(run / "ledger.jsonl").totals("train")["flops"] == want
+    logged = [rec for rec in read_metrics(run / "metrics.jsonl") if "loss" in rec]
+    assert [len(rec["loss"]) for rec in logged[:4]] == [1, 1, 1, 1]
+
+
+def test_step_loss_is_a_weighted_mean_of_the_sub_networks(monkeypatch):
+    """distill.subnet_weight w: loss = (L_largest + w * mean of the others) / (1 + w), so the
+    gradient keeps the scale of one network (clipping means what it does from scratch)."""
+    from elasticmoe import dist as distmod
+    from elasticmoe.model import ElasticMoE
+
+    over = {"distill.subnet_weight": 0.5, "distill.kd_weight": 0.0, "distill.ce_weight": 1.0}
+    r = micro(**over, **{"train.aux_weight": 0.0, "train.z_weight": 0.0})
+    torch.manual_seed(0)
+    model = ElasticMoE(r.model)
+    x = torch.randint(0, r.model.vocab_size, (2, r.data.seq_len))
+    y = torch.randint(0, r.model.vocab_size, (2, r.data.seq_len))
+    subnets = sample_step(r, 5, model.layer_order)
+    seen = []
+    real_backward = torch.Tensor.backward
+
+    def spy(self, *a, **kw):
+        seen.append(self.item())
+        return real_backward(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "backward", spy)
+    par = distmod.setup(torch.device("cpu"), "auto")
+    opt = trainmod.make_optimizer(model, r)
+    res = trainmod.train_step(model, opt, x, y, subnets, r, par, 5)
+    par.close()
+    n = len(subnets) - 1
+    assert n >= 1 and res.finite
+    ce = list(res.losses.values())
+    assert seen[0] == pytest.approx(ce[0] / 1.5, rel=1e-5)  # the largest: CE only, weight 1 / (1 + w)
+    assert seen[1:] == pytest.approx([0.5 / n / 1.5 * c for c in ce[1:]], rel=1e-5)
