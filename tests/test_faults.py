@@ -35,14 +35,14 @@ from elasticmoe.trainstate import find_checkpoint, recipe_fingerprint
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_cli(*args, cwd=None, env=None):
+def run_cli(*args, cwd=None, env=None, timeout=900):
     return subprocess.run(
         [sys.executable, "-m", "elasticmoe", *map(str, args)],
         capture_output=True,
         text=True,
         env=env or ENV,
         cwd=cwd,
-        timeout=300,
+        timeout=timeout,
     )
 
 
