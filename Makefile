@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EVAL_STAMP := $(VENV)/.installed-eval
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -11,15 +12,22 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# lm-evaluation-harness (optional for users, installed for the tests): about 75 s
+$(EVAL_STAMP): $(STAMP) requirements-eval.txt
+	$(BIN)/pip install -q -r requirements-eval.txt
+	touch $(EVAL_STAMP)
+
 setup: $(STAMP)
+
+setup-eval: $(EVAL_STAMP)
 
 run: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/elasticmoe run --out runs/default
 
-test: $(STAMP)
+test: $(STAMP) $(EVAL_STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check elasticmoe tests bench
 
-.PHONY: setup run test lint
+.PHONY: setup setup-eval run test lint

@@ -67,13 +67,13 @@ SPECIAL_TOKEN = "<|endoftext|>"
 # The one statement of how prompts are fed, quoted by the model cards and the lm-eval adapter.
 PROMPT_CONVENTION = (
     "Every sequence starts with `<|endoftext|>`, which serves as BOS: the model was trained on documents "
-    "separated by `<|endoftext|>` (EOS), so the token before a document is always that one. `elasticmoe eval` "
-    "feeds `[<|endoftext|>] + tokens(prompt)`; this tokenizer adds it by itself whenever special tokens are added "
-    "(`tokenizer(text)`, `pipeline(...)`: transformers' default), and so does llama.cpp (`add_bos_token = true` "
-    "in the GGUF), so a stock `pipeline` answers as `elasticmoe eval` does. lm-evaluation-harness encodes "
-    "without special tokens, so the task files of `elasticmoe lm-eval-tasks` write `<|endoftext|>` at the start "
-    "of each context (do not also pass `add_bos_token=True`). Generation ends at `<|endoftext|>`; `<|pad|>` "
-    "(its own id) pads batches."
+    "separated by `<|endoftext|>` (EOS), so the token before a document is always that one. "
+    "`elasticmoe eval` feeds `[<|endoftext|>] + tokens(prompt)`; the exported tokenizer adds it by itself "
+    "whenever special tokens are added (`tokenizer(text)`, `pipeline(...)`: transformers' default), and so "
+    "does llama.cpp (`add_bos_token = true` in the GGUF), so a stock `pipeline` answers as `elasticmoe eval` "
+    "does. lm-evaluation-harness encodes without special tokens, so the task files of `elasticmoe "
+    "lm-eval-tasks` write `<|endoftext|>` at the start of each context (do not also pass "
+    "`add_bos_token=True`). Generation ends at `<|endoftext|>`; `<|pad|>` (its own id) pads batches."
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

@@ -5,21 +5,27 @@
     out_dir/elasticmoe_<task>.jsonl   the examples (one JSON object a line)
     out_dir/elasticmoe_<task>.yaml    the task config, pointing at the jsonl by absolute path
     out_dir/elasticmoe.yaml           a group `elasticmoe` of all of them
+    out_dir/README.md                 the command, the example counts and the prompt convention
 
 The tasks mirror `elasticmoe.evaluate` exactly, so the harness reproduces our numbers on an
 exported child (`elasticmoe.hf.export_hf`):
 
-* structured tasks (`kv`, `arith`, `sort`): `generate_until`, context `<|endoftext|>` + prompt
-  (EOS as BOS, written into the text because the exported tokenizer adds no special token),
+* the same examples: `select_examples(docs, max_examples)` as `evaluate` does, so
+  `--examples 100` (the default of `elasticmoe eval` and of the pipeline's eval) reproduces
+  `eval/*.json`; each task's `metadata.examples` states the count;
+* the same prompt convention (`hf.PROMPT_CONVENTION`): the harness's `hf` model encodes contexts
+  without special tokens, so the context is written as `<|endoftext|>` + prompt (the special
+  token is parsed from the text), exactly the ids `evaluate` feeds;
+* structured tasks (`kv`, `arith`, `sort`): `generate_until`, context `<|endoftext|>` + prompt,
   greedy, stop at a newline or EOS, `max_gen_toks` = `evaluate.answer_budget`, metric
   `exact_match` (plain string equality, no normalisation);
 * free text (`text`): `loglikelihood_rolling` over each document (the harness prefixes EOS, the
   tokenizer's BOS, and uses the same rolling windows as `evaluate.rolling_windows`), metrics
   `bits_per_byte` (= our `bits_per_byte`), `byte_perplexity`, `word_perplexity`.
 
-Verified offline (lm-eval 0.4.13, transformers 5.23, torch 2.13 CPU, a separate virtualenv) on a
-tiny exported Mixtral: the harness's `bits_per_byte` equals ours to 1e-6 and its generations equal
-our greedy continuations string for string. The command:
+Tested offline (`tests/test_lm_eval.py`, lm-eval 0.4.13 from `pip install .[eval]`) on a tiny
+exported child: the harness's `bits_per_byte` equals ours to 1e-6 and its generations equal our
+greedy continuations string for string. The command:
 
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
         --model_args pretrained=HF_DIR,dtype=float32 \\
@@ -48,7 +54,7 @@ from ..tokenizer import EOS_TOKEN
 GROUP = "elasticmoe"
 
 
-def _structured_config(name: str, data_file: Path, budget: int) -> dict[str, Any]:
+def _structured_config(name: str, data_file: Path, budget: int, examples: int) -> dict[str, Any]:
     return {
         "task": name,
         "dataset_path": "json",
@@ -60,11 +66,11 @@ def _structured_config(name: str, data_file: Path, budget: int) -> dict[str, Any
         "target_delimiter": "",
         "generation_kwargs": {"until": ["\n", EOS_TOKEN], "do_sample": False, "max_gen_toks": budget},
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0},
+        "metadata": {"version": 1.0, "examples": examples},
     }
 
 
-def _text_config(name: str, data_file: Path) -> dict[str, Any]:
+def _text_config(name: str, data_file: Path, examples: int) -> dict[str, Any]:
     return {
         "task": name,
         "dataset_path": "json",
@@ -74,7 +80,7 @@ def _text_config(name: str, data_file: Path) -> dict[str, Any]:
         "doc_to_text": "",
         "doc_to_target": "text",
         "metric_list": [{"metric": m} for m in ("bits_per_byte", "byte_perplexity", "word_perplexity")],
-        "metadata": {"version": 1.0},
+        "metadata": {"version": 1.0, "examples": examples},
     }
 
 
@@ -113,16 +119,45 @@ def write_lm_eval_tasks(
         if task in STRUCTURED_TASKS:
             pairs = [split_prompt_answer(task, d) for d in docs]
             rows = [{"context": EOS_TOKEN + p, "prompt": p, "answer": a, "text": p + a} for p, a in pairs]
-            config = _structured_config(name, data_file, answer_budget([a for _, a in pairs]))
+            config = _structured_config(name, data_file, answer_budget([a for _, a in pairs]), len(rows))
         else:
             rows = [{"text": d} for d in docs]
-            config = _text_config(name, data_file)
+            config = _text_config(name, data_file, len(rows))
         _write_jsonl(data_file, rows)
         written[name] = out / f"{name}.yaml"
         written[name].write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
     group = out / f"{GROUP}.yaml"
     group.write_text(yaml.safe_dump({"group": GROUP, "task": list(written)}, sort_keys=False), encoding="utf-8")
+    counts = {name: yaml.safe_load(path.read_text())["metadata"]["examples"] for name, path in written.items()}
+    (out / "README.md").write_text(_readme(out, counts, split, max_examples), encoding="utf-8")
     return written
+
+
+def _readme(out: Path, counts: dict[str, int], split: str, max_examples: int | None) -> str:
+    from ..hf import PROMPT_CONVENTION
+
+    rows = "\n".join(f"| {name} | {n} |" for name, n in counts.items())
+    limit = "all examples" if max_examples is None else f"at most {max_examples} examples per task"
+    return f"""# elasticmoe tasks for lm-evaluation-harness
+
+The {split!r} split of the run, {limit}: the examples that
+`elasticmoe eval --examples {max_examples if max_examples is not None else "N"}` scores.
+
+| task | examples |
+|---|---:|
+{rows}
+
+Run them offline on an exported model folder (`elasticmoe export CHILD --format hf --out HF_DIR`):
+
+```bash
+pip install 'elasticmoe[eval]'   # lm-eval[hf]: plain lm-eval lacks transformers
+HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
+    --model_args pretrained=HF_DIR,dtype=float32 \\
+    --tasks {GROUP} --include_path {out} --device cpu --batch_size 8
+```
+
+Prompt convention: {PROMPT_CONVENTION}
+"""
 
 
 __all__ = ["GROUP", "write_lm_eval_tasks"]
