@@ -305,6 +305,8 @@ def _search(args, run: Path) -> int:
     parent.to(device)
     windows = load_run_data(run, recipe).eval_windows("search", args.windows)
     out = Path(args.out) if args.out else run / "search"
+    if args.out and not (out / "latency_table.json").is_file():
+        _refuse_foreign_folder(out, "pareto.json")
     check_separate(out, [run / "parent", run / "data", run / "checkpoints", run / "recipe.yaml"])
     ledger = Ledger(run / "ledger.jsonl")
     table = None
@@ -445,8 +447,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_lm_eval_tasks(args) -> int:
-    from .lm_eval_tasks import write_lm_eval_tasks
+    from .lm_eval_tasks import GROUP, write_lm_eval_tasks
 
+    _require(args.examples is None or args.examples >= 1, f"--examples={args.examples} must be >= 1")
+    _refuse_foreign_folder(Path(args.out), f"{GROUP}.yaml")
     written = write_lm_eval_tasks(Path(args.run_dir), Path(args.out), max_examples=args.examples)
     print(f"wrote {len(written)} lm-eval task(s) to {args.out}; run, offline:")
     print(
@@ -454,6 +458,16 @@ def cmd_lm_eval_tasks(args) -> int:
         f"--tasks elasticmoe --include_path {args.out} --device cpu --batch_size 8"
     )
     return 0
+
+
+def _refuse_foreign_folder(out: Path, ours: str) -> None:
+    """An output folder that a command writes files into (not a marked folder it replaces whole):
+    absent, empty, or holding `ours` from an earlier run of the same command; never a user's."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ours).is_file())):
+        raise ConfigError(
+            f"--out {out} exists and holds files elasticmoe did not write (no {ours}): refusing to write into it; "
+            "choose a new or empty folder"
+        )
 
 
 def cmd_report(args) -> int:

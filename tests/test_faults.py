@@ -421,6 +421,9 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
     listing.write_text("- 1\n- 2\n")
     a_dir = tmp / "a_dir"
     a_dir.mkdir()
+    users = tmp / "users"
+    users.mkdir()
+    (users / "README.md").write_text("my notes\n")
     out = str(tmp / "out")
     sets = [
         "distill.temperature=abc",
@@ -489,6 +492,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("search --windows 0", ["search", a_dir, "--windows", "0"], "--windows"),
         ("search --device tpu", ["search", a_dir, "--device", "tpu"], "--device"),
         ("report on a non-run", ["report", a_dir], "run folder"),
+        ("lm-eval-tasks onto a user folder", ["lm-eval-tasks", a_dir, "--out", users], "elasticmoe did not write"),
         ("extract without a parent", ["extract", a_dir, "--subnet", "L1", "--out", out], "run folder"),
         ("train --resume on nothing", ["train", "--out", out, "--resume"], "run folder"),
     ]
