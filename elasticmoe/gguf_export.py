@@ -573,7 +573,7 @@ def export_gguf(
         g = torch.Generator().manual_seed(0)
         length = min(64, model.config.max_seq_len)
         verify_tokens = torch.randint(0, model.config.vocab_size, (2, length), generator=g)
-        source_of_tokens = "random tokens (no run folder to draw held-out tokens from)"
+        source_of_tokens = "random token ids (no run folder to take held-out tokens from)"
     with checkpoint.AtomicFolder(out_dir, kind="gguf-export") as tmp:
         file = tmp / GGUF_FILE.format(qtype=qtype)
         write_gguf(model, file, Path(tokenizer_path), qtype, name=record["name"])
@@ -593,4 +593,71 @@ def export_gguf(
     return record
 
 
-__all__ = ["QTYPES", "LlamaCpp", "export_gguf", "gguf_tensors", "random_unicode", "verify_gguf", "write_gguf"]
+def held_out_tokens(model_dir: Path, windows: int = 2) -> torch.Tensor | None:
+    """Validation windows of the run a child came from (as `elasticmoe export` checks HF exports
+    on), or None outside a run."""
+    from .phases import parent_run_of, run_recipe
+    from .rundata import load_run_data
+
+    try:
+        run = parent_run_of(model_dir)
+        if run is None:
+            return None
+        data = load_run_data(run, run_recipe(run))
+        return next(iter(data.eval_windows("val", windows).values()))[:, :-1]
+    except (ConfigError, OSError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m elasticmoe.gguf_export MODEL_DIR --out DIR [--type f16]` (what `elasticmoe export
+    --format gguf` runs)."""
+    import argparse
+    import sys
+
+    from .phases import model_folder
+
+    ap = argparse.ArgumentParser(prog="python -m elasticmoe.gguf_export", description=main.__doc__)
+    ap.add_argument("model_dir")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--type", dest="qtype", choices=QTYPES, default="f32", help="GGUF tensor type")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        src = model_folder(args.model_dir)
+        record = export_gguf(src, Path(args.out), qtype=args.qtype, verify_tokens=held_out_tokens(src))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(gguf_summary(record, args.out))
+    return 0
+
+
+def gguf_summary(record: dict[str, Any], out: str | Path) -> str:
+    """The one line `export --format gguf` prints."""
+    v = record.get("gguf_verification") or {}
+    g = record["gguf"]
+    line = f"wrote {out} (gguf {g['qtype']}, llama.cpp arch {g['arch']})"
+    if "max_abs_logit_diff" in v:
+        line += (
+            f" | llama.cpp vs elasticmoe max |logit diff| {v['max_abs_logit_diff']:.2e} on {v['tokens']}; "
+            f"greedy identical {v['greedy_identical']}; ids identical on {v['texts_tokenized_identically']} texts"
+        )
+    return line
+
+
+__all__ = [
+    "QTYPES",
+    "LlamaCpp",
+    "export_gguf",
+    "gguf_summary",
+    "gguf_tensors",
+    "held_out_tokens",
+    "random_unicode",
+    "verify_gguf",
+    "write_gguf",
+]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -161,3 +161,18 @@ def test_failed_check_publishes_nothing(tiny_config, tmp_path, corpus_and_tokeni
     with pytest.raises(ConfigError, match="tokenizer.json"):
         export_gguf(model, tmp_path / "g")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_command_line(tiny_config, tmp_path, corpus_and_tokenizer, capsys):
+    from elasticmoe.gguf_export import main
+
+    tokenizer, tok_file, _ = corpus_and_tokenizer
+    parent = make_model(config_for(tiny_config, tokenizer, qk_norm=False))
+    extract_to_folder(parent, Subnet.uniform([0, 1], 2, 1, 16), tmp_path / "child", tokens_for(parent.config), tok_file)
+    assert main([str(tmp_path / "child"), "--out", str(tmp_path / "g"), "--type", "q8_0"]) == 0
+    out = capsys.readouterr().out
+    assert "gguf q8_0" in out and "random token ids" in out and "greedy identical 2/2" in out
+    assert (tmp_path / "g" / "model-q8_0.gguf").is_file()
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
