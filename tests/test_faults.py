@@ -260,6 +260,38 @@ def test_a_new_run_replaces_the_recipe_a_failed_attempt_left(tmp_path):
     assert load_recipe(run / "recipe.yaml").train.lr == 0.028
 
 
+@pytest.mark.slow
+def test_ledger_totals_after_kills_equal_an_uninterrupted_runs(tmp_path):
+    """kill -9 twice at random steps, resume each time: tokens and FLOPs of training and of its
+    periodic evaluations equal those of an uninterrupted run exactly (redone segments and
+    re-measured evaluations are counted once, by their keys)."""
+    import random
+
+    sets = ["train.steps=16", "train.ckpt_every=4", "train.eval_every=4"]
+    args = ["--config", "micro", *[a for s in sets for a in ("--set", s)], "--quiet"]
+    assert run_cli("train", *args, "--out", tmp_path / "ref").returncode == 0
+    run, rng = tmp_path / "killed", random.Random(os.getpid())
+    for kill_at in sorted(rng.sample(range(2, 15), 2)):
+        resume = ["--resume"] if (run / "checkpoints").exists() else []
+        cmd = [sys.executable, "-m", "elasticmoe", "train", *args, "--out", str(run), *resume]
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+            if max(steps, default=0) >= kill_at:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    resume = ["--resume"] if (run / "checkpoints").exists() else []
+    res = run_cli("train", *args, "--out", run, *resume)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for phase in ("train", "train-eval"):
+        want, got = Ledger(tmp_path / "ref" / "ledger.jsonl").totals(phase), Ledger(run / "ledger.jsonl").totals(phase)
+        assert (got["tokens"], got["flops"]) == (want["tokens"], want["flops"]), phase
+
+
 # -- items 4 and 5: append-only records that survive torn writes and add up exactly -----------------
 def test_a_torn_metrics_line_neither_breaks_resume_nor_the_next_record(tmp_path):
     path = tmp_path / "metrics.jsonl"
