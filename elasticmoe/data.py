@@ -1,28 +1,46 @@
 """Data: the embedded default corpus, user data, token shards, and resumable batches.
 
 Why an embedded corpus: the pipeline must run on a machine with no network. The default mixes
-one "high-entropy" natural-language task with three structured tasks whose answers can be
+one "high-entropy" natural-language task with four structured tasks whose answers can be
 checked by exact match, so retention of a sub-network is measurable per skill:
 
     text    English prose from the Python installation (pydoc topics + stdlib docstrings)
-    kv      key-value retrieval from context (a stand-in for search)
-            kv: q7f=382 a1c=907 m2d=115 ? a1c -> 907
-    arith   addition / subtraction of numbers of up to `arith_digits` digits, never negative
-            arith: 482+39 = 521
-    sort    sorting single-digit numbers
+    kv      key-value retrieval from context: 4-8 single-letter keys, 2-3 digit values, then
+            every key queried once in random order; the graded answer is the last query's
+            kv: q=382 a=97 m=115 ? a=97 ? m=115 ? q=382
+    arith   addition / subtraction of operands in [0, 1000), never negative, written with a
+            fixed width (operands zero-padded to 3 digits, answers to 4) and the answer
+            REVERSED, least-significant digit first (the order in which carries and borrows are
+            computed): 482+39 = 521 is written
+            arith: 482+039 = 1250
+    sort    sorting 4-10 single-digit numbers
             sort: 7 2 9 4 -> 2 4 7 9
+    find    longer-context retrieval: 6-10 records "id tag value", then 3 queries: an id, and
+            the value of the record with that id (the last is graded)
+            find: 417 k 52; 803 b 96; 155 k 17 ? 155 -> 17 ? 417 -> 52 ? 803 -> 96
+
+Digits are single tokens (see tokenizer.py), keys single letters, so a prompt is short and a
+retrieval is a one-token match.
 
 Answer convention (`split_prompt_answer`): a structured example is one line; the prompt is the
-line up to and including the *last* separator (" -> " for kv and sort, " = " for arith), so it
-ends with a space; the answer is the rest of the line (always starting with a digit). Every
+line up to and including the *last* separator ("=" for kv, " -> " for sort and find, " = " for
+arith); the answer is the rest of the line (always digits, and spaces for sort). Every
 document is followed by EOS in the token stream (`tokenize_docs`), so a model learns to emit EOS
-right after the answer; an evaluator feeds [EOS] + encode(prompt), generates until EOS or a
-newline, and compares the decoded continuation with the answer exactly.
+right after the answer. How generation stops: the evaluator feeds [EOS] + encode(prompt),
+generates greedily until EOS, a newline, or `answer_budget` tokens, cuts the continuation at the
+first EOS or newline, and compares the decoded string with the answer exactly. Answers hold no
+newline and no EOS, so this delimiter is unambiguous.
 
 Splits: "train"; "val" (importance / model selection); "search" (sub-network search); "test"
-(final evaluation only). Text documents go to a split by a hash of their content; structured
-examples come from disjoint seeded RNG streams, and each split excludes every string already in
-a held-out split (test, then search, then val, then train), so no string is in two splits.
+(final evaluation only). Text documents go to a split by a hash of their content. Structured
+examples: every split samples the SAME generator (disjoint seeded RNG streams); the held-out splits
+hold distinct examples (test, then search, then val, each excluding the earlier ones) and train
+drops every exact duplicate of a held-out example (never the other way round, which would skew
+the held-out splits towards small buckets). So no string is in two splits and train and test
+follow one distribution (checked per bucket, `example_bucket`, in tests/test_data.py).
+
+Training reads far more structured examples than before (`TaskSpec.train`, repeats allowed as in
+an endless stream), so the default run sees each about once.
 """
 
 from __future__ import annotations
@@ -46,10 +64,15 @@ from .config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("text", "kv", "arith", "sort")
-STRUCTURED_TASKS = ("kv", "arith", "sort")
+TASKS = ("text", "kv", "arith", "sort", "find")
+STRUCTURED_TASKS = ("kv", "arith", "sort", "find")
 SPLITS = ("train", "val", "search", "test")
-SEPARATORS = {"kv": " -> ", "arith": " = ", "sort": " -> "}
+SEPARATORS = {"kv": "=", "arith": " = ", "sort": " -> ", "find": " -> "}
+# The default training mix (share of the rows of every batch; see tokens.StratifiedBatches), used
+# when a recipe on the embedded corpus sets no data.task_weights. Eighths: a batch of 8 gets the
+# same rows every step. Text keeps a quarter: enough to stay a real high-entropy task for retention
+# measurements, little enough that the structured tasks get the tokens they need to be learned.
+DEFAULT_TASK_WEIGHTS = {"text": 1 / 8, "kv": 2 / 8, "arith": 3 / 8, "sort": 1 / 8, "find": 1 / 8}
 # Fraction of text documents per split (by content hash); structured counts are in TaskSpec.
 TEXT_FRACTIONS = {"train": 0.90, "val": 0.04, "search": 0.03, "test": 0.03}
 CORPUS_FILE = "corpus.json"
@@ -151,33 +174,45 @@ def _task_order(task: str) -> tuple[int, str]:
 class TaskSpec:
     """Shape of the structured tasks and how many examples each split gets at scale 1.0.
 
-    At scale 1.0 the train split is about 0.9 MB of text plus about 0.8 MB of structured examples.
+    Counts are (kv, arith, sort, find). At scale 1.0 the train split holds more examples than the
+    default `tiny` run reads (about 1M tokens, a quarter of them text), so each is seen about once.
     """
 
-    kv_pairs: tuple[int, int] = (3, 6)
-    kv_value_max: int = 999
+    kv_pairs: tuple[int, int] = (4, 8)
+    kv_value_digits: tuple[int, int] = (2, 3)
     arith_digits: int = 3
     arith_ops: str = "+-"
-    sort_length: tuple[int, int] = (3, 8)
+    arith_reversed: bool = True  # answers least-significant digit first (482+39 = 125 means 521)
+    sort_length: tuple[int, int] = (4, 10)
     sort_value_max: int = 9
-    train: tuple[int, int, int] = (6000, 10000, 8000)  # kv, arith, sort
-    held_out: tuple[int, int, int] = (300, 300, 600)  # val, search, test (each task)
+    find_records: tuple[int, int] = (6, 10)
+    find_queries: int = 3
+    train: tuple[int, ...] = (12000, 30000, 12000, 6000)  # kv, arith, sort, find
+    held_out: tuple[int, int, int] = (200, 200, 400)  # val, search, test (each task)
 
     def __post_init__(self) -> None:
-        for name in ("kv_pairs", "sort_length", "train", "held_out"):  # lists from YAML -> tuples
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("kv_pairs", "kv_value_digits", "sort_length", "find_records", "train", "held_out"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # lists from YAML -> tuples
         p = []
-        for name in ("kv_pairs", "sort_length"):
+        for name in ("kv_pairs", "kv_value_digits", "sort_length", "find_records"):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 p.append(f"{name}={[lo, hi]} must be [min, max] with 1 <= min <= max")
+        if self.kv_pairs[1] > len(_KV_KEYS):
+            p.append(f"kv_pairs={list(self.kv_pairs)}: at most {len(_KV_KEYS)} pairs (single-letter keys)")
         if not 1 <= self.arith_digits <= 18:
             p.append(f"arith_digits={self.arith_digits} is out of range; allowed [1, 18]")
         if not self.arith_ops or set(self.arith_ops) - set("+-"):
             p.append(f"arith_ops={self.arith_ops!r} must be a non-empty mix of '+' and '-'")
-        if self.kv_value_max < 0 or self.sort_value_max < 0:
-            p.append("kv_value_max and sort_value_max must be >= 0")
-        if min(self.train + self.held_out) < 0:
+        if self.find_queries < 1:
+            p.append(f"find_queries={self.find_queries} must be >= 1")
+        if self.sort_value_max < 0:
+            p.append("sort_value_max must be >= 0")
+        if len(self.train) != len(STRUCTURED_TASKS) or len(self.held_out) != 3:
+            p.append(
+                f"train needs {len(STRUCTURED_TASKS)} counts {list(STRUCTURED_TASKS)}, held_out 3 (val, search, test)"
+            )
+        if min(self.train + self.held_out, default=0) < 0:
             p.append("example counts must be >= 0")
         if p:
             raise ConfigError("; ".join(p))
@@ -195,33 +230,64 @@ class TaskSpec:
         }
 
 
-_KEY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+_KV_KEYS = "abcdefghijklmnopqrstuvwxyz"  # single letters: one token each
+
+
+def _number(rng: random.Random, digits: tuple[int, int]) -> int:
+    """A number whose digit count is uniform in `digits` (leading digit non-zero)."""
+    d = rng.randint(*digits)
+    return rng.randint(10 ** (d - 1) if d > 1 else 0, 10**d - 1)
 
 
 def make_example(task: str, rng: random.Random, spec: TaskSpec | None = None) -> str:
     """One structured example line (no trailing newline) drawn from `rng`."""
     spec = spec or TaskSpec()
     if task == "kv":
-        n = rng.randint(*spec.kv_pairs)
-        keys: list[str] = []
-        while len(keys) < n:
-            key = "".join(rng.choice(_KEY_CHARS) for _ in range(3))
-            if key not in keys:
-                keys.append(key)
-        values = [rng.randint(0, spec.kv_value_max) for _ in keys]
-        query = rng.randrange(n)
-        pairs = " ".join(f"{k}={v}" for k, v in zip(keys, values))
-        return f"kv: {pairs} ? {keys[query]} -> {values[query]}"
+        # Every key is queried once, in a random order: each query is a retrieval the model learns
+        # from (dense supervision); the graded answer is the last one.
+        keys = rng.sample(_KV_KEYS, rng.randint(*spec.kv_pairs))
+        values = dict(zip(keys, (_number(rng, spec.kv_value_digits) for _ in keys)))
+        pairs = " ".join(f"{k}={v}" for k, v in values.items())
+        queries = " ".join(f"? {k}={values[k]}" for k in rng.sample(keys, len(keys)))
+        return f"kv: {pairs} {queries}"
     if task == "arith":
-        # Digit count first, then the number: small operands are as common as large ones.
-        a, b = (rng.randint(0, 10 ** rng.randint(1, spec.arith_digits) - 1) for _ in range(2))
+        # Operands uniform in [0, 10^digits): most have `arith_digits` digits, as in "3-digit arithmetic".
+        # Fixed width: operands zero-padded to arith_digits, the answer to arith_digits + 1 digits.
+        d = spec.arith_digits
+        a, b = (rng.randrange(10**d) for _ in range(2))
         op = rng.choice(spec.arith_ops)
         if op == "-" and a < b:
-            a, b = b, a  # answers stay non-negative, so every answer starts with a digit
-        return f"arith: {a}{op}{b} = {a + b if op == '+' else a - b}"
+            a, b = b, a  # answers stay non-negative
+        answer = str(a + b if op == "+" else a - b).zfill(d + 1)
+        return f"arith: {a:0{d}d}{op}{b:0{d}d} = {answer[::-1] if spec.arith_reversed else answer}"
     if task == "sort":
         values = [rng.randint(0, spec.sort_value_max) for _ in range(rng.randint(*spec.sort_length))]
         return f"sort: {' '.join(map(str, values))} -> {' '.join(map(str, sorted(values)))}"
+    if task == "find":
+        # Records "id tag value"; each query names an id, the answer is that record's value.
+        n = rng.randint(*spec.find_records)
+        ids = rng.sample(range(100, 1000), n)
+        records = [(i, rng.choice(_KV_KEYS), rng.randint(10, 99)) for i in ids]
+        table = "; ".join(f"{i} {tag} {v}" for i, tag, v in records)
+        queries = " ".join(f"? {i} -> {v}" for i, _, v in rng.sample(records, min(n, spec.find_queries)))
+        return f"find: {table} {queries}"
+    raise ConfigError(f"unknown structured task {task!r}; allowed: {list(STRUCTURED_TASKS)}")
+
+
+def example_bucket(task: str, example: str) -> str:
+    """The difficulty bucket of an example, for checking that splits share one distribution:
+    kv pairs, sort length, find records, arith operand digit counts and operator ("3+2")."""
+    prompt, _ = split_prompt_answer(task, example)
+    body = prompt[len(task) + 2 : -len(SEPARATORS[task])].split(" ? ")[0]  # the context, before any query
+    if task == "kv":
+        return str(body.count("="))
+    if task == "sort":
+        return str(len(body.split()))
+    if task == "find":
+        return str(body.count(";") + 1)
+    if task == "arith":
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", body).groups()
+        return f"{len(str(int(a)))}{op}{len(str(int(b)))}"  # significant digits
     raise ConfigError(f"unknown structured task {task!r}; allowed: {list(STRUCTURED_TASKS)}")
 
 
@@ -240,7 +306,8 @@ def split_prompt_answer(task: str, example: str) -> tuple[str, str]:
 
 
 def generate_examples(task: str, n: int, rng: random.Random, exclude: set[str], spec: TaskSpec) -> list[str]:
-    """Up to `n` distinct examples not in `exclude`. A small task space yields fewer (logged)."""
+    """Up to `n` distinct examples not in `exclude` (a held-out split). A small task space yields
+    fewer (logged)."""
     out: dict[str, None] = {}
     attempts = 0
     while len(out) < n and attempts < 20 * n + 1000:
@@ -253,21 +320,38 @@ def generate_examples(task: str, n: int, rng: random.Random, exclude: set[str], 
     return list(out)
 
 
+def sample_examples(task: str, n: int, rng: random.Random, exclude: set[str], spec: TaskSpec) -> list[str]:
+    """`n` independent draws (repeats allowed, as in an endless stream) minus those in `exclude`.
+
+    Dropping only the exact duplicates of held-out items, and not repeats within the sample, keeps
+    the sample's distribution that of the generator: only buckets with few possible examples lose
+    a share, in proportion to how much of them the held-out splits hold."""
+    out = []
+    for _ in range(n):
+        example = make_example(task, rng, spec)
+        if example not in exclude:
+            out.append(example)
+    return out
+
+
 def _rng(seed: int, task: str, split: str) -> random.Random:
     # String seeds hash with SHA-512 inside `random`: stable across processes and PYTHONHASHSEED.
     return random.Random(f"elasticmoe/{seed}/{task}/{split}")
 
 
 def build_structured(seed: int = 0, scale: float = 1.0, spec: TaskSpec | None = None) -> Corpus:
-    """The kv / arith / sort tasks; held-out splits first, each excluding all earlier splits."""
+    """The structured tasks. Every split samples the same generator (its own seeded stream); the
+    held-out splits hold distinct examples (test, then search, then val, each excluding the
+    earlier ones) and train drops every exact duplicate of a held-out example."""
     spec = spec or TaskSpec()
     docs: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
     for task, counts in spec.counts(scale).items():
-        taken: set[str] = set()
-        for split in ("test", "search", "val", "train"):
-            examples = generate_examples(task, counts[split], _rng(seed, task, split), taken, spec)
-            taken.update(examples)
+        held: set[str] = set()
+        for split in ("test", "search", "val"):
+            examples = generate_examples(task, counts[split], _rng(seed, task, split), held, spec)
+            held.update(examples)
             docs[split][task] = examples
+        docs["train"][task] = sample_examples(task, counts["train"], _rng(seed, task, "train"), held, spec)
     return Corpus(docs, {"seed": seed, "scale": scale, "task_spec": dataclasses.asdict(spec)})
 
 

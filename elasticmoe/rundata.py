@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .data import SPLITS, Corpus, build_default_corpus, corpus_from_texts, load_user_texts
+from .data import DEFAULT_TASK_WEIGHTS, SPLITS, Corpus, build_default_corpus, corpus_from_texts, load_user_texts
 from .recipe import Recipe
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from .tokens import BatchIterator, TokenShards, eval_windows, mix_tasks, tokenize_docs
+from .tokens import BatchIterator, StratifiedBatches, TokenShards, eval_windows, mix_tasks, tokenize_docs
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,16 @@ class RunData:
         rank: int = 0,
         world_size: int = 1,
         task_weights: dict[str, float] | None = None,
-    ) -> BatchIterator:
+    ) -> BatchIterator | StratifiedBatches:
+        """Training batches: every batch holds each task's share of rows (`task_weights`, else the
+        run's mix, else shares of the tokens), in document-aligned windows; see StratifiedBatches."""
         if self.train_shards is not None:  # memory-mapped: windows are read straight from the files
             return BatchIterator(self.train_shards, self.seq_len, batch_size, seed, rank, world_size)
         arrays = {t: a for t, a in self.tokens["train"].items() if len(a)}
         weights = task_weights if task_weights is not None else (self.task_weights or None)
-        stream = mix_tasks(arrays, weights, eos_id=self.tokenizer.eos_id, seed=seed)
-        return BatchIterator(stream, self.seq_len, batch_size, seed, rank, world_size)
+        return StratifiedBatches(
+            arrays, weights, self.seq_len, batch_size, seed, rank, world_size, eos_id=self.tokenizer.eos_id
+        )
 
     def eval_windows(self, split: str, max_windows: int) -> dict[str, torch.Tensor]:
         """Held-out windows per task (split "val" for validation, "search" for search)."""
@@ -126,7 +129,9 @@ def prepare_run_data(recipe: Recipe, run_dir: Path) -> RunData:
             for task, docs in by_task.items():
                 np.save(tmp / "tokens" / f"{split}.{task}.npy", tokenize_docs(tok, docs))
         (tmp / "ready").write_text(_data_identity(recipe))
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():  # without `ready` it is not data we prepared (a user's folder): never delete it
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ConfigError(f"{folder} exists and was not prepared by elasticmoe: refusing to replace it")
         tmp.rename(folder)
     return load_run_data(run_dir, recipe)
 
@@ -175,6 +180,8 @@ def _data_identity(recipe: Recipe) -> str:
         "seed": recipe.train.seed,
         "model_vocab_size": recipe.model.vocab_size,
     }
+    if d.source == "default":  # the embedded corpus's task formats and sizes (data.py) changed with version 2
+        ident["corpus_version"] = 2
     return json.dumps(ident, sort_keys=True) + "\n"
 
 
@@ -194,6 +201,7 @@ def load_run_data(run_dir: Path, recipe: Recipe) -> RunData:
     if (folder / "shards.json").is_file():
         paths = json.loads((folder / "shards.json").read_text())["train"]
         shards = TokenShards(paths, vocab_size=recipe.model.vocab_size)
-    return RunData(
-        folder, tok, recipe.data.seq_len, dict(recipe.data.task_weights), recipe.train.seed, tokens, train_shards=shards
-    )
+    weights = dict(recipe.data.task_weights)
+    if not weights and recipe.data.source == "default":  # the embedded corpus's default mix
+        weights = {t: w for t, w in DEFAULT_TASK_WEIGHTS.items() if len(tokens["train"].get(t, ()))}
+    return RunData(folder, tok, recipe.data.seq_len, weights, recipe.train.seed, tokens, train_shards=shards)

@@ -4,7 +4,8 @@ Documents become EOS-terminated token streams (`tokenize_docs`), mixed across ta
 (`mix_tasks`); pre-tokenized data too large for memory is read from raw uint16/uint32 shards with
 `np.memmap` (`TokenShards`). `BatchIterator` yields (inputs, targets) windows for one rank of a
 global batch and resumes exactly from a small JSON state; `eval_windows` gives fixed held-out
-windows.
+windows. `StratifiedBatches` does the same per task, with the same task mix in every batch and
+windows that start at a document boundary.
 """
 
 from __future__ import annotations
@@ -244,6 +245,161 @@ class BatchIterator:
         if epoch < 0 or not 0 <= position <= self.windows.count:
             raise ConfigError(f"data state epoch={epoch}, position={position} out of range")
         self.epoch, self.position, self._perm = epoch, position, None
+
+
+def aligned_starts(tokens: np.ndarray, eos_id: int, seq_len: int) -> np.ndarray:
+    """Start offsets of windows of seq_len+1 tokens that begin at an EOS and end where a document ends.
+
+    `tokens` is EOS-separated documents starting with an EOS. Each window starts at the EOS that ends
+    the previous document (it acts as BOS, as in evaluation: [EOS] + prompt) and the next window
+    starts at the last EOS that is a target of this one, so every document no longer than seq_len
+    is whole, with its EOS as BOS, in exactly one window; the partial document filling a window's
+    tail is repeated whole in the next. A document longer than seq_len is cut at stride seq_len.
+    """
+    ends = np.flatnonzero(tokens == eos_id)
+    starts, s, last = [], 0, len(tokens) - seq_len - 1
+    while s <= last:
+        starts.append(s)
+        j = int(np.searchsorted(ends, s + seq_len, side="right")) - 1  # last EOS within the targets
+        s = int(ends[j]) if j >= 0 and ends[j] > s else s + seq_len
+    return np.asarray(starts, dtype=np.int64)
+
+
+class StratifiedBatches:
+    """Endless (inputs, targets) batches with the same task mix every step, resumable to the exact batch.
+
+    Each task keeps its own token stream (its training documents in a seeded order, EOS-separated,
+    starting with an EOS) cut into document-aligned windows (`aligned_starts`), and each step a
+    batch of `batch_size` rows takes `weight / sum(weights) * batch_size` rows of each task. When
+    that is not a whole number, the task gets its whole part every step plus one more row on a
+    share of the steps equal to the fraction, chosen by systematic sampling seeded by (seed, step),
+    so the mix differs from step to step by at most one row per task (none with weights in
+    multiples of 1/batch_size, as the default). Weights None: shares of the tokens.
+
+    Ranks: every rank's batch has the same rows per task; a global step takes rows * world_size
+    windows of each task, and rank r the r-th block of them. Each task walks its windows in a
+    permutation seeded by (seed, task index, epoch); a partial block at the end of an epoch is
+    skipped. State: {"step", "seed", "tasks": {task: {"epoch", "position", "windows"}}}, positions
+    counting global windows, so a resume may change world_size or batch_size.
+    """
+
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        weights: dict[str, float] | None,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        eos_id: int,
+    ) -> None:
+        from .data import _task_order  # data.py re-exports this module: import at call time
+
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ConfigError(f"seq_len={seq_len!r} must be a positive integer")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need 0 <= rank < world")
+        weights = dict(weights) if weights is not None else {t: float(len(a)) for t, a in arrays.items()}
+        problems = [f"weights[{t!r}]: no such task (have {sorted(arrays)})" for t in weights if t not in arrays]
+        problems += [f"weights[{t!r}]={w} must be >= 0" for t, w in weights.items() if not w >= 0]
+        tasks = [t for t in sorted(arrays, key=_task_order) if weights.get(t, 0.0) > 0 and len(arrays[t])]
+        if not problems and not tasks:
+            problems.append("weights must give at least one non-empty task a positive weight")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        total = sum(weights[t] for t in tasks)
+        shares = np.array([weights[t] / total * batch_size for t in tasks])
+        self.tasks, self.base = tasks, np.floor(shares + 1e-9).astype(np.int64)
+        self.frac = np.clip(shares - self.base, 0.0, None)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.streams, self.starts = {}, {}
+        for i, task in enumerate(tasks):
+            docs = _split_docs(arrays[task], eos_id)
+            order = np.random.default_rng([seed, 11, i]).permutation(len(docs))
+            head = np.asarray([eos_id], dtype=arrays[task].dtype)
+            stream = np.concatenate([head, *(docs[j] for j in order)])
+            self.streams[task], self.starts[task] = stream, aligned_starts(stream, eos_id, seq_len)
+            need = (int(self.base[i]) + (self.frac[i] > 0)) * world_size
+            if len(self.starts[task]) < max(need, 1):
+                raise ConfigError(
+                    f"data too small: task {task!r} has {len(self.starts[task])} windows of {seq_len + 1} tokens, "
+                    f"but one global batch needs {need}"
+                )
+        self.step = 0
+        self.epochs = dict.fromkeys(tasks, 0)
+        self.positions = dict.fromkeys(tasks, 0)
+        self._perms: dict[str, np.ndarray] = {}
+        logger.info("batches: rows per step %s", {t: round(float(x), 3) for t, x in zip(tasks, shares)})
+
+    def rows_at(self, step: int) -> dict[str, int]:
+        """Rows of each task in every rank's batch at `step` (sums to batch_size)."""
+        rows = self.base.copy()
+        extra = int(round(self.batch_size - rows.sum()))
+        if extra > 0:
+            cum = np.cumsum(self.frac)
+            cum *= extra / cum[-1]
+            u = np.random.default_rng([self.seed, 13, step]).random()
+            picked = np.searchsorted(cum, u + np.arange(extra), side="right")
+            rows[np.minimum(picked, len(rows) - 1)] += 1
+        return {t: int(n) for t, n in zip(self.tasks, rows)}
+
+    def _perm(self, i: int, task: str) -> np.ndarray:
+        if task not in self._perms:
+            rng = np.random.default_rng([self.seed, i, self.epochs[task]])
+            self._perms[task] = rng.permutation(len(self.starts[task]))
+        return self._perms[task]
+
+    def __iter__(self) -> StratifiedBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = []
+        for i, (task, n) in enumerate(self.rows_at(self.step).items()):
+            if n == 0:
+                continue
+            count, need = len(self.starts[task]), n * self.world_size
+            if self.positions[task] + need > count:
+                self.epochs[task] += 1
+                self.positions[task] = 0
+                self._perms.pop(task, None)
+            begin = self.positions[task] + self.rank * n
+            stream, starts = self.streams[task], self.starts[task]
+            for w in self._perm(i, task)[begin : begin + n]:
+                parts.append(stream[starts[w] : starts[w] + self.seq_len + 1])
+            self.positions[task] += need
+        self.step += 1
+        rows = torch.from_numpy(np.stack(parts).astype(np.int64))
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def state_dict(self) -> dict[str, Any]:
+        tasks = {
+            t: {"epoch": self.epochs[t], "position": self.positions[t], "windows": len(self.starts[t])}
+            for t in self.tasks
+        }
+        return {"step": self.step, "seed": self.seed, "tasks": tasks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "tasks" not in state or int(state.get("seed", self.seed)) != self.seed:
+            raise ConfigError(
+                f"data state {sorted(state)} (seed {state.get('seed')}) does not match this data's "
+                f"stratified batches (seed {self.seed})"
+            )
+        if sorted(state["tasks"]) != sorted(self.tasks):
+            raise ConfigError(f"data state has tasks {sorted(state['tasks'])}; this data mixes {sorted(self.tasks)}")
+        for t, st in state["tasks"].items():
+            if int(st["windows"]) != len(self.starts[t]):
+                raise ConfigError(f"data state: task {t} has {st['windows']} windows; this data {len(self.starts[t])}")
+            if int(st["epoch"]) < 0 or not 0 <= int(st["position"]) <= len(self.starts[t]):
+                raise ConfigError(f"data state: task {t} epoch={st['epoch']}, position={st['position']} out of range")
+        if int(state["step"]) < 0:
+            raise ConfigError(f"data state step={state['step']} must be >= 0")
+        self.step = int(state["step"])
+        self.epochs = {t: int(st["epoch"]) for t, st in state["tasks"].items()}
+        self.positions = {t: int(st["position"]) for t, st in state["tasks"].items()}
+        self._perms = {}
 
 
 def eval_windows(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,16 +13,20 @@ import torch
 
 from elasticmoe.config import ConfigError
 from elasticmoe.data import (
+    SEPARATORS,
     SPLITS,
     STRUCTURED_TASKS,
     BatchIterator,
     Corpus,
     TaskSpec,
     TokenShards,
+    _rng,
     build_default_corpus,
     build_structured,
     corpus_from_texts,
     eval_windows,
+    example_bucket,
+    generate_examples,
     hash_split,
     load_user_texts,
     mix_tasks,
@@ -29,6 +34,7 @@ from elasticmoe.data import (
     tokenize_docs,
     write_token_shard,
 )
+from elasticmoe.tokens import StratifiedBatches, aligned_starts
 
 
 @pytest.fixture(scope="module")
@@ -46,30 +52,83 @@ def test_corpus_is_deterministic_and_seeded(corpus: Corpus) -> None:
     for split in SPLITS:
         for task in STRUCTURED_TASKS:
             assert other.docs[split][task] != corpus.docs[split][task]
-    assert set(corpus.tasks) == {"text", "kv", "arith", "sort"}
+    assert set(corpus.tasks) == {"text", "kv", "arith", "sort", "find"}
 
 
 def test_corpus_sizes_follow_scale(corpus: Corpus) -> None:
     counts = TaskSpec().counts(0.05)
     for split in SPLITS:
         for task in STRUCTURED_TASKS:
-            assert len(corpus.docs[split][task]) == counts[task][split] > 0
+            n = counts[task][split]
+            if split == "train":  # exact duplicates of held-out examples are dropped: a few at most
+                assert 0.99 * n <= len(corpus.docs[split][task]) <= n
+            else:
+                assert len(corpus.docs[split][task]) == n > 0
     text = {split: corpus.docs[split]["text"] for split in SPLITS}
     assert sum(map(len, text["train"])) > 500_000  # pydoc topics alone are ~465k characters
     assert all(len(text[s]) >= 20 for s in ("val", "search", "test"))
     assert max(len(d) for d in text["train"]) <= 3000
 
 
-@pytest.mark.parametrize("spec", [TaskSpec(), TaskSpec(arith_digits=1, sort_length=(1, 3), kv_pairs=(1, 1))])
+SMALL_SPACE = TaskSpec(arith_digits=1, sort_length=(1, 3), kv_pairs=(1, 1), kv_value_digits=(1, 1), find_records=(1, 1))
+
+
+@pytest.mark.parametrize("spec", [TaskSpec(), SMALL_SPACE])
 def test_no_leakage_between_splits(spec: TaskSpec) -> None:
     # The second spec has tiny task spaces, so collisions are frequent and exclusion must act.
     corpus = build_structured(seed=3, scale=0.05, spec=spec)
     for task in STRUCTURED_TASKS:
         sets = {split: set(corpus.docs[split][task]) for split in SPLITS}
-        for split in SPLITS:
-            assert len(sets[split]) == len(corpus.docs[split][task])  # distinct within a split
+        for split in ("val", "search", "test"):
+            assert len(sets[split]) == len(corpus.docs[split][task])  # held-out: distinct within a split
         for a, b in itertools.combinations(SPLITS, 2):
             assert not sets[a] & sets[b], (task, a, b)
+    # train is a stream of draws: in a small space it repeats examples (the old distinct-only
+    # train set could not, which starved the small buckets)
+    assert len(set(corpus.docs["train"]["arith"])) < len(corpus.docs["train"]["arith"]) or spec == TaskSpec()
+
+
+def _chi2_two_sample(a: list[str], b: list[str]) -> tuple[float, int]:
+    """Pearson's chi-square of a 2 x k table of bucket counts (a vs b) and its degrees of freedom.
+    Buckets expected to get fewer than 5 items of either sample are pooled (the test's usual rule)."""
+    ca, cb = Counter(a), Counter(b)
+    total = ca + cb
+    small = min(len(a), len(b)) / (len(a) + len(b))
+    common = sorted(k for k, n in total.items() if n * small >= 5)
+    rare = [k for k in total if k not in common]
+    rows = [[c[k] for k in common] + ([sum(c[k] for k in rare)] if rare else []) for c in (ca, cb)]
+    counts = np.array(rows, dtype=float)
+    expected = counts.sum(1, keepdims=True) * counts.sum(0, keepdims=True) / counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum()), counts.shape[1] - 1
+
+
+# upper 0.1% points of chi-square(df), from standard tables
+CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322, 8: 26.124, 9: 27.877}
+
+
+def test_train_and_test_share_one_distribution() -> None:
+    """Per task, the difficulty buckets (kv pairs, sort length, find records, arith operand digits and
+    operator) of train and test agree by a chi-square test at the 0.1% level."""
+    corpus = build_structured(seed=0, scale=1.0)
+    for task in STRUCTURED_TASKS:
+        train = [example_bucket(task, e) for e in corpus.docs["train"][task]]
+        test = [example_bucket(task, e) for e in corpus.docs["test"][task]]
+        stat, df = _chi2_two_sample(train, test)
+        assert df >= 3 and stat < CHI2_999[df], (task, stat, df)
+
+
+def test_old_split_scheme_fails_the_distribution_check() -> None:
+    """The scheme this replaced (held-out drawn first, then a distinct-only train set excluding it)
+    starves train of the small buckets: sort of length 3 (1000 possible lists) and test disagree."""
+    spec = TaskSpec(sort_length=(3, 8))
+    new = build_structured(seed=0, scale=1.0, spec=spec)
+    held = {e for split in ("val", "search", "test") for e in new.docs[split]["sort"]}
+    old_train = generate_examples("sort", len(new.docs["train"]["sort"]), _rng(0, "sort", "train"), held, spec)
+    test = [example_bucket("sort", e) for e in new.docs["test"]["sort"]]
+    stat, df = _chi2_two_sample([example_bucket("sort", e) for e in old_train], test)
+    assert stat > CHI2_999[df], stat
+    stat, df = _chi2_two_sample([example_bucket("sort", e) for e in new.docs["train"]["sort"]], test)
+    assert stat < CHI2_999[df], stat
 
 
 def test_text_split_is_content_hash(corpus: Corpus) -> None:
@@ -84,11 +143,20 @@ def test_text_split_is_content_hash(corpus: Corpus) -> None:
 def _solve(task: str, prompt: str) -> str:
     body = prompt[len(task) + 2 :]
     if task == "kv":
-        pairs, query = re.fullmatch(r"(.*) \? (\w{3}) -> ", body).groups()
-        return dict(p.split("=") for p in pairs.split())[query]
-    if task == "arith":
-        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+) = ", body).groups()
-        return str(int(a) + int(b) if op == "+" else int(a) - int(b))
+        context, *asked = body.split(" ? ")
+        values = dict(p.split("=") for p in context.split())
+        assert sorted(q.split("=")[0] for q in asked) == sorted(values)  # every key queried once
+        assert all(values[k] == v for k, v in (q.split("=") for q in asked[:-1]))
+        return values[asked[-1][:-1]]
+    if task == "arith":  # fixed width: 3-digit operands, 4-digit answers least-significant digit first
+        a, op, b = re.fullmatch(r"(\d{3})([+-])(\d{3}) = ", body).groups()
+        return str(int(a) + int(b) if op == "+" else int(a) - int(b)).zfill(4)[::-1]
+    if task == "find":
+        records, *asked = body.split(" ? ")
+        query = asked[-1][: -len(" -> ")]
+        rows = [r.split() for r in records.split("; ")]
+        assert len({r[0] for r in rows}) == len(rows)  # ids are unique: one record matches
+        return next(value for rid, _, value in rows if rid == query)
     values = re.fullmatch(r"([\d ]+) -> ", body).group(1).split()
     return " ".join(str(v) for v in sorted(int(v) for v in values))
 
@@ -99,13 +167,17 @@ def test_every_structured_example_parses_and_is_correct(corpus: Corpus) -> None:
             for example in corpus.docs[split][task]:
                 prompt, answer = split_prompt_answer(task, example)
                 assert prompt + answer == example and "\n" not in example
-                assert prompt.endswith(" ") and answer[:1].isdigit()
+                assert prompt.endswith(SEPARATORS[task]) and answer[:1].isdigit()
                 assert answer == _solve(task, prompt), example
 
 
 def test_split_prompt_answer_convention_and_errors() -> None:
-    assert split_prompt_answer("arith", "arith: 482+39 = 521\n") == ("arith: 482+39 = ", "521")
-    assert split_prompt_answer("kv", "kv: q7f=382 a1c=907 ? a1c -> 907") == ("kv: q7f=382 a1c=907 ? a1c -> ", "907")
+    assert split_prompt_answer("arith", "arith: 482+039 = 1250\n") == ("arith: 482+039 = ", "1250")
+    assert split_prompt_answer("kv", "kv: q=382 a=907 ? a=907") == ("kv: q=382 a=907 ? a=", "907")
+    assert split_prompt_answer("find", "find: 417 k 52; 803 b 96 ? 803 -> 96") == (
+        "find: 417 k 52; 803 b 96 ? 803 -> ",
+        "96",
+    )
     with pytest.raises(ConfigError):
         split_prompt_answer("arith", "sort: 1 2 -> 1 2")
     with pytest.raises(ConfigError):
@@ -116,7 +188,11 @@ def test_task_spec_validation() -> None:
     with pytest.raises(ConfigError) as err:
         TaskSpec(kv_pairs=(3, 1), arith_ops="*")
     assert "kv_pairs" in str(err.value) and "arith_ops" in str(err.value)
-    assert TaskSpec(train=[1, 2, 3]).train == (1, 2, 3)
+    assert TaskSpec(train=[1, 2, 3, 4]).train == (1, 2, 3, 4)
+    with pytest.raises(ConfigError, match="train needs 4"):
+        TaskSpec(train=[1, 2, 3])
+    with pytest.raises(ConfigError, match="single-letter"):
+        TaskSpec(kv_pairs=(4, 30))
     with pytest.raises(ConfigError):
         build_default_corpus(tasks=("text", "poetry"))
 
@@ -326,3 +402,110 @@ def test_eval_windows() -> None:
     few = eval_windows(TOKENS, seq_len=100, max_windows=5)
     assert torch.equal(few, eval_windows(TOKENS, seq_len=100, max_windows=5))
     assert few.shape[0] == 5 and few[0, 0] == 0 and few[-1, 0] == 4800  # spread over the data
+
+
+# ----------------------------------------------------------------------------- stratified batches
+
+EOS = 0
+
+
+def _task_arrays() -> dict[str, np.ndarray]:
+    """Three tasks of EOS-separated documents whose ids tell the task (hundreds digit) and the
+    document (its length varies); EOS is 0."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for base, task, n_docs in ((100, "text", 300), (200, "kv", 200), (300, "sort", 150)):
+        docs = [
+            np.append(np.full(int(rng.integers(3, 12)), base + i % 90, dtype=np.uint16), EOS) for i in range(n_docs)
+        ]
+        out[task] = np.concatenate(docs)
+    return out
+
+
+def _task_of(row: torch.Tensor) -> str:
+    ids = {int(v) // 100 for v in row.tolist() if v != EOS}
+    assert len(ids) == 1, ids  # a row never mixes tasks
+    return {1: "text", 2: "kv", 3: "sort"}[ids.pop()]
+
+
+def test_aligned_windows_start_at_eos_and_hold_whole_documents() -> None:
+    stream = np.array([EOS, 5, 5, EOS, 6, 6, 6, 6, EOS, 7, EOS, 8, 8, 8, 8, 8, 8, 8, 8, 8, EOS, 9, EOS], np.uint16)
+    starts = aligned_starts(stream, EOS, seq_len=6).tolist()
+    # [0..6] ends inside "6 6 6 6": next starts at the EOS of "5 5"; [3..9] holds "6 6 6 6" whole;
+    # the 9-token document is cut at stride 6 (from 10, then 16)
+    assert starts == [0, 3, 8, 10, 16]
+    for s in starts[:3]:
+        assert stream[s] == EOS
+
+
+def test_stratified_batches_have_the_same_mix_every_step() -> None:
+    it = StratifiedBatches(
+        _task_arrays(), {"text": 2, "kv": 1, "sort": 1}, seq_len=16, batch_size=8, seed=1, eos_id=EOS
+    )
+    assert it.rows_at(0) == {"text": 4, "kv": 2, "sort": 2}
+    for _ in range(60):  # several epochs of the small tasks
+        x, y = next(it)
+        assert x.shape == y.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
+        assert [_task_of(r) for r in x] == ["text"] * 4 + ["kv"] * 2 + ["sort"] * 2
+        assert bool((x[:, 0] == EOS).all())  # every window starts at a document boundary (short documents)
+    # shares that are not whole rows: the whole part every step, one more row on a share of the steps
+    it = StratifiedBatches(_task_arrays(), {"text": 0.5, "kv": 0.3, "sort": 0.2}, 16, 4, seed=2, eos_id=EOS)
+    rows = [it.rows_at(step) for step in range(2000)]
+    assert all(sum(r.values()) == 4 for r in rows)
+    assert all(r["text"] == 2 and r["kv"] in (1, 2) and r["sort"] in (0, 1) for r in rows)
+    for task, share in (("kv", 0.3), ("sort", 0.2)):
+        assert abs(np.mean([r[task] for r in rows]) / 4 - share) < 0.01
+    # weights None: shares of the tokens
+    natural = StratifiedBatches(_task_arrays(), None, 16, 64, seed=0, eos_id=EOS)
+    sizes = {t: len(a) for t, a in _task_arrays().items()}
+    for task, n in natural.rows_at(0).items():
+        assert abs(n - 64 * sizes[task] / sum(sizes.values())) <= 1
+
+
+def test_stratified_resume_is_exact_across_epochs() -> None:
+    make = lambda: StratifiedBatches(_task_arrays(), {"text": 0.5, "kv": 0.3, "sort": 0.2}, 32, 5, 7, eos_id=EOS)  # noqa: E731
+    expected = [next(it) for it in [make()] for _ in range(80)]
+    first = make()
+    for _ in range(33):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["step"] == 33 and set(state["tasks"]) == {"text", "kv", "sort"}
+    resumed = make()
+    resumed.load_state_dict(state)
+    for (x, y), (ex, ey) in zip([next(resumed) for _ in range(47)], expected[33:]):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    assert max(st["epoch"] for st in resumed.state_dict()["tasks"].values()) >= 1  # crossed an epoch
+
+
+def test_stratified_ranks_partition_the_global_batch() -> None:
+    arrays, weights = _task_arrays(), {"text": 2, "kv": 1, "sort": 1}
+    for world in (2, 3):
+        single = StratifiedBatches(arrays, weights, 16, 4 * world, seed=5, eos_id=EOS)
+        ranks = [StratifiedBatches(arrays, weights, 16, 4, 5, r, world, eos_id=EOS) for r in range(world)]
+        for _ in range(40):  # crosses epoch boundaries
+            x_all, _ = next(single)
+            parts = [next(it)[0] for it in ranks]
+            for x in parts:  # every rank gets the same mix
+                assert [_task_of(r) for r in x] == ["text", "text", "kv", "sort"]
+            union = sorted(tuple(r.tolist()) for x in parts for r in x)
+            assert union == sorted(tuple(r.tolist()) for r in x_all)
+
+
+def test_stratified_errors() -> None:
+    arrays = _task_arrays()
+    with pytest.raises(ConfigError, match="no such task"):
+        StratifiedBatches(arrays, {"code": 1.0}, 16, 4, 0, eos_id=EOS)
+    with pytest.raises(ConfigError, match="positive weight"):
+        StratifiedBatches(arrays, {"text": 0.0}, 16, 4, 0, eos_id=EOS)
+    with pytest.raises(ConfigError, match="too small"):
+        StratifiedBatches({"text": arrays["text"][:40]}, None, 16, 8, 0, eos_id=EOS)
+    it = StratifiedBatches(arrays, {"text": 1, "kv": 1}, 16, 4, 0, eos_id=EOS)
+    with pytest.raises(ConfigError, match="seed"):
+        it.load_state_dict({**it.state_dict(), "seed": 1})
+    with pytest.raises(ConfigError, match="tasks"):
+        it.load_state_dict(StratifiedBatches(arrays, {"text": 1}, 16, 4, 0, eos_id=EOS).state_dict())
+    with pytest.raises(ConfigError, match="windows"):
+        small = {"text": arrays["text"][:600], "kv": arrays["kv"]}
+        it.load_state_dict(StratifiedBatches(small, {"text": 1, "kv": 1}, 16, 4, 0, eos_id=EOS).state_dict())
+    with pytest.raises(ConfigError):  # an old single-stream state
+        it.load_state_dict({"epoch": 0, "position": 0, "seed": 0, "windows": 10})

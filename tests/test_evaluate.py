@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from elasticmoe.config import ModelConfig
-from elasticmoe.data import STRUCTURED_TASKS, Corpus, build_structured, split_prompt_answer
+from elasticmoe.data import STRUCTURED_TASKS, Corpus, TaskSpec, build_structured, split_prompt_answer
 from elasticmoe.evaluate import (
     answer_budget,
     arena_examples,
@@ -51,7 +51,8 @@ LONG_TEXT = " ".join(f"Paragraph {i} says that the value of item {i * 7} is stor
 
 @pytest.fixture(scope="module")
 def corpus() -> Corpus:
-    structured = build_structured(seed=3, scale=0.1)  # test split: 30 kv, 30 arith, 60 sort
+    # test split: 40 examples of each task; few find records, so prompts fit MAX_LEN
+    structured = build_structured(seed=3, scale=0.1, spec=TaskSpec(find_records=(3, 5)))
     docs = {"train": dict(structured.docs["train"]), "test": dict(structured.docs["test"])}
     docs["train"]["text"] = SHORT_TEXTS * 3 + [LONG_TEXT]
     docs["test"]["text"] = SHORT_TEXTS
@@ -151,10 +152,10 @@ def test_exact_match_right_wrong_half(corpus, tokenizer) -> None:
 
 
 def test_max_examples_are_evenly_spaced_and_shared(corpus, tokenizer) -> None:
-    model = Scripted(tokenizer.vocab_size, answering(tokenizer, corpus, lambda i, a: a if i < 30 else "x"),
+    model = Scripted(tokenizer.vocab_size, answering(tokenizer, corpus, lambda i, a: a if i < 20 else "x"),
                      tokenizer.eos_id)
     r = evaluate(model, corpus, tokenizer, tasks=["sort"], max_examples=10)["tasks"]["sort"]
-    assert r["n"] == 10 and r["score"] == pytest.approx(0.5)  # 60 examples, first half right: 5 of 10
+    assert r["n"] == 10 and r["score"] == pytest.approx(0.5)  # 40 examples, first half right: 5 of 10
 
 
 # -- text: bits per byte -------------------------------------------------------------------------
@@ -331,13 +332,13 @@ def test_pairwise_ratings_rank_better_models_higher(corpus, tokenizer) -> None:
     assert r["oracle"]["rating"] > r["uniform"]["rating"] > r["wrong"]["rating"]
     assert r["oracle"]["ci"][0] > r["uniform"]["ci"][1]
     assert r["oracle"]["wins"] == 2 * len(examples) and r["oracle"]["losses"] == 0
-    assert out["n_prompts"] == len(examples) == len(SHORT_TEXTS) + 6 * 3
+    assert out["n_prompts"] == len(examples) == len(SHORT_TEXTS) + 6 * len(STRUCTURED_TASKS)
 
 
 # -- lm-evaluation-harness adapter ---------------------------------------------------------------
 def test_lm_eval_task_files_hold_the_test_split(corpus, tmp_path) -> None:
     written = write_lm_eval_tasks(corpus, tmp_path)
-    assert set(written) == {f"elasticmoe_{t}" for t in ("text", "kv", "arith", "sort")}
+    assert set(written) == {f"elasticmoe_{t}" for t in ("text", "kv", "arith", "sort", "find")}
     group = yaml.safe_load((tmp_path / "elasticmoe.yaml").read_text())
     assert group == {"group": "elasticmoe", "task": list(written)}
     for name, path in written.items():
@@ -411,3 +412,23 @@ def test_answer_loss_is_graded_where_exact_match_is_not(corpus, tokenizer) -> No
     assert res["oracle"][key]["score"] < res["half"][key]["score"] < 60.0
     assert res["half"][key]["higher_is_better"] is False and res["half"][key]["metric"] == "answer_nats_per_token"
     assert res["half"][key]["ci"][0] <= res["half"][key]["score"] <= res["half"][key]["ci"][1]
+
+
+def test_task_format_and_evaluator_agree_on_where_the_answer_ends(corpus, tokenizer) -> None:
+    """Training sees `prompt + answer + EOS`; evaluation feeds [EOS] + prompt and stops at EOS or a
+    newline. So for every task: the prompt's tokens are a prefix of the example's, the answer holds
+    no EOS or newline, and the generation budget leaves room for the answer and its EOS."""
+    from elasticmoe.data import tokenize_docs
+
+    for task in STRUCTURED_TASKS:
+        examples = corpus.docs["test"][task]
+        budget = answer_budget([split_prompt_answer(task, e)[1] for e in examples])
+        trained = tokenize_docs(tokenizer, examples).tolist()
+        pos = 0
+        for example in examples:
+            prompt, answer = split_prompt_answer(task, example)
+            p, a = tokenizer.encode(prompt), tokenizer.encode(answer)
+            assert trained[pos : pos + len(p) + len(a) + 1] == p + a + [tokenizer.eos_id]
+            pos += len(p) + len(a) + 1
+            assert "\n" not in answer and EOS_TOKEN not in answer and answer[:1].isdigit()
+            assert len(a) + 1 <= budget

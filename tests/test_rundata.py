@@ -55,3 +55,43 @@ def test_training_on_user_text_files(tmp_path):
     train(r, tmp_path / "run", progress=False)
     data = load_run_data(tmp_path / "run", r)
     assert set(data.tokens) == {"train", "val", "search", "test"} and list(data.tokens["train"]) == ["text"]
+
+
+def test_default_data_batches_follow_the_default_mix(tmp_path):
+    import json
+
+    import pytest
+
+    from elasticmoe.config import ConfigError
+    from elasticmoe.data import DEFAULT_TASK_WEIGHTS
+    from elasticmoe.rundata import prepare_run_data
+
+    r = load_recipe("micro", ["model.max_seq_len=128", "data.seq_len=128"])
+    data = prepare_run_data(r, tmp_path / "run")
+    assert data.task_weights == DEFAULT_TASK_WEIGHTS
+    batches = data.train_batches(8, 0)
+    rows = batches.rows_at(0)
+    assert rows == {t: round(w * 8) for t, w in DEFAULT_TASK_WEIGHTS.items()}
+    x, y = next(batches)
+    assert x.shape == (8, 128) and torch_equal(x[:, 1:], y[:, :-1])
+    first = 0
+    for task, n in rows.items():
+        for row in x[first : first + n]:
+            text = data.tokenizer.decode(row.tolist())
+            if task in ("kv", "arith", "sort"):  # documents < 128 tokens: windows start at a document boundary
+                assert text.startswith(f"<|endoftext|>{task}: "), text[:40]
+            elif task == "find":
+                assert "find: " in text or " ? " in text
+        first += n
+    assert data.train_batches(8, 0, task_weights={"kv": 1.0}).rows_at(5) == {"kv": 8}
+    # a run folder prepared before the corpus changed (no corpus_version) is refused, not reused
+    ready = tmp_path / "run" / "data" / "ready"
+    ident = json.loads(ready.read_text())
+    ident.pop("corpus_version")
+    ready.write_text(json.dumps(ident) + "\n")
+    with pytest.raises(ConfigError, match="other data settings"):
+        prepare_run_data(r, tmp_path / "run")
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
