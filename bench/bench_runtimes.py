@@ -22,6 +22,7 @@ import torch
 
 from elasticmoe.checkpoint import load_model
 from elasticmoe.config import ModelConfig
+from elasticmoe.data import build_default_corpus
 from elasticmoe.extract import extract_to_folder
 from elasticmoe.gguf_export import LlamaCpp, export_gguf
 from elasticmoe.hf import export_hf
@@ -33,7 +34,7 @@ from elasticmoe.tokenizer import train_tokenizer
 
 def build_child(work: Path, spec: str) -> Path:
     recipe = load_recipe("tiny")
-    texts = [f"document {i}: " + " ".join(str(j * i) for j in range(40)) for i in range(400)]
+    texts = build_default_corpus(seed=0, scale=0.2).texts("train")
     tok = train_tokenizer(texts, recipe.model.vocab_size, work / "tok")
     config = ModelConfig(**{**recipe.model.to_dict(), "vocab_size": tok.vocab_size})
     torch.manual_seed(0)

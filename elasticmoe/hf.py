@@ -71,9 +71,11 @@ PROMPT_CONVENTION = (
     "`elasticmoe eval` feeds `[<|endoftext|>] + tokens(prompt)`; the exported tokenizer adds it by itself "
     "whenever special tokens are added (`tokenizer(text)`, `pipeline(...)`: transformers' default), and so "
     "does llama.cpp (`add_bos_token = true` in the GGUF), so a stock `pipeline` answers as `elasticmoe eval` "
-    "does. lm-evaluation-harness encodes without special tokens, so the task files of `elasticmoe "
-    "lm-eval-tasks` write `<|endoftext|>` at the start of each context (do not also pass "
-    "`add_bos_token=True`). Generation ends at `<|endoftext|>`; `<|pad|>` (its own id) pads batches."
+    "does. lm-evaluation-harness: pass `add_bos_token=False` in `--model_args` (0.4.13 otherwise takes the "
+    "tokenizer's default and scores the added `<|endoftext|>` of every text document as text); the task "
+    "files of `elasticmoe lm-eval-tasks` write `<|endoftext|>` at the start of each context and the harness "
+    "puts it before each text document itself. Generation ends at `<|endoftext|>`; `<|pad|>` (its own id) "
+    "pads batches."
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

@@ -22,5 +22,5 @@ def test_task_folder_states_counts_command_and_convention(tmp_path):
         assert yaml.safe_load(path.read_text())["metadata"]["examples"] == n
         assert f"| {name} | {n} |" in readme
     assert "`elasticmoe eval --examples 7` scores" in readme
-    assert f"--include_path {tmp_path}" in readme and "lm-eval[hf]" in readme
+    assert f"--include_path {tmp_path}" in readme and "lm-eval[hf]" in readme and "add_bos_token=False" in readme
     assert PROMPT_CONVENTION in readme

@@ -13,9 +13,11 @@ exported child (`elasticmoe.hf.export_hf`):
 * the same examples: `select_examples(docs, max_examples)` as `evaluate` does, so
   `--examples 100` (the default of `elasticmoe eval` and of the pipeline's eval) reproduces
   `eval/*.json`; each task's `metadata.examples` states the count;
-* the same prompt convention (`hf.PROMPT_CONVENTION`): the harness's `hf` model encodes contexts
-  without special tokens, so the context is written as `<|endoftext|>` + prompt (the special
-  token is parsed from the text), exactly the ids `evaluate` feeds;
+* the same prompt convention (`hf.PROMPT_CONVENTION`): with `add_bos_token=False` in
+  `--model_args` the harness's `hf` model encodes without special tokens (the exported tokenizer
+  would otherwise add `<|endoftext|>` and the harness score it as part of every text document),
+  so the context is written as `<|endoftext|>` + prompt (the special token is parsed from the
+  text), exactly the ids `evaluate` feeds;
 * structured tasks (`kv`, `arith`, `sort`): `generate_until`, context `<|endoftext|>` + prompt,
   greedy, stop at a newline or EOS, `max_gen_toks` = `evaluate.answer_budget`, metric
   `exact_match` (plain string equality, no normalisation);
@@ -28,7 +30,7 @@ exported child: the harness's `bits_per_byte` equals ours to 1e-6 and its genera
 greedy continuations string for string. The command:
 
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
-        --model_args pretrained=HF_DIR,dtype=float32 \\
+        --model_args pretrained=HF_DIR,dtype=float32,add_bos_token=False \\
         --tasks elasticmoe --include_path TASK_DIR --device cpu --batch_size 8 \\
         --output_path OUT --log_samples
 
@@ -152,7 +154,7 @@ Run them offline on an exported model folder (`elasticmoe export CHILD --format 
 ```bash
 pip install 'elasticmoe[eval]'   # lm-eval[hf]: plain lm-eval lacks transformers
 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
-    --model_args pretrained=HF_DIR,dtype=float32 \\
+    --model_args pretrained=HF_DIR,dtype=float32,add_bos_token=False \\
     --tasks {GROUP} --include_path {out} --device cpu --batch_size 8
 ```
 
