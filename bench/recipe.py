@@ -49,6 +49,7 @@ RECIPES: dict[str, list[str]] = {
     "warm30-kd": ["distill.subnet_weight=1", "distill.ce_weight=0", "sampling.full_fraction=0.3"],
     "warm30-light": ["distill.subnet_weight=0.5", "distill.ce_weight=0", "sampling.full_fraction=0.3"],
     "warm50-kd": ["distill.subnet_weight=1", "distill.ce_weight=0", "sampling.full_fraction=0.5"],
+    "warm50-light": ["distill.subnet_weight=0.5", "distill.ce_weight=0", "sampling.full_fraction=0.5"],
 }
 # Fixed child shapes, measured zero-shot in every elastic parent and trained alone as twins.
 CHILDREN = {
@@ -179,7 +180,8 @@ def report(results: list[dict], out_md: Path | None, command: str) -> str:
         lines.append(
             f"| {arm} | {fmt(text)} | {fmt(ratio(arm, sub, 'parent', 'text'), True) if arm in RECIPES else '-'} | "
             f"{fmt(ratio(arm, sub, 'parent', None), True) if arm in RECIPES else '-'} | "
-            f"{statistics.fmean(flops):.2f}x | {statistics.fmean(r['seconds'] for r in rs):.0f} |"
+            f"{statistics.fmean(flops) if flops else float('nan'):.2f}x | "
+            f"{statistics.fmean(r['seconds'] for r in rs):.0f} |"
         )
     lines += [
         "",
