@@ -568,7 +568,7 @@ def export_gguf(
     record.setdefault("name", Path(out_dir).name)
     record["out"] = str(out_dir)
     record["gguf"] = {"arch": _llama_arch(architecture_for(model.config)), "qtype": qtype, "pre": PRE_TOKENIZER}
-    source_of_tokens = "held-out tokens of the run"
+    source_of_tokens = "token ids given by the caller (held-out ones of the run from `elasticmoe export`)"
     if verify_tokens is None:
         g = torch.Generator().manual_seed(0)
         length = min(64, model.config.max_seq_len)

@@ -46,6 +46,7 @@ headers before any tensor is read or the model is allocated). Imported weights b
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -311,7 +312,9 @@ def export_hf(
 
     record.setdefault("name", Path(out_dir).name)
     record["out"] = str(out_dir)
-    tokens_note = "held-out tokens of the run"
+    if verify and importlib.util.find_spec("transformers") is None:
+        raise HFError("checking an export loads it in transformers: pip install 'elasticmoe[hf]' (or verify=False)")
+    tokens_note = "token ids given by the caller (held-out ones of the run from `elasticmoe export`)"
     if verify and verify_tokens is None:
         length = min(64, model.config.max_seq_len)
         verify_tokens = torch.randint(
