@@ -83,7 +83,7 @@ def _usage(folder_hint: str, gguf_file: str | None) -> list[str]:
             f'tok = AutoTokenizer.from_pretrained("{folder_hint}")',
             f'model = AutoModelForCausalLM.from_pretrained("{folder_hint}", dtype="float32")',
             'gen = pipeline("text-generation", model=model, tokenizer=tok)',
-            'print(gen("k3=v7 k9=v2 k3=", max_new_tokens=8, do_sample=False)[0]["generated_text"])',
+            'print(gen("kv: a=12 b=7 ? b=7 ? a=", max_new_tokens=8, do_sample=False)[0]["generated_text"])',
             "```",
             "",
             "llama.cpp: `elasticmoe export CHILD --format gguf --out DIR` writes a GGUF of the same child, checked "
@@ -94,7 +94,7 @@ def _usage(folder_hint: str, gguf_file: str | None) -> list[str]:
             "llama.cpp:",
             "",
             "```bash",
-            f'llama-cli -m {gguf_file} -p "k3=v7 k9=v2 k3=" -n 8 --temp 0',
+            f'llama-cli -m {gguf_file} -p "kv: a=12 b=7 ? b=7 ? a=" -n 8 --temp 0',
             "```",
             "",
             f"Python: `xllamacpp` or `llama-cpp-python` load `{gguf_file}` like any GGUF.",
