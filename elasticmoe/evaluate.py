@@ -11,11 +11,13 @@ What `evaluate` measures (every number has a unit and a formula):
   once. This is lm-evaluation-harness' `loglikelihood_rolling` scheme (context_len 1), so its
   `bits_per_byte` on an exported model equals ours. Also reported: nats per token and perplexity
   = exp(nats per token). CI: percentile bootstrap over documents (seeded), ratio of sums.
-* tasks `kv`, `arith`, `sort` (structured): **exact match** accuracy. The prompt is fed as
+* tasks `kv`, `arith`, `sort`, `find` (structured): **exact match** accuracy. The prompt is fed as
   `[EOS] + encode(prompt)` (`data.split_prompt_answer`), the model's KV-cached `generate` runs
-  greedily (temperature 0) for `answer_budget` tokens (longest answer in UTF-8 bytes + 4, an
-  upper bound on its tokens), the continuation is cut at the first EOS or newline and compared
-  with the answer as strings. Prompts of equal token length are batched (exact: no padding).
+  greedily (temperature 0) until EOS or for `answer_budget` tokens (longest answer in UTF-8 bytes
+  + 4, an upper bound on its tokens), the continuation is cut at the first EOS or newline and
+  compared with the answer as strings. Training documents are `prompt + answer + EOS` and answers
+  hold no newline or EOS, so the answer's end is unambiguous (tests/test_evaluate.py checks it).
+  Prompts of equal token length are batched (exact: no padding).
   CI: Wilson score interval (Wilson 1927) at 95%.
 * `<task>/answer-loss` for each structured task: teacher-forced nats per token of the reference
   answer given `[EOS] + prompt` (mean over examples, bootstrap CI). Exact match stays at 0 until a
