@@ -276,8 +276,9 @@ class StratifiedBatches:
     so the mix differs from step to step by at most one row per task (none with weights in
     multiples of 1/batch_size, as the default). Weights None: shares of the tokens.
 
-    Ranks: every rank's batch has the same rows per task; a global step takes rows * world_size
-    windows of each task, and rank r the r-th block of them. Each task walks its windows in a
+    Ranks: the mix is set for the global batch (batch_size * world_size rows, task by task) and rank
+    r takes its r-th block of batch_size rows, so N ranks see exactly the rows of one process with
+    an N times larger batch. Each task walks its windows in a
     permutation seeded by (seed, task index, epoch); a partial block at the end of an epoch is
     skipped. State: {"step", "seed", "tasks": {task: {"epoch", "position", "windows"}}}, positions
     counting global windows, so a resume may change world_size or batch_size.
@@ -310,7 +311,7 @@ class StratifiedBatches:
         if problems:
             raise ConfigError("; ".join(problems))
         total = sum(weights[t] for t in tasks)
-        shares = np.array([weights[t] / total * batch_size for t in tasks])
+        shares = np.array([weights[t] / total * batch_size * world_size for t in tasks])  # of the global batch
         self.tasks, self.base = tasks, np.floor(shares + 1e-9).astype(np.int64)
         self.frac = np.clip(shares - self.base, 0.0, None)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
@@ -322,7 +323,7 @@ class StratifiedBatches:
             head = np.asarray([eos_id], dtype=arrays[task].dtype)
             stream = np.concatenate([head, *(docs[j] for j in order)])
             self.streams[task], self.starts[task] = stream, aligned_starts(stream, eos_id, seq_len)
-            need = (int(self.base[i]) + (self.frac[i] > 0)) * world_size
+            need = int(self.base[i]) + (self.frac[i] > 0)
             if len(self.starts[task]) < max(need, 1):
                 raise ConfigError(
                     f"data too small: task {task!r} has {len(self.starts[task])} windows of {seq_len + 1} tokens, "
@@ -335,9 +336,9 @@ class StratifiedBatches:
         logger.info("batches: rows per step %s", {t: round(float(x), 3) for t, x in zip(tasks, shares)})
 
     def rows_at(self, step: int) -> dict[str, int]:
-        """Rows of each task in every rank's batch at `step` (sums to batch_size)."""
+        """Rows of each task in the global batch at `step` (sums to batch_size * world_size)."""
         rows = self.base.copy()
-        extra = int(round(self.batch_size - rows.sum()))
+        extra = int(round(self.batch_size * self.world_size - rows.sum()))
         if extra > 0:
             cum = np.cumsum(self.frac)
             cum *= extra / cum[-1]
@@ -356,21 +357,20 @@ class StratifiedBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = []
+        chosen: list[tuple[str, int]] = []  # the global batch: (task, window), task by task
         for i, (task, n) in enumerate(self.rows_at(self.step).items()):
             if n == 0:
                 continue
-            count, need = len(self.starts[task]), n * self.world_size
-            if self.positions[task] + need > count:
+            if self.positions[task] + n > len(self.starts[task]):
                 self.epochs[task] += 1
                 self.positions[task] = 0
                 self._perms.pop(task, None)
-            begin = self.positions[task] + self.rank * n
-            stream, starts = self.streams[task], self.starts[task]
-            for w in self._perm(i, task)[begin : begin + n]:
-                parts.append(stream[starts[w] : starts[w] + self.seq_len + 1])
-            self.positions[task] += need
+            pos = self.positions[task]
+            chosen += [(task, int(w)) for w in self._perm(i, task)[pos : pos + n]]
+            self.positions[task] += n
         self.step += 1
+        mine = chosen[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        parts = [self.streams[t][self.starts[t][w] : self.starts[t][w] + self.seq_len + 1] for t, w in mine]
         rows = torch.from_numpy(np.stack(parts).astype(np.int64))
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
