@@ -17,6 +17,8 @@ run's ledger, so recipes that train fewer sub-networks per step show it.
     OMP_NUM_THREADS=1 python bench/recipe.py --preset tiny --seeds 0 1 --out bench/recipe-runs/tiny
     python bench/recipe.py --out bench/recipe-runs/tiny --report bench/RECIPE.md
 
+(results of the recorded ablation: bench/recipe-results/*.jsonl, one JSON line per arm and seed)
+
 Runs are resumable: a finished (arm, seed) is skipped, so the command can be re-run after a stop.
 """
 
@@ -137,6 +139,8 @@ def report(results: list[dict], out_md: Path | None, command: str) -> str:
             return "n/a"
         m = statistics.fmean(vals)
         spread = (max(vals) - min(vals)) / 2
+        if len(vals) == 1:  # no spread to show: say so instead of a misleading ± 0
+            return f"{100 * m:+.1f}% (1 seed)" if pct else f"{m:.3f} (1 seed)"
         if pct:
             return f"{100 * m:+.1f}% ± {100 * spread:.1f}"
         return f"{m:.3f} ± {spread:.3f}"
@@ -163,7 +167,7 @@ def report(results: list[dict], out_md: Path | None, command: str) -> str:
         "",
         "## Parent",
         "",
-        "| arm | text loss | text vs alone | all-task mean vs alone | train FLOPs vs alone | wall s |",
+        "| arm | text loss | text vs alone | all-task mean vs alone | train FLOPs vs alone | wall s (shared machine) |",
         "|---|---|---|---|---|---|",
     ]
     alone_rows = [("alone:parent", "parent")]
@@ -212,7 +216,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=None, help="recipes and alone:<spec>; default: all")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps (smoke runs)")
     ap.add_argument("--windows", type=int, default=64, help="test windows per task")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="run folders and results.jsonl")
+    ap.add_argument("--results", type=Path, nargs="*", default=None, help="--report: results files (default OUT's)")
     ap.add_argument("--report", type=Path, default=None, help="write the Markdown table here and stop")
     ap.add_argument("--keep", action="store_true", help="keep the run folders")
     args = ap.parse_args()
@@ -221,6 +226,8 @@ def main() -> None:
     results_path = args.out / "results.jsonl"
     results = [json.loads(x) for x in results_path.read_text().splitlines()] if results_path.exists() else []
     if args.report:
+        if args.results:
+            results = [json.loads(x) for f in args.results for x in f.read_text().splitlines()]
         cmd = (args.out / "command.txt").read_text().strip() if (args.out / "command.txt").exists() else "?"
         print(report(results, args.report, cmd))
         return

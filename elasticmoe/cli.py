@@ -197,6 +197,12 @@ def cmd_export(args) -> int:
 
     src = model_folder(args.model_dir)
     check_separate(args.out, [src])
+    if args.format == "gguf":
+        from .gguf_export import export_gguf, gguf_summary, held_out_tokens
+
+        rec = export_gguf(src, Path(args.out), qtype=args.gguf_type, verify_tokens=held_out_tokens(src))
+        print(gguf_summary(rec, args.out))
+        return 0
     tokens = None
     try:
         from .phases import parent_run_of
@@ -396,6 +402,12 @@ def cmd_baseline(args) -> int:
     from .phases import baseline
 
     _require(all(v is None or v >= 1 for v in (args.tokens, args.steps)), "--tokens / --steps must be >= 1")
+    _require(
+        args.method == "expert-prune" or args.tokens is not None or args.steps is not None,
+        f"baseline --method {args.method} needs a budget: --tokens or --steps",
+    )
+    _require(args.method == "dense-parent" or bool(args.arch), f"baseline --method {args.method} needs --arch")
+    _finite(args.lr, 0, "--lr")
     with lock(args.run_dir, "baseline"):
         out = baseline(
             args.run_dir,
@@ -405,8 +417,12 @@ def cmd_baseline(args) -> int:
             name=args.name,
             progress=not args.quiet,
             resume=args.resume,
+            method=args.method,
+            dense=args.dense,
+            lr=args.lr,
         )
-    print(f"baseline trained from scratch -> {out / 'parent'} (recorded in {Path(args.run_dir) / 'ledger.jsonl'})")
+    model = {"prune-distill": "distilled/model", "expert-prune": "pruned"}.get(args.method, "parent")
+    print(f"baseline ({args.method}) -> {out / model} (recorded in {Path(args.run_dir) / 'ledger.jsonl'})")
     return 0
 
 
@@ -564,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a model folder in another tool's format")
     p.add_argument("model_dir")
-    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="transformers folder or llama.cpp GGUF")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF tensor type")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
@@ -596,10 +613,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("baseline", help="train an architecture from scratch on the run's data (the denominator)")
+    p = sub.add_parser("baseline", help="a measured alternative to an elastic child (scratch is the denominator)")
     p.add_argument("run_dir")
-    p.add_argument("--arch", required=True, help="Subnet spec of the parent, or a model config file")
-    budget = p.add_mutually_exclusive_group(required=True)
+    p.add_argument(
+        "--method",
+        choices=["scratch", "dense-parent", "prune-distill", "expert-prune"],
+        default="scratch",
+        help="scratch: --arch from scratch; dense-parent: the parent's architecture trained normally; "
+        "prune-distill / expert-prune: the dense parent pruned to --arch's shape (and distilled for the budget)",
+    )
+    p.add_argument("--arch", help="Subnet spec of the parent, or a model config file (not for dense-parent)")
+    p.add_argument("--dense", default="dense-parent", help="baselines/ folder of the dense parent to prune")
+    p.add_argument("--lr", type=float, default=1e-3, help="prune-distill: the distillation learning rate")
+    budget = p.add_mutually_exclusive_group(required=False)
     budget.add_argument("--tokens", type=int)
     budget.add_argument("--steps", type=int)
     p.add_argument("--name", help="folder name under RUN_DIR/baselines/")

@@ -568,15 +568,3 @@ def _load_hf_dataset(path: Path, text_field: str) -> list[str]:
             raise ConfigError(f"{path}: no column {text_field!r} (columns: {part.column_names})")
         docs.extend(str(t) for t in part[text_field] if t is not None)
     return docs
-
-
-# token arrays live in tokens.py; re-exported here, where callers have always found them
-from .tokens import (  # noqa: E402,F401
-    BatchIterator,
-    TokenShards,
-    eval_windows,
-    mix_tasks,
-    token_dtype,
-    tokenize_docs,
-    write_token_shard,
-)

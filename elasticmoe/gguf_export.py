@@ -24,7 +24,7 @@ pre-tokenizer type `refact`: llama.cpp splits every digit alone and then applies
 regex, which is exactly our pipeline (`tokenizers`' `Digits(individual_digits=True)` then the
 GPT-2 byte-level regex). `verify_gguf` checks it on text: identical ids or the export fails.
 
-Prompt convention (see `hf.PROMPT_CONVENTION`): every sequence starts with `<|endoftext|>`,
+Prompt convention (see `tokenizer.PROMPT_CONVENTION`): every sequence starts with `<|endoftext|>`,
 which is BOS; the GGUF says `add_bos_token = true`, so llama.cpp prepends it like our eval does.
 
 Verification (`verify_gguf`) runs the written file in llama.cpp, the library inside the prebuilt
@@ -49,7 +49,7 @@ import torch
 
 from . import checkpoint
 from .config import ConfigError, ModelConfig
-from .hf import HFError, architecture_for
+from .hf import ARCHITECTURES, HFError, architecture_for
 from .model import ElasticMoE
 
 log = logging.getLogger(__name__)
@@ -587,7 +587,16 @@ def export_gguf(
             check["tokens"] = source_of_tokens
             check["seconds"] = round(time.perf_counter() - started, 2)
             record["gguf_verification"] = check
-        (tmp / "README.md").write_text(model_card(model, record, gguf_file=file.name), encoding="utf-8")
+        (tmp / "README.md").write_text(
+            model_card(
+                model,
+                record,
+                architecture_for(model.config),
+                ARCHITECTURES[architecture_for(model.config)],
+                gguf_file=file.name,
+            ),
+            encoding="utf-8",
+        )
         checkpoint.write_json(tmp / "export.json", record)
     log.info("exported GGUF (%s, %s) to %s", record["gguf"]["arch"], qtype, out_dir)
     return record

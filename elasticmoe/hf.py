@@ -29,7 +29,7 @@ Conventions fixed by this mapping (each is what both sides compute; the parity t
   written for;
 * tokens: `<|endoftext|>` is bos and eos, `<|pad|>` pads (older tokenizers: `<|endoftext|>`);
   tokenizer class `PreTrainedTokenizerFast`, `model_max_length` = the model's context; the prompt
-  convention is `PROMPT_CONVENTION`.
+  convention is `tokenizer.PROMPT_CONVENTION`.
 
 What the stock architectures cannot express, we refuse to export (with the reason): a shared
 expert, and per-layer heterogeneous expert counts, top-k or widths (`layer_shapes`). The parent's
@@ -66,18 +66,6 @@ DEFAULT_THETA = {MIXTRAL: 1_000_000.0, QWEN3_MOE: 10_000.0}  # transformers' def
 DEFAULT_EPS = {MIXTRAL: 1e-5, QWEN3_MOE: 1e-6}
 SPECIAL_TOKEN = "<|endoftext|>"
 # The one statement of how prompts are fed, quoted by the model cards and the lm-eval adapter.
-PROMPT_CONVENTION = (
-    "Every sequence starts with `<|endoftext|>`, which serves as BOS: the model was trained on documents "
-    "separated by `<|endoftext|>` (EOS), so the token before a document is always that one. "
-    "`elasticmoe eval` feeds `[<|endoftext|>] + tokens(prompt)`; the exported tokenizer adds it by itself "
-    "whenever special tokens are added (`tokenizer(text)`, `pipeline(...)`: transformers' default), and so "
-    "does llama.cpp (`add_bos_token = true` in the GGUF), so a stock `pipeline` answers as `elasticmoe eval` "
-    "does. lm-evaluation-harness: pass `add_bos_token=False` in `--model_args` (0.4.13 otherwise takes the "
-    "tokenizer's default and scores the added `<|endoftext|>` of every text document as text); the task "
-    "files of `elasticmoe lm-eval-tasks` write `<|endoftext|>` at the start of each context and the harness "
-    "puts it before each text document itself. Generation ends at `<|endoftext|>`; `<|pad|>` (its own id) "
-    "pads batches."
-)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -335,7 +323,9 @@ def export_hf(
         else:
             record["hf_verification"] = {"skipped": "verify=False"}
         checkpoint.write_json(tmp / "config.json", hf_config(model.config, model_type, dtype, token_id, record, pad_id))
-        (tmp / "README.md").write_text(model_card(model, record), encoding="utf-8")
+        (tmp / "README.md").write_text(
+            model_card(model, record, model_type, ARCHITECTURES[model_type]), encoding="utf-8"
+        )
     log.info("exported %s to %s", ARCHITECTURES[model_type], out_dir)
     return record
 
@@ -375,7 +365,6 @@ def _verify_folder(model: ElasticMoE, folder: Path, tokens: torch.Tensor, tolera
 
 __all__ = [
     "ARCHITECTURES",
-    "PROMPT_CONVENTION",
     "HFError",
     "architecture_for",
     "expected_shapes",

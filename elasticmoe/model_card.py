@@ -8,7 +8,7 @@ One card for both export formats (`hf.export_hf`, `gguf_export.export_gguf`). It
   meta): tokens, FLOPs and device-seconds of parent training, search, this child's extraction
   and fine-tuning, summed by `Ledger.totals`;
 * evaluation, when the run has `eval/*.json` results for a model of this name;
-* the prompt convention (`hf.PROMPT_CONVENTION`) and how to run the model in transformers and
+* the prompt convention (`tokenizer.PROMPT_CONVENTION`) and how to run the model in transformers and
   in llama.cpp.
 """
 
@@ -71,7 +71,7 @@ def eval_rows(run: Path, names: list[str]) -> list[tuple[str, str, str, dict[str
 
 
 def _usage(folder_hint: str, gguf_file: str | None) -> list[str]:
-    from .hf import PROMPT_CONVENTION
+    from .tokenizer import PROMPT_CONVENTION
 
     lines = ["## Prompt convention", "", PROMPT_CONVENTION, "", "## How to run it", ""]
     if gguf_file is None:
@@ -102,13 +102,12 @@ def _usage(folder_hint: str, gguf_file: str | None) -> list[str]:
     return lines
 
 
-def model_card(model: ElasticMoE, record: dict[str, Any], gguf_file: str | None = None) -> str:
-    """README.md text for an export of `model` whose provenance is `record`."""
-    from .hf import ARCHITECTURES, architecture_for
-
+def model_card(
+    model: ElasticMoE, record: dict[str, Any], model_type: str, arch: str, gguf_file: str | None = None
+) -> str:
+    """README.md text for an export of `model` whose provenance is `record`; `model_type` and `arch`
+    are the transformers names the export uses (hf.architecture_for, hf.ARCHITECTURES)."""
     c = model.config
-    model_type = architecture_for(c)
-    arch = ARCHITECTURES[model_type]
     k = cost(c)
     fmt = f"GGUF `{gguf_file}` (llama.cpp arch `{record['gguf']['arch']}`)" if gguf_file else f"transformers `{arch}`"
     lines = [

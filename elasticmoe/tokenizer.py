@@ -4,7 +4,7 @@ Why byte-level BPE: every string (any unicode, any whitespace) maps to tokens an
 so a model trained here can be evaluated by exact match on generated text and exported to
 transformers without a lossy conversion. Special tokens: `<|endoftext|>` ends every document
 (EOS) and, since the token before any document in training is the previous one's EOS, also
-serves as BOS (the prompt convention, `hf.PROMPT_CONVENTION`); `<|pad|>` pads batches and never
+serves as BOS (the prompt convention, `PROMPT_CONVENTION`); `<|pad|>` pads batches and never
 occurs in the data, so a pad can never be mistaken for a BOS/EOS (an attention mask inferred from
 pad positions stays right). Tokenizers trained before `<|pad|>` existed load as they are and pad
 with `<|endoftext|>`.
@@ -47,6 +47,20 @@ PAD_TOKEN = "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 258  # 256 byte symbols + EOS + PAD
 MAX_VOCAB_SIZE = 2**32 - 1  # token ids must fit the uint32 shards of elasticmoe.data
+
+
+PROMPT_CONVENTION = (
+    "Every sequence starts with `<|endoftext|>`, which serves as BOS: the model was trained on documents "
+    "separated by `<|endoftext|>` (EOS), so the token before a document is always that one. "
+    "`elasticmoe eval` feeds `[<|endoftext|>] + tokens(prompt)`; the exported tokenizer adds it by itself "
+    "whenever special tokens are added (`tokenizer(text)`, `pipeline(...)`: transformers' default), and so "
+    "does llama.cpp (`add_bos_token = true` in the GGUF), so a stock `pipeline` answers as `elasticmoe eval` "
+    "does. lm-evaluation-harness: pass `add_bos_token=False` in `--model_args` (0.4.13 otherwise takes the "
+    "tokenizer's default and scores the added `<|endoftext|>` of every text document as text); the task "
+    "files of `elasticmoe lm-eval-tasks` write `<|endoftext|>` at the start of each context and the harness "
+    "puts it before each text document itself. Generation ends at `<|endoftext|>`; `<|pad|>` (its own id) "
+    "pads batches."
+)
 
 
 class Tokenizer:

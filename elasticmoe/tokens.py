@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .data import _expand, _task_order
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ def mix_tasks(
         raise ConfigError("; ".join(problems))
     total = total_tokens if total_tokens is not None else sum(len(a) for a in arrays.values())
     norm = sum(weights.get(t, 0.0) for t in arrays if len(arrays[t]))
-    from .data import _task_order  # data.py re-exports this module: import at call time
 
     rng = np.random.default_rng([seed, 7])
     chosen: list[np.ndarray] = []
@@ -122,7 +122,6 @@ class TokenShards:
     def __init__(
         self, paths: Sequence[str | Path] | str, dtype: str | None = None, vocab_size: int | None = None
     ) -> None:
-        from .data import _expand  # data.py re-exports this module: import at call time
 
         if isinstance(paths, (str, Path)):
             paths = [paths]
@@ -296,7 +295,6 @@ class StratifiedBatches:
         *,
         eos_id: int,
     ) -> None:
-        from .data import _task_order  # data.py re-exports this module: import at call time
 
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ConfigError(f"seq_len={seq_len!r} must be a positive integer")

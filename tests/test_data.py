@@ -16,25 +16,28 @@ from elasticmoe.data import (
     SEPARATORS,
     SPLITS,
     STRUCTURED_TASKS,
-    BatchIterator,
     Corpus,
     TaskSpec,
-    TokenShards,
     _rng,
     build_default_corpus,
     build_structured,
     corpus_from_texts,
-    eval_windows,
     example_bucket,
     generate_examples,
     hash_split,
     load_user_texts,
-    mix_tasks,
     split_prompt_answer,
+)
+from elasticmoe.tokens import (
+    BatchIterator,
+    StratifiedBatches,
+    TokenShards,
+    aligned_starts,
+    eval_windows,
+    mix_tasks,
     tokenize_docs,
     write_token_shard,
 )
-from elasticmoe.tokens import StratifiedBatches, aligned_starts
 
 
 @pytest.fixture(scope="module")

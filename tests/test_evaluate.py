@@ -66,8 +66,18 @@ def tokenizer(corpus):
 
 
 def tiny_config(vocab: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, d_model=16, layers=2, heads=2, kv_heads=1, head_dim=8, experts=4,
-                       top_k=2, expert_width=16, max_seq_len=MAX_LEN)
+    return ModelConfig(
+        vocab_size=vocab,
+        d_model=16,
+        layers=2,
+        heads=2,
+        kv_heads=1,
+        head_dim=8,
+        experts=4,
+        top_k=2,
+        expert_width=16,
+        max_seq_len=MAX_LEN,
+    )
 
 
 class Scripted(ElasticMoE):
@@ -136,8 +146,10 @@ def test_exact_match_right_wrong_half(corpus, tokenizer) -> None:
         "constant": Scripted(V, None, eos),  # uniform logits: argmax is id 0, never an answer
         "zeros": Scripted(V, {}, digit_id(tokenizer)),  # "0000..." and never stops
     }
-    scores = {name: evaluate(m, corpus, tokenizer, tasks=list(STRUCTURED_TASKS), name=name)["tasks"]
-              for name, m in models.items()}
+    scores = {
+        name: evaluate(m, corpus, tokenizer, tasks=list(STRUCTURED_TASKS), name=name)["tasks"]
+        for name, m in models.items()
+    }
     for task in STRUCTURED_TASKS:
         n = len(corpus.docs["test"][task])
         assert scores["oracle"][task]["score"] == 1.0 and scores["oracle"][task]["n"] == n
@@ -153,8 +165,9 @@ def test_exact_match_right_wrong_half(corpus, tokenizer) -> None:
 
 
 def test_max_examples_are_evenly_spaced_and_shared(corpus, tokenizer) -> None:
-    model = Scripted(tokenizer.vocab_size, answering(tokenizer, corpus, lambda i, a: a if i < 20 else "x"),
-                     tokenizer.eos_id)
+    model = Scripted(
+        tokenizer.vocab_size, answering(tokenizer, corpus, lambda i, a: a if i < 20 else "x"), tokenizer.eos_id
+    )
     r = evaluate(model, corpus, tokenizer, tasks=["sort"], max_examples=10)["tasks"]["sort"]
     assert r["n"] == 10 and r["score"] == pytest.approx(0.5)  # 40 examples, first half right: 5 of 10
 
@@ -276,10 +289,12 @@ def test_bootstrap_ratio_ci() -> None:
 
 # -- retention -----------------------------------------------------------------------------------
 def fake_result(kv: float, bpb: float) -> dict:
-    return {"tasks": {
-        "kv": {"metric": "exact_match", "score": kv, "ci": [0, 1], "n": 10, "higher_is_better": True},
-        "text": {"metric": "bits_per_byte", "score": bpb, "ci": [0, 9], "n": 4, "higher_is_better": False},
-    }}
+    return {
+        "tasks": {
+            "kv": {"metric": "exact_match", "score": kv, "ci": [0, 1], "n": 10, "higher_is_better": True},
+            "text": {"metric": "bits_per_byte", "score": bpb, "ci": [0, 9], "n": 4, "higher_is_better": False},
+        }
+    }
 
 
 def test_retention_from_raw_scores() -> None:
@@ -291,8 +306,12 @@ def test_retention_from_raw_scores() -> None:
 
 
 def test_retention_table_plot_and_files(tmp_path) -> None:
-    results = {"parent": fake_result(0.8, 2.0), "a": fake_result(0.4, 4.0), "a-ft": fake_result(0.6, 2.5),
-               "b": fake_result(0.8, 2.0)}
+    results = {
+        "parent": fake_result(0.8, 2.0),
+        "a": fake_result(0.4, 4.0),
+        "a-ft": fake_result(0.6, 2.5),
+        "b": fake_result(0.8, 2.0),
+    }
     rows = retention_table(results)
     by = {(r["child"], r["task"]): r for r in rows}
     assert set(by) == {("a", "kv"), ("a", "text"), ("b", "kv"), ("b", "text")}
@@ -325,9 +344,12 @@ def test_pairwise_ratings_rank_better_models_higher(corpus, tokenizer) -> None:
     seqs = []
     for _, prompt, cont in examples:
         p = tokenizer.encode(prompt)
-        seqs.append([eos] + p + tokenizer.encode(prompt + cont)[len(p):])
-    models = {"oracle": Scripted(V, script(tokenizer, seqs), eos), "uniform": Scripted(V, None, 0),
-              "wrong": Scripted(V, {}, digit_id(tokenizer, "9"), confidence=20.0)}
+        seqs.append([eos] + p + tokenizer.encode(prompt + cont)[len(p) :])
+    models = {
+        "oracle": Scripted(V, script(tokenizer, seqs), eos),
+        "uniform": Scripted(V, None, 0),
+        "wrong": Scripted(V, {}, digit_id(tokenizer, "9"), confidence=20.0),
+    }
     out = pairwise_ratings(models, examples, tokenizer, n_boot=50)
     r = out["ratings"]
     assert r["oracle"]["rating"] > r["uniform"]["rating"] > r["wrong"]["rating"]
@@ -379,12 +401,23 @@ def test_lm_eval_harness_reproduces_our_numbers(corpus, tokenizer, tmp_path) -> 
     model = ElasticMoE(replace(tiny_config(tokenizer.vocab_size), max_seq_len=128))
     tokenizer.save(tmp_path / "tok")
     export_hf(model, tmp_path / "hf", tokenizer_path=tmp_path / "tok" / "tokenizer.json")
-    small = Corpus({"test": {"text": SHORT_TEXTS + [LONG_TEXT], "kv": corpus.docs["test"]["kv"][:12],
-                             "sort": corpus.docs["test"]["sort"][:12]}})
+    small = Corpus(
+        {
+            "test": {
+                "text": SHORT_TEXTS + [LONG_TEXT],
+                "kv": corpus.docs["test"]["kv"][:12],
+                "sort": corpus.docs["test"]["sort"][:12],
+            }
+        }
+    )
     write_lm_eval_tasks(small, tmp_path / "tasks")
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32", tasks=["elasticmoe"],
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks")), device="cpu", batch_size=4,
+        model="hf",
+        model_args=f"pretrained={tmp_path / 'hf'},dtype=float32,add_bos_token=False",
+        tasks=["elasticmoe"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        device="cpu",
+        batch_size=4,
         log_samples=True,
     )
     ours = evaluate(model, small, tokenizer)["tasks"]
@@ -419,7 +452,7 @@ def test_task_format_and_evaluator_agree_on_where_the_answer_ends(corpus, tokeni
     """Training sees `prompt + answer + EOS`; evaluation feeds [EOS] + prompt and stops at EOS or a
     newline. So for every task: the prompt's tokens are a prefix of the example's, the answer holds
     no EOS or newline, and the generation budget leaves room for the answer and its EOS."""
-    from elasticmoe.data import tokenize_docs
+    from elasticmoe.tokens import tokenize_docs
 
     for task in STRUCTURED_TASKS:
         examples = corpus.docs["test"][task]

@@ -353,8 +353,8 @@ def test_pipeline_answers_as_our_eval_does(tiny_config, tmp_path, trained_tokeni
 
 def test_model_card_has_cost_eval_convention_and_usage(tiny_config, tmp_path, trained_tokenizer):
     from elasticmoe.cost import cost
-    from elasticmoe.hf import PROMPT_CONVENTION
     from elasticmoe.ledger import Ledger
+    from elasticmoe.tokenizer import PROMPT_CONVENTION
 
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)

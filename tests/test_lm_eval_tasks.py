@@ -8,8 +8,8 @@ import yaml
 
 from elasticmoe.data import build_default_corpus
 from elasticmoe.evaluate import select_examples
-from elasticmoe.hf import PROMPT_CONVENTION
 from elasticmoe.lm_eval_tasks import write_lm_eval_tasks
+from elasticmoe.tokenizer import PROMPT_CONVENTION
 
 
 def test_task_folder_states_counts_command_and_convention(tmp_path):

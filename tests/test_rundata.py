@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from elasticmoe.data import build_default_corpus, tokenize_docs, write_token_shard
+from elasticmoe.data import build_default_corpus
 from elasticmoe.recipe import load_recipe
 from elasticmoe.rundata import load_run_data
 from elasticmoe.tokenizer import train_tokenizer
+from elasticmoe.tokens import tokenize_docs, write_token_shard
 from elasticmoe.train import read_metrics, train
 
 

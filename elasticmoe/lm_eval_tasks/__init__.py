@@ -13,7 +13,7 @@ exported child (`elasticmoe.hf.export_hf`):
 * the same examples: `select_examples(docs, max_examples)` as `evaluate` does, so
   `--examples 100` (the default of `elasticmoe eval` and of the pipeline's eval) reproduces
   `eval/*.json`; each task's `metadata.examples` states the count;
-* the same prompt convention (`hf.PROMPT_CONVENTION`): with `add_bos_token=False` in
+* the same prompt convention (`tokenizer.PROMPT_CONVENTION`): with `add_bos_token=False` in
   `--model_args` the harness's `hf` model encodes without special tokens (the exported tokenizer
   would otherwise add `<|endoftext|>` and the harness score it as part of every text document),
   so the context is written as `<|endoftext|>` + prompt (the special token is parsed from the
@@ -136,7 +136,7 @@ def write_lm_eval_tasks(
 
 
 def _readme(out: Path, counts: dict[str, int], split: str, max_examples: int | None) -> str:
-    from ..hf import PROMPT_CONVENTION
+    from ..tokenizer import PROMPT_CONVENTION
 
     rows = "\n".join(f"| {name} | {n} |" for name, n in counts.items())
     limit = "all examples" if max_examples is None else f"at most {max_examples} examples per task"
