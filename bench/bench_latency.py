@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from elasticmoe.config import ElasticSpace, ModelConfig, load_mapping
-from elasticmoe.model import ElasticMoE
 from elasticmoe.latency import LatencyTable
+from elasticmoe.model import ElasticMoE
 from elasticmoe.subnet import Subnet, enumerate_uniform
 
 PRESET = Path(__file__).resolve().parents[1] / "elasticmoe" / "presets" / "tiny.yaml"
