@@ -228,12 +228,15 @@ def render_markdown(
         b = c.baseline
         basis = f"{b.name} = {_fmt_flops(b.flops)} FLOPs" + (f" ({b.formula})" if b.formula else "")
         for kind in KINDS:
+            # measured time is shown as time, never as a percentage: on a shared machine a baseline
+            # slowed by another job would make the child look cheaper than its FLOPs say
             wall = (
-                f"device time: {c.percent(kind, 'seconds'):.1f}% of the baseline's {b.seconds:.3g} device-s"
+                f"measured on this machine: {c.figure(kind, 'seconds'):.0f} device-s vs the baseline's "
+                f"{b.seconds:.0f} device-s"
                 if b.kind == "measured" and b.seconds > 0
                 else "an estimate has no wall time"
             )
-            lines.append(f"- {c.name} {kind}: {_pct(c, kind)} of baseline [{basis}] ({wall})")
+            lines.append(f"- {c.name} {kind}: {_pct(c, kind)} of the baseline's FLOPs [{basis}] ({wall})")
     lines += ["", "## Break-even", ""]
     if be.get("children"):
         lines.append(

@@ -40,9 +40,7 @@ import torch.nn.functional as F
 
 from . import cost as costmod
 from . import dist as distmod
-from .checkpoint import (
-    save_model,
-)
+from .checkpoint import atomic_write_text, save_model
 from .config import ConfigError, ElasticSpace, dump_yaml
 from .ledger import Ledger
 from .metrics import _append_metrics, _mean_tok_per_s, _plot_losses, _Progress, _truncate_metrics, read_metrics  # noqa: F401
@@ -242,8 +240,8 @@ def _prepare(recipe: Recipe, run_dir: Path, resume: bool):
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    if not (run_dir / "recipe.yaml").exists():
-        (run_dir / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()))
+    if not resume:  # a new run commits its recipe whole, replacing one a failed earlier start left
+        atomic_write_text(run_dir / "recipe.yaml", dump_yaml(recipe.to_dict()))
     return data
 
 
@@ -268,6 +266,9 @@ class _NoLedger:
 
     def append(self, record: dict) -> dict:
         return record
+
+    def append_once(self, record: dict) -> bool:
+        return False
 
     def ref(self, path) -> str:
         return str(path)
@@ -422,6 +423,8 @@ def run_job(
             step, bad_in_row, tokens_seen = state["step"], state["bad_in_row"], state["tokens_seen"]
             attempts = list(state.get("attempts", []))
             batches.load_state_dict(state["data"])
+            if state.get("ledger_segment"):
+                ledger.append_once(state["ledger_segment"])
             log.info("resumed from %s", ckpt)
         if main:
             _truncate_metrics(metrics_path, step)
@@ -476,22 +479,18 @@ def run_job(
             _append_metrics(metrics_path, {"step": step, "reorder": summary})
 
     def checkpoint(seg: dict) -> None:
+        seg["tokens"], seg["flops"] = par.sum_ints([seg["tokens"], seg["flops"]])  # work of all ranks
+        segment = {"event": "progress", "phase": job.phase, **record, "steps": [seg["from"], step]}
+        segment.update({k: seg[k] for k in ("tokens", "flops", "seconds")})
+        # the checkpoint carries its segment: a kill between the checkpoint and the ledger line is
+        # repaired on resume (ledger.append_once), so the ledger neither loses nor doubles it
         state = {"bad_in_row": bad_in_row, "tokens_seen": tokens_seen, "data": batches.state_dict()}
-        state["attempts"] = attempts
+        state.update(attempts=attempts, ledger_segment=segment)
         if world == 1:
             save_checkpoint(run_dir, step, model, opt, state, t.keep_last)
         else:
             save_sharded_checkpoint(par, run_dir, step, model, opt, state, t.keep_last)
-        seg["tokens"], seg["flops"] = par.sum_ints([seg["tokens"], seg["flops"]])  # work of all ranks
-        ledger.append(
-            {
-                "event": "progress",
-                "phase": job.phase,
-                **record,
-                "steps": [seg["from"], step],
-                **{k: seg[k] for k in ("tokens", "flops", "seconds")},
-            }
-        )
+        ledger.append(segment)
 
     result_eval = evaluate() if step == 0 else {}
     tokens_per_step = t.batch_size * recipe.data.seq_len

@@ -185,7 +185,7 @@ def test_pipeline_end_to_end_with_kill_and_rerun(tmp_path):
     r = load_recipe(run / "recipe.yaml")
     assert Ledger(run / "ledger.jsonl").totals("train")["tokens"] == r.train.steps * r.train.batch_size * r.data.seq_len
     md = (run / "report.md").read_text()
-    assert "% of baseline [measured:" in md
+    assert "% of the baseline's FLOPs [measured:" in md and "device-s vs the baseline" in md
     # the alternatives: the dense parent beside the elastic one, one row per method, a verdict
     assert "| dense parent, equal tokens |" in md and "| prune-distill |" in md and "Verdict: " in md
     rows = report["methods"]["children"]["ernie51-shape"]["rows"]

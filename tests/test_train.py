@@ -377,3 +377,24 @@ def test_step_loss_is_a_weighted_mean_of_the_sub_networks(monkeypatch):
     ce = list(res.losses.values())
     assert seen[0] == pytest.approx(ce[0] / 1.5, rel=1e-5)  # the largest: CE only, weight 1 / (1 + w)
     assert seen[1:] == pytest.approx([0.5 / n / 1.5 * c for c in ce[1:]], rel=1e-5)
+
+
+def test_a_segment_lost_between_checkpoint_and_ledger_is_recorded_on_resume(tmp_path):
+    """A kill after a checkpoint is renamed into place but before its ledger line is written: the
+    checkpoint carries the segment and the resume appends it once, so totals equal an
+    uninterrupted run's exactly (and resuming twice does not count it twice)."""
+    from elasticmoe.ledger import Ledger
+
+    r = micro(**{"train.steps": 8, "train.ckpt_every": 4})
+    train(r, tmp_path / "ref", progress=False)
+    run = tmp_path / "run"
+    train(r, run, progress=False, stop_at=4)
+    path = run / "ledger.jsonl"
+    lines = path.read_text().splitlines()
+    kept = [x for x in lines if not ('"progress"' in x and '"steps": [0, 4]' in x)]
+    assert len(kept) == len(lines) - 1
+    path.write_text("\n".join(kept) + "\n")
+    train(r, run, resume=True, progress=False)
+    train(r, run, resume=True, progress=False)  # a finished run resumed again adds no training segment
+    want, got = Ledger(tmp_path / "ref" / "ledger.jsonl").totals("train"), Ledger(path).totals("train")
+    assert got["tokens"] == want["tokens"] and got["flops"] == want["flops"]
