@@ -29,5 +29,6 @@ test: $(STAMP) $(EVAL_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check elasticmoe tests bench
+	$(BIN)/ruff format --check elasticmoe tests bench
 
 .PHONY: setup setup-eval run test lint

@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64, help="decode steps N")
     ap.add_argument("--depth-cut", default="L2 E8 k2 W256", help="depth-only child")
     ap.add_argument("--expert-cut", default="L4 E4 k1 W128", help="expert/width child (all layers kept)")
-    ap.add_argument("--floor", default=None,
-                    help="full-depth floor probe (default: the space's smallest experts, top-k and width)")
+    ap.add_argument(
+        "--floor", default=None, help="full-depth floor probe (default: the space's smallest experts, top-k and width)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -140,13 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         "depth cut": Subnet.parse(args.depth_cut, config, order),
         "expert/width cut": Subnet.parse(args.expert_cut, config, order),
     }
-    floor = Subnet.parse(args.floor, config, order) if args.floor else Subnet.uniform(
-        sorted(order), min(space.experts), min(space.top_ks), min(space.widths))
+    floor = (
+        Subnet.parse(args.floor, config, order)
+        if args.floor
+        else Subnet.uniform(sorted(order), min(space.experts), min(space.top_ks), min(space.widths))
+    )
     # Depth ladder of the parent's own layer shape, for the fixed / per-layer split.
     full_spec = Subnet.full(config).specs[0]
     ladder_depths = sorted({1, 2, config.layers})
-    ladder = {d: Subnet.uniform(sorted(order[:d]), full_spec.experts, full_spec.top_k, full_spec.width)
-              for d in ladder_depths if d < config.layers}
+    ladder = {
+        d: Subnet.uniform(sorted(order[:d]), full_spec.experts, full_spec.top_k, full_spec.width)
+        for d in ladder_depths
+        if d < config.layers
+    }
     models = {name: extract(parent, s).eval() for name, s in children.items()}
     # A ladder rung that is already one of the children reuses that child's arm.
     ladder_arm = {d: next((n for n, c in children.items() if c == s), f"{d}-layer") for d, s in ladder.items()}
@@ -224,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---:|---:|" + "---:|" * len(bs) + "---:|" + "---:|" * len(bs),
     ]
     full = cost(config)
-    lines.append(f"| parent `{Subnet.full(config)}` | {full.total_params:,} | {full.active_params:,} | 1.00 / 1.00 "
-                 "| 1.00x | " + " | ".join("1.00x" for _ in bs) + " | - | " + " | ".join("-" for _ in bs) + " |")
+    lines.append(
+        f"| parent `{Subnet.full(config)}` | {full.total_params:,} | {full.active_params:,} | 1.00 / 1.00 "
+        "| 1.00x | " + " | ".join("1.00x" for _ in bs) + " | - | " + " | ".join("-" for _ in bs) + " |"
+    )
     verdicts = []
 
     def row(label: str, subnet: Subnet, arm: str) -> None:
@@ -278,14 +287,21 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name in children:
         v = f"{name} via parent"
-        lines.append(f"| {name} | {diffs[name]:.1e} | {prefill.speedup_txt(v, name)} | "
-                     + " | ".join(dec[b].speedup_txt(v, name) for b in bs) + " |")
+        lines.append(
+            f"| {name} | {diffs[name]:.1e} | {prefill.speedup_txt(v, name)} | "
+            + " | ".join(dec[b].speedup_txt(v, name) for b in bs)
+            + " |"
+        )
 
     # Fixed / per-layer split of a step from the depth ladder (same layer shape, 1, 2, ..., all layers).
     xs = [*ladder, config.layers]
-    lines += ["", "Fixed vs per-layer cost (medians of per-round least-squares lines through the 1-, 2- and "
-              f"{config.layers}-layer models of the parent's layer shape; fixed = embedding, RoPE, final norm, "
-              "LM head, argmax):", ""]
+    lines += [
+        "",
+        "Fixed vs per-layer cost (medians of per-round least-squares lines through the 1-, 2- and "
+        f"{config.layers}-layer models of the parent's layer shape; fixed = embedding, RoPE, final norm, "
+        "LM head, argmax):",
+        "",
+    ]
     floor_shape = f"E{floor.specs[0].experts} k{floor.specs[0].top_k} W{floor.specs[0].width}"
     regimes = [("prefill", prefill, prefill_tokens), *[(f"decode b{b}", dec[b], b) for b in bs]]
     for regime, rounds, unit_tokens in regimes:
@@ -313,8 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     short = [f"{n} {w} ({e:.2f})" for n, w, e in verdicts if e < 0.9]
-    lines += ["", "Target (speed-up >= 0.90 x FLOPs ratio) missed by: " + ("; ".join(short) if short else "none") + ".",
-              "", f"Total wall time {time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.1f}."]
+    lines += [
+        "",
+        "Target (speed-up >= 0.90 x FLOPs ratio) missed by: " + ("; ".join(short) if short else "none") + ".",
+        "",
+        f"Total wall time {time.perf_counter() - start:.0f} s; load average at end {os.getloadavg()[0]:.1f}.",
+    ]
     print("\n".join(lines))
     return 0
 

@@ -50,30 +50,39 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         t0 = time.perf_counter()
-        table = LatencyTable.measure(parent, args.seq_len, batch, args.device, args.repeats, space=space,
-                                     statistic=args.statistic)
+        table = LatencyTable.measure(
+            parent, args.seq_len, batch, args.device, args.repeats, space=space, statistic=args.statistic
+        )
         build_s = time.perf_counter() - t0
         report = table.validate(held_out, device=args.device)
         rows.append((batch, table, build_s, report))
         for p in report["points"]:
-            print(f"batch {batch:>2} | {p['subnet']:<22} | predicted {p['predicted_ms']:8.2f} ms | "
-                  f"measured {p['measured_ms']:8.2f} ms | error {100 * p['rel_error']:5.1f}%")
+            print(
+                f"batch {batch:>2} | {p['subnet']:<22} | predicted {p['predicted_ms']:8.2f} ms | "
+                f"measured {p['measured_ms']:8.2f} ms | error {100 * p['rel_error']:5.1f}%"
+            )
 
     print()
-    print(f"### Latency table vs direct forward ({args.device}, {args.threads} threads, {rows[0][1].meta['dtype']}, "
-          f"tiny preset shape, seq_len {args.seq_len}, {args.statistic} of {args.repeats})")
+    print(
+        f"### Latency table vs direct forward ({args.device}, {args.threads} threads, {rows[0][1].meta['dtype']}, "
+        f"tiny preset shape, seq_len {args.seq_len}, {args.statistic} of {args.repeats})"
+    )
     print()
     print("| batch | table entries | table build s | held-out | mean rel. error | max rel. error | parent ms (pred.) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for batch, table, build_s, report in rows:
         parent_ms = table.predict(Subnet.full(config))
-        print(f"| {batch} | {len(table.moe_ms) + 2} | {build_s:.2f} | {report['n']} | "
-              f"{100 * report['mean_rel_error']:.1f}% | {100 * report['max_rel_error']:.1f}% | {parent_ms:.2f} |")
+        print(
+            f"| {batch} | {len(table.moe_ms) + 2} | {build_s:.2f} | {report['n']} | "
+            f"{100 * report['mean_rel_error']:.1f}% | {100 * report['max_rel_error']:.1f}% | {parent_ms:.2f} |"
+        )
     print()
-    print(f"Held-out sub-networks: {report['n']} uniform ones drawn with seed {args.seed} from "
-          f"{len(candidates)}; error = |predicted - measured| / measured, measured = {args.statistic} of "
-          f"{args.repeats} interleaved direct forwards after one warm-up; "
-          f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.")
+    print(
+        f"Held-out sub-networks: {report['n']} uniform ones drawn with seed {args.seed} from "
+        f"{len(candidates)}; error = |predicted - measured| / measured, measured = {args.statistic} of "
+        f"{args.repeats} interleaved direct forwards after one warm-up; "
+        f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."
+    )
 
 
 if __name__ == "__main__":

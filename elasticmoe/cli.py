@@ -645,7 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lm-eval-tasks", help="write the run's test tasks as local lm-evaluation-harness tasks")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
-    p.add_argument("--examples", type=int, default=None, help="at most this many examples per task")
+    p.add_argument(
+        "--examples", type=int, default=100, help="examples per task (100: the count `eval` and the pipeline score)"
+    )
     p.set_defaults(func=cmd_lm_eval_tasks)
 
     p = sub.add_parser("report", help="the cost report: marginal, all-in and amortized cost vs a named baseline")

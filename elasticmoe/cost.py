@@ -95,8 +95,9 @@ def child_config(c: ModelConfig, subnet: Subnet) -> ModelConfig:
     subnet.validate(c)
     first = subnet.specs[0]
     if subnet.is_uniform:
-        return replace(c, layers=subnet.depth, experts=first.experts, top_k=first.top_k,
-                       expert_width=first.width, layer_shapes=())
+        return replace(
+            c, layers=subnet.depth, experts=first.experts, top_k=first.top_k, expert_width=first.width, layer_shapes=()
+        )
     shapes = tuple((s.experts, s.top_k, s.width) for s in subnet.specs)
     return replace(
         c,

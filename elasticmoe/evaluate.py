@@ -221,8 +221,16 @@ def _window_nats(model, windows, subnet, device, pad_id: int, work: Work) -> np.
     return out
 
 
-def evaluate_text(model, tokenizer: Tokenizer, docs: Sequence[str], subnet=None, device=None,
-                  work: Work | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def evaluate_text(
+    model,
+    tokenizer: Tokenizer,
+    docs: Sequence[str],
+    subnet=None,
+    device=None,
+    work: Work | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Bits per byte (and nats per token, perplexity) of `model` on `docs`; see module docstring."""
     device = device or _device_of(model)
     work = work or Work(model.config, subnet)
@@ -243,16 +251,30 @@ def evaluate_text(model, tokenizer: Tokenizer, docs: Sequence[str], subnet=None,
     lo, hi = bootstrap_ratio_ci(nats / math.log(2), n_bytes, n_boot, seed)
     per_token = float(nats.sum() / n_tokens.sum()) if keep else float("nan")
     return {
-        "metric": TEXT_METRIC, "score": bpb, "ci": [lo, hi], "n": len(keep), "higher_is_better": False,
-        "nats_per_token": per_token, "perplexity": math.exp(per_token) if keep else float("nan"),
-        "text_tokens": int(n_tokens.sum()), "text_bytes": int(n_bytes.sum()),
+        "metric": TEXT_METRIC,
+        "score": bpb,
+        "ci": [lo, hi],
+        "n": len(keep),
+        "higher_is_better": False,
+        "nats_per_token": per_token,
+        "perplexity": math.exp(per_token) if keep else float("nan"),
+        "text_tokens": int(n_tokens.sum()),
+        "text_bytes": int(n_bytes.sum()),
     }
 
 
 # -- structured tasks: exact match ----------------------------------------------------------------
 @torch.no_grad()
-def greedy_continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int, subnet=None,
-                         device=None, batch_size: int = 64, work: Work | None = None) -> list[str]:
+def greedy_continuations(
+    model,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    subnet=None,
+    device=None,
+    batch_size: int = 64,
+    work: Work | None = None,
+) -> list[str]:
     """Greedy continuation of `[EOS] + encode(prompt)` for each prompt, cut at EOS or newline."""
     device = device or _device_of(model)
     work = work or Work(model.config, subnet)
@@ -264,8 +286,13 @@ def greedy_continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], ma
     out = [""] * len(prompts)
     short = sum(len(m) for n, m in by_length.items() if n + max_new_tokens > model.config.max_seq_len)
     if short:  # generation stops at max_seq_len: these answers may be cut short (and scored wrong)
-        log.warning("%d of %d prompts leave fewer than %d new tokens before max_seq_len=%d", short, len(prompts),
-                    max_new_tokens, model.config.max_seq_len)
+        log.warning(
+            "%d of %d prompts leave fewer than %d new tokens before max_seq_len=%d",
+            short,
+            len(prompts),
+            max_new_tokens,
+            model.config.max_seq_len,
+        )
     for length, members in sorted(by_length.items()):
         for s in range(0, len(members), batch_size):
             rows = members[s : s + batch_size]
@@ -279,19 +306,33 @@ def greedy_continuations(model, tokenizer: Tokenizer, prompts: Sequence[str], ma
     return out
 
 
-def evaluate_exact_match(model, tokenizer: Tokenizer, task: str, examples: Sequence[str], subnet=None, device=None,
-                         work: Work | None = None, batch_size: int = 64, samples: int = 3) -> dict[str, Any]:
+def evaluate_exact_match(
+    model,
+    tokenizer: Tokenizer,
+    task: str,
+    examples: Sequence[str],
+    subnet=None,
+    device=None,
+    work: Work | None = None,
+    batch_size: int = 64,
+    samples: int = 3,
+) -> dict[str, Any]:
     """Exact-match accuracy of greedy answers on `examples` (lines of `task`); Wilson 95% CI."""
     pairs = [split_prompt_answer(task, e) for e in examples]
     answers = [a for _, a in pairs]
-    predictions = greedy_continuations(model, tokenizer, [p for p, _ in pairs], answer_budget(answers), subnet,
-                                       device, batch_size, work)
+    predictions = greedy_continuations(
+        model, tokenizer, [p for p, _ in pairs], answer_budget(answers), subnet, device, batch_size, work
+    )
     correct = [p == a for p, a in zip(predictions, answers)]
     k, n = sum(correct), len(correct)
     lo, hi = wilson_interval(k, n)
     return {
-        "metric": EXACT_METRIC, "score": k / n if n else float("nan"), "ci": [lo, hi], "n": n,
-        "higher_is_better": True, "correct": k,
+        "metric": EXACT_METRIC,
+        "score": k / n if n else float("nan"),
+        "ci": [lo, hi],
+        "n": n,
+        "higher_is_better": True,
+        "correct": k,
         "samples": [{"prompt": p, "answer": a, "prediction": q} for (p, a), q in zip(pairs[:samples], predictions)],
     }
 
@@ -301,8 +342,13 @@ def model_identity(model, subnet: Subnet | None = None, name: str | None = None)
     """Name, sub-network, params (total / active per token) and architecture of what was evaluated."""
     c = model.config
     k = cost(c, subnet, c.max_seq_len)
-    return {"name": name, "subnet": str(subnet) if subnet is not None else None, "params": k.total_params,
-            "active_params": k.active_params, "config": c.to_dict()}
+    return {
+        "name": name,
+        "subnet": str(subnet) if subnet is not None else None,
+        "params": k.total_params,
+        "active_params": k.active_params,
+        "config": c.to_dict(),
+    }
 
 
 def evaluate(
@@ -330,8 +376,9 @@ def evaluate(
     if split not in corpus.docs:
         raise ConfigError(f"corpus has no split {split!r}; have {sorted(corpus.docs)}")
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                          f"{model.config.vocab_size}")
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {model.config.vocab_size}"
+        )
     subnet = _resolve_subnet(model, subnet)
     device = torch.device(device) if device is not None else _device_of(model)
     available = [t for t in corpus.tasks if corpus.docs[split].get(t)]
@@ -348,22 +395,37 @@ def evaluate(
             if task in STRUCTURED_TASKS:
                 results[task] = evaluate_exact_match(model, tokenizer, task, docs, subnet, device, work, batch_size)
                 results[f"{task}{ANSWER_LOSS_SUFFIX}"] = evaluate_answer_loss(
-                    model, tokenizer, task, docs, subnet, device, work, n_boot, seed)
+                    model, tokenizer, task, docs, subnet, device, work, n_boot, seed
+                )
             else:  # free text (the default "text" task or a user's own): bits per byte
                 results[task] = evaluate_text(model, tokenizer, docs, subnet, device, work, n_boot, seed)
-            log.info("eval %s %s: %s %.4f [%.4f, %.4f] n=%d", name or "model", task, results[task]["metric"],
-                     results[task]["score"], *results[task]["ci"], results[task]["n"])
+            log.info(
+                "eval %s %s: %s %.4f [%.4f, %.4f] n=%d",
+                name or "model",
+                task,
+                results[task]["metric"],
+                results[task]["score"],
+                *results[task]["ci"],
+                results[task]["n"],
+            )
     finally:
         model.train(was_training)
     return {
-        "format": FORMAT, "model": model_identity(model, subnet, name), "split": split, "seed": seed,
-        "max_examples": max_examples, "tasks": results, "tokens": work.tokens, "flops": work.flops,
+        "format": FORMAT,
+        "model": model_identity(model, subnet, name),
+        "split": split,
+        "seed": seed,
+        "max_examples": max_examples,
+        "tasks": results,
+        "tokens": work.tokens,
+        "flops": work.flops,
         "seconds": time.perf_counter() - t0,
     }
 
 
-def evaluate_answer_loss(model, tokenizer: Tokenizer, task: str, examples: Sequence[str], subnet, device, work,
-                         n_boot: int, seed: int) -> dict[str, Any]:
+def evaluate_answer_loss(
+    model, tokenizer: Tokenizer, task: str, examples: Sequence[str], subnet, device, work, n_boot: int, seed: int
+) -> dict[str, Any]:
     """Teacher-forced nats per token of the reference answer given `[EOS] + prompt`: a graded companion
     to exact match, which stays at 0 for every model until a model gets whole answers right (small
     models, short training), and so cannot show how much of the parent a child retains."""
@@ -371,8 +433,13 @@ def evaluate_answer_loss(model, tokenizer: Tokenizer, task: str, examples: Seque
     per_example = continuation_nats(model, tokenizer, pairs, subnet, device, work)
     ones = np.ones_like(per_example)
     lo, hi = bootstrap_ratio_ci(per_example, ones, n_boot, seed)
-    return {"metric": "answer_nats_per_token", "score": float(per_example.mean()), "ci": [lo, hi],
-            "n": len(per_example), "higher_is_better": False}
+    return {
+        "metric": "answer_nats_per_token",
+        "score": float(per_example.mean()),
+        "ci": [lo, hi],
+        "n": len(per_example),
+        "higher_is_better": False,
+    }
 
 
 # -- retention ------------------------------------------------------------------------------------
@@ -409,8 +476,11 @@ def default_pairs(names: Sequence[str], parent: str = "parent") -> dict[str, tup
     return pairs  # type: ignore[return-value]
 
 
-def retention_table(results: dict[str, dict[str, Any]], parent: str = "parent",
-                    pairs: dict[str, tuple[str | None, str | None]] | None = None) -> list[dict[str, Any]]:
+def retention_table(
+    results: dict[str, dict[str, Any]],
+    parent: str = "parent",
+    pairs: dict[str, tuple[str | None, str | None]] | None = None,
+) -> list[dict[str, Any]]:
     """One row per (child, task): parent score, the child's before/after fine-tuning scores and
     retentions. `results`: {model name: evaluate() result}; `pairs`: {child label: (before name,
     after name)}, either may be None (default: `default_pairs`)."""
@@ -424,8 +494,14 @@ def retention_table(results: dict[str, dict[str, Any]], parent: str = "parent",
             if name is not None and name not in results:
                 raise ConfigError(f"pair {label!r}: no results for {name!r}; have {sorted(results)}")
         for task, pt in ptasks.items():
-            row = {"child": label, "task": task, "metric": pt["metric"], "higher_is_better": pt["higher_is_better"],
-                   "parent": pt["score"], "parent_ci": pt.get("ci")}
+            row = {
+                "child": label,
+                "task": task,
+                "metric": pt["metric"],
+                "higher_is_better": pt["higher_is_better"],
+                "parent": pt["score"],
+                "parent_ci": pt.get("ci"),
+            }
             for which, name in (("before", before), ("after", after)):
                 ct = _tasks_of(results[name]).get(task) if name is not None else None
                 row[which] = ct["score"] if ct else None
@@ -448,8 +524,16 @@ def format_retention_table(rows: Sequence[dict[str, Any]], title: str = "Retenti
         table.add_column(col, justify="left" if col in ("child", "task", "metric") else "right")
     for r in rows:
         arrow = "↑" if r["higher_is_better"] else "↓"
-        table.add_row(r["child"], r["task"], f"{r['metric']} {arrow}", _fmt(r["parent"]), _fmt(r["before"]),
-                      _fmt(r["after"]), _fmt(r["retention_before"]), _fmt(r["retention_after"]))
+        table.add_row(
+            r["child"],
+            r["task"],
+            f"{r['metric']} {arrow}",
+            _fmt(r["parent"]),
+            _fmt(r["before"]),
+            _fmt(r["after"]),
+            _fmt(r["retention_before"]),
+            _fmt(r["retention_after"]),
+        )
     return table
 
 
@@ -515,8 +599,9 @@ def read_eval(path: str | Path) -> dict[str, Any]:
 
 
 # -- arena: pairwise comparison on the same prompts -----------------------------------------------
-def arena_examples(corpus: Corpus, split: str = "test", tasks: Sequence[str] | None = None,
-                   max_per_task: int | None = 50) -> list[tuple[str, str, str]]:
+def arena_examples(
+    corpus: Corpus, split: str = "test", tasks: Sequence[str] | None = None, max_per_task: int | None = 50
+) -> list[tuple[str, str, str]]:
     """(task, prompt, reference continuation): structured examples split at the answer; text
     documents as a whole continuation of an empty prompt."""
     out = []
@@ -527,8 +612,9 @@ def arena_examples(corpus: Corpus, split: str = "test", tasks: Sequence[str] | N
 
 
 @torch.no_grad()
-def continuation_nats(model, tokenizer: Tokenizer, examples: Sequence[tuple[str, str]], subnet=None,
-                      device=None, work: Work | None = None) -> np.ndarray:
+def continuation_nats(
+    model, tokenizer: Tokenizer, examples: Sequence[tuple[str, str]], subnet=None, device=None, work: Work | None = None
+) -> np.ndarray:
     """Mean nats per token of each reference continuation given `[EOS] + prompt` (truncated to the
     model's context; at least one continuation token is always scored)."""
     device = device or _device_of(model)
@@ -573,8 +659,15 @@ def _outcomes(losses: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return wins
 
 
-def pairwise_ratings(models: dict[str, Any], examples: Sequence[tuple[str, str]], tokenizer: Tokenizer, *,
-                     device=None, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+def pairwise_ratings(
+    models: dict[str, Any],
+    examples: Sequence[tuple[str, str]],
+    tokenizer: Tokenizer,
+    *,
+    device=None,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Arena ratings of `models` ({name: model or (model, subnet)}) on the same (prompt,
     continuation) examples (`arena_examples` gives (task, prompt, continuation); the task is dropped).
     Returns {"ratings": {name: {"rating", "ci", "wins", "losses", "ties", "mean_nats"}}, "n_prompts",
@@ -591,23 +684,50 @@ def pairwise_ratings(models: dict[str, Any], examples: Sequence[tuple[str, str]]
     wins = _outcomes(losses, np.arange(len(examples)))
     elo = 1000 + 400 * np.log10(bradley_terry(wins))
     rng = np.random.default_rng(seed)
-    boot = np.stack([1000 + 400 * np.log10(bradley_terry(_outcomes(losses, rng.integers(0, len(examples),
-                                                                                         len(examples)))))
-                     for _ in range(n_boot)])
+    boot = np.stack(
+        [
+            1000 + 400 * np.log10(bradley_terry(_outcomes(losses, rng.integers(0, len(examples), len(examples)))))
+            for _ in range(n_boot)
+        ]
+    )
     lo, hi = np.quantile(boot, [0.025, 0.975], axis=0)
     ratings = {}
     for i, name in enumerate(names):
         diff = losses[:, [i]] - np.delete(losses, i, axis=1)
         tie = np.abs(diff) <= 1e-9 * np.maximum(1.0, np.abs(losses[:, [i]]))
-        ratings[name] = {"rating": float(elo[i]), "ci": [float(lo[i]), float(hi[i])],
-                         "wins": int(((diff < 0) & ~tie).sum()), "losses": int(((diff > 0) & ~tie).sum()),
-                         "ties": int(tie.sum()), "mean_nats": float(losses[:, i].mean())}
+        ratings[name] = {
+            "rating": float(elo[i]),
+            "ci": [float(lo[i]), float(hi[i])],
+            "wins": int(((diff < 0) & ~tie).sum()),
+            "losses": int(((diff > 0) & ~tie).sum()),
+            "ties": int(tie.sum()),
+            "mean_nats": float(losses[:, i].mean()),
+        }
     return {"names": names, "ratings": ratings, "n_prompts": len(examples), "wins": wins.tolist()}
 
 
 __all__ = [
-    "answer_budget", "arena_examples", "bootstrap_ratio_ci", "bradley_terry", "continuation_nats", "default_pairs",
-    "evaluate", "evaluate_exact_match", "evaluate_text", "format_retention_table", "greedy_continuations",
-    "load_eval_data", "model_identity", "pairwise_ratings", "plot_retention", "read_eval", "retention",
-    "retention_of", "retention_table", "rolling_windows", "select_examples", "wilson_interval", "write_eval",
+    "answer_budget",
+    "arena_examples",
+    "bootstrap_ratio_ci",
+    "bradley_terry",
+    "continuation_nats",
+    "default_pairs",
+    "evaluate",
+    "evaluate_exact_match",
+    "evaluate_text",
+    "format_retention_table",
+    "greedy_continuations",
+    "load_eval_data",
+    "model_identity",
+    "pairwise_ratings",
+    "plot_retention",
+    "read_eval",
+    "retention",
+    "retention_of",
+    "retention_table",
+    "rolling_windows",
+    "select_examples",
+    "wilson_interval",
+    "write_eval",
 ]

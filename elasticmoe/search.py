@@ -44,12 +44,19 @@ MIB = 2**20
 
 # -- constraints -------------------------------------------------------------------------------
 _ABSOLUTE = {  # constraint field -> Candidate attribute it bounds
-    "max_params": "params", "max_active_params": "active_params", "max_flops_per_token": "flops_per_token",
-    "max_latency_ms": "latency_ms", "max_memory_mb": "memory_mb",
+    "max_params": "params",
+    "max_active_params": "active_params",
+    "max_flops_per_token": "flops_per_token",
+    "max_latency_ms": "latency_ms",
+    "max_memory_mb": "memory_mb",
 }
-_RATIO = {"max_params": "max_params_ratio", "max_active_params": "max_active_ratio",
-          "max_flops_per_token": "max_flops_ratio", "max_latency_ms": "max_latency_ratio",
-          "max_memory_mb": "max_memory_ratio"}  # absolute field -> its ratio form
+_RATIO = {
+    "max_params": "max_params_ratio",
+    "max_active_params": "max_active_ratio",
+    "max_flops_per_token": "max_flops_ratio",
+    "max_latency_ms": "max_latency_ratio",
+    "max_memory_mb": "max_memory_ratio",
+}  # absolute field -> its ratio form
 
 
 @dataclass(frozen=True)
@@ -198,20 +205,32 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "subnet": self.text, "subnet_json": self.subnet.to_dict(), "params": self.params,
-            "active_params": self.active_params, "flops_per_token": self.flops_per_token,
-            "memory_bytes": self.memory_bytes, "memory_mb": round(self.memory_mb, 4),
-            "latency_ms_predicted": self.latency_ms, "latency_ms_measured": self.latency_ms_measured,
-            "loss_per_task": self.losses, "loss_mix": self.loss,
+            "subnet": self.text,
+            "subnet_json": self.subnet.to_dict(),
+            "params": self.params,
+            "active_params": self.active_params,
+            "flops_per_token": self.flops_per_token,
+            "memory_bytes": self.memory_bytes,
+            "memory_mb": round(self.memory_mb, 4),
+            "latency_ms_predicted": self.latency_ms,
+            "latency_ms_measured": self.latency_ms_measured,
+            "loss_per_task": self.losses,
+            "loss_mix": self.loss,
         }
 
 
-def make_candidate(config: ModelConfig, subnet: Subnet, seq_len: int, batch: int,
-                   table: LatencyTable | None = None) -> Candidate:
+def make_candidate(
+    config: ModelConfig, subnet: Subnet, seq_len: int, batch: int, table: LatencyTable | None = None
+) -> Candidate:
     c = costmod.cost(config, subnet, seq_len)
-    return Candidate(subnet, c.total_params, c.active_params, c.flops_forward,
-                     costmod.memory_bytes(config, subnet, seq_len, batch),
-                     table.predict(subnet) if table is not None else None)
+    return Candidate(
+        subnet,
+        c.total_params,
+        c.active_params,
+        c.flops_forward,
+        costmod.memory_bytes(config, subnet, seq_len, batch),
+        table.predict(subnet) if table is not None else None,
+    )
 
 
 def _fits(c: Candidate, limits: dict[str, float]) -> bool:
@@ -226,8 +245,14 @@ class SubnetEvaluator:
     tokens), `.flops` (per task `cost(config, subnet, seq_len).flops_forward * tokens`, forward
     only) and `.seconds` total the real evaluations and `.evaluations` counts them, for the ledger."""
 
-    def __init__(self, parent, windows: dict[str, torch.Tensor], device: torch.device | str,
-                 task_weights: dict[str, float] | None = None, batch: int = 8):
+    def __init__(
+        self,
+        parent,
+        windows: dict[str, torch.Tensor],
+        device: torch.device | str,
+        task_weights: dict[str, float] | None = None,
+        batch: int = 8,
+    ):
         if not windows:
             raise ConfigError("search needs at least one task of validation windows")
         self.parent = parent
@@ -236,8 +261,10 @@ class SubnetEvaluator:
         weights = dict(task_weights or dict.fromkeys(windows, 1.0))
         extra = sorted(set(weights) - set(windows))
         if extra or any(v < 0 for v in weights.values()) or sum(weights.values()) <= 0:
-            raise ConfigError(f"task_weights {weights} must be non-negative, not all zero, over tasks "
-                              f"{sorted(windows)}" + (f"; unknown {extra}" if extra else ""))
+            raise ConfigError(
+                f"task_weights {weights} must be non-negative, not all zero, over tasks "
+                f"{sorted(windows)}" + (f"; unknown {extra}" if extra else "")
+            )
         total = sum(weights.get(t, 0.0) for t in windows)
         self.weights = {t: weights.get(t, 0.0) / total for t in windows}
         self.batch = batch
@@ -271,18 +298,37 @@ class SubnetEvaluator:
 
 
 # -- loss predictor ----------------------------------------------------------------------------
-FEATURES = ("depth", "mean_experts", "mean_top_k", "mean_width", "mean_top_k_x_width", "min_width",
-            "log_params", "log_active_params", "log_flops")
+FEATURES = (
+    "depth",
+    "mean_experts",
+    "mean_top_k",
+    "mean_width",
+    "mean_top_k_x_width",
+    "min_width",
+    "log_params",
+    "log_active_params",
+    "log_flops",
+)
 
 
 def subnet_features(config: ModelConfig, subnet: Subnet, seq_len: int | None = None) -> np.ndarray:
     """Feature vector (names in FEATURES) of a sub-network, for the ridge predictor."""
     c = costmod.cost(config, subnet, seq_len)
     s = subnet.specs
-    return np.array([subnet.depth, np.mean([x.experts for x in s]), np.mean([x.top_k for x in s]),
-                     np.mean([x.width for x in s]), np.mean([x.top_k * x.width for x in s]),
-                     min(x.width for x in s), math.log(c.total_params), math.log(c.active_params),
-                     math.log(c.flops_forward)], dtype=np.float64)
+    return np.array(
+        [
+            subnet.depth,
+            np.mean([x.experts for x in s]),
+            np.mean([x.top_k for x in s]),
+            np.mean([x.width for x in s]),
+            np.mean([x.top_k * x.width for x in s]),
+            min(x.width for x in s),
+            math.log(c.total_params),
+            math.log(c.active_params),
+            math.log(c.flops_forward),
+        ],
+        dtype=np.float64,
+    )
 
 
 class RidgePredictor:
@@ -383,8 +429,14 @@ class SearchResult:
 class _Problem:
     """What every search shares: the parent, the figures of a subnet, feasibility, impossibility."""
 
-    def __init__(self, evaluator: SubnetEvaluator, space: ElasticSpace, layer_order: Sequence[int],
-                 constraints, table: LatencyTable | None):
+    def __init__(
+        self,
+        evaluator: SubnetEvaluator,
+        space: ElasticSpace,
+        layer_order: Sequence[int],
+        constraints,
+        table: LatencyTable | None,
+    ):
         self.evaluator, self.space, self.table = evaluator, space, table
         self.layer_order = list(layer_order)
         self.config: ModelConfig = evaluator.config
@@ -393,15 +445,18 @@ class _Problem:
         self.seq_len = self.constraints.seq_len or self.config.max_seq_len
         self.batch = self.constraints.batch
         if self.seq_len > self.config.max_seq_len:
-            raise ConfigError(f"constraint seq_len={self.seq_len} exceeds the parent's max_seq_len="
-                              f"{self.config.max_seq_len}")
+            raise ConfigError(
+                f"constraint seq_len={self.seq_len} exceeds the parent's max_seq_len={self.config.max_seq_len}"
+            )
         self.start = (evaluator.tokens, evaluator.flops, evaluator.seconds)  # this search's share = the delta
         if self.constraints.needs_latency:
             if table is None:
                 raise ConfigError("a latency constraint needs a latency table (LatencyTable.measure)")
             if (table.batch, table.seq_len) != (self.batch, self.seq_len):
-                raise ConfigError(f"latency table measured at batch {table.batch} x seq_len {table.seq_len} but the "
-                                  f"constraints ask for batch {self.batch} x seq_len {self.seq_len}; re-measure")
+                raise ConfigError(
+                    f"latency table measured at batch {table.batch} x seq_len {table.seq_len} but the "
+                    f"constraints ask for batch {self.batch} x seq_len {self.seq_len}; re-measure"
+                )
         self.parent = evaluator.evaluate(self.candidate(Subnet.full(self.config)))
         self.limits = self.constraints.resolve(self.parent)
         self.objectives = ("loss", "active_params") + (("latency_ms",) if table is not None else ())
@@ -415,50 +470,95 @@ class _Problem:
     def impossible(self) -> ConfigError:
         """The error for an empty feasible set, naming the smallest achievable figures."""
         low = self.candidate(smallest(self.space, self.layer_order))
-        parts = [f"params {low.params:,}", f"active params {low.active_params:,}",
-                 f"FLOPs/token {low.flops_per_token:,}", f"memory {low.memory_mb:.3f} MiB"]
+        parts = [
+            f"params {low.params:,}",
+            f"active params {low.active_params:,}",
+            f"FLOPs/token {low.flops_per_token:,}",
+            f"memory {low.memory_mb:.3f} MiB",
+        ]
         if self.table is not None:
             t, sp = self.table, self.space
-            layer = min((t.layer_ms(LayerSpec(*key)) for key in t.moe_ms
-                         if key[0] in sp.experts and key[1] in sp.top_ks and key[2] in sp.widths), default=0.0)
+            layer = min(
+                (
+                    t.layer_ms(LayerSpec(*key))
+                    for key in t.moe_ms
+                    if key[0] in sp.experts and key[1] in sp.top_ks and key[2] in sp.widths
+                ),
+                default=0.0,
+            )
             parts.append(f"latency {t.base_ms + min(sp.depths) * layer:.3f} ms")
         limits = ", ".join(f"{k} <= {v:,.6g}" for k, v in self.limits.items())
-        return ConfigError(f"no sub-network in the space meets the constraints ({limits}; given "
-                           f"{self.constraints.given()}); smallest achievable in this space ({low.text}, "
-                           f"seq_len {self.seq_len}, batch {self.batch}): " + ", ".join(parts))
+        return ConfigError(
+            f"no sub-network in the space meets the constraints ({limits}; given "
+            f"{self.constraints.given()}); smallest achievable in this space ({low.text}, "
+            f"seq_len {self.seq_len}, batch {self.batch}): " + ", ".join(parts)
+        )
 
-    def finish(self, method: str, seed: int, evaluated: list[Candidate], per_layer: bool,
-               measure_latency: bool, predictor: dict | None = None) -> SearchResult:
+    def finish(
+        self,
+        method: str,
+        seed: int,
+        evaluated: list[Candidate],
+        per_layer: bool,
+        measure_latency: bool,
+        predictor: dict | None = None,
+    ) -> SearchResult:
         evaluated = sorted(evaluated, key=lambda c: (c.active_params, c.loss, c.text))
         front = pareto_front(evaluated, ("active_params", "loss"))
         lat_front = pareto_front(evaluated, ("latency_ms", "loss")) if self.table is not None else []
-        result = SearchResult(method, seed, self.constraints, self.limits, self.parent, evaluated, front, lat_front,
-                              per_layer, self.space, self.table, predictor, seq_len=self.seq_len, batch=self.batch)
+        result = SearchResult(
+            method,
+            seed,
+            self.constraints,
+            self.limits,
+            self.parent,
+            evaluated,
+            front,
+            lat_front,
+            per_layer,
+            self.space,
+            self.table,
+            predictor,
+            seq_len=self.seq_len,
+            batch=self.batch,
+        )
         ev = self.evaluator
-        result.tokens, result.flops, result.seconds = (x - y for x, y in zip((ev.tokens, ev.flops, ev.seconds),
-                                                                            self.start))
+        result.tokens, result.flops, result.seconds = (
+            x - y for x, y in zip((ev.tokens, ev.flops, ev.seconds), self.start)
+        )
         if self.table is not None and measure_latency:
             timed, t0 = result.reported + [self.parent], time.perf_counter()
             ms = self.table.measure_direct(ev.parent, [c.subnet for c in timed], ev.device)
             runs = (1 + self.table.repeats) * self.table.batch * self.table.seq_len  # warm-up + timed rounds
             result.tokens += runs * len(timed)
-            result.flops += sum(runs * costmod.cost(self.config, c.subnet, self.table.seq_len).flops_forward
-                                for c in timed)
+            result.flops += sum(
+                runs * costmod.cost(self.config, c.subnet, self.table.seq_len).flops_forward for c in timed
+            )
             result.seconds += time.perf_counter() - t0
             for c, m in zip(timed, ms):
                 c.latency_ms_measured = m
-            result.latency_error = _error_summary([abs(c.latency_ms - c.latency_ms_measured) / c.latency_ms_measured
-                                                   for c in result.reported])
-            over = [c.text for c in result.reported if "latency_ms" in self.limits
-                    and c.latency_ms_measured > self.limits["latency_ms"]]
+            result.latency_error = _error_summary(
+                [abs(c.latency_ms - c.latency_ms_measured) / c.latency_ms_measured for c in result.reported]
+            )
+            over = [
+                c.text
+                for c in result.reported
+                if "latency_ms" in self.limits and c.latency_ms_measured > self.limits["latency_ms"]
+            ]
             if over:
                 log.warning("measured latency exceeds the limit for %s (predicted within it)", over)
         return result
 
 
-def exhaustive_search(evaluator: SubnetEvaluator, space: ElasticSpace, layer_order: Sequence[int], constraints=None,
-                      seed: int = 0, latency_table: LatencyTable | None = None,
-                      measure_latency: bool = True) -> SearchResult:
+def exhaustive_search(
+    evaluator: SubnetEvaluator,
+    space: ElasticSpace,
+    layer_order: Sequence[int],
+    constraints=None,
+    seed: int = 0,
+    latency_table: LatencyTable | None = None,
+    measure_latency: bool = True,
+) -> SearchResult:
     """Evaluate every feasible uniform sub-network of `space` (small spaces only)."""
     pb = _Problem(evaluator, space, layer_order, constraints, latency_table)
     feasible = [c for c in map(pb.candidate, enumerate_uniform(space, pb.layer_order)) if pb.fits(c)]
@@ -474,8 +574,9 @@ def exhaustive_search(evaluator: SubnetEvaluator, space: ElasticSpace, layer_ord
 Genome = tuple[int, tuple[LayerSpec, ...]]
 
 
-def _spec(space: ElasticSpace, rng: random.Random, e: int | None = None, k: int | None = None,
-          w: int | None = None) -> LayerSpec:
+def _spec(
+    space: ElasticSpace, rng: random.Random, e: int | None = None, k: int | None = None, w: int | None = None
+) -> LayerSpec:
     e = rng.choice(space.experts) if e is None else e
     if k is None or k > e:
         k = rng.choice([x for x in space.top_ks if x <= e])
@@ -488,8 +589,9 @@ def _random_genome(space: ElasticSpace, n: int, rng: random.Random, per_layer: b
     return d, specs
 
 
-def _breed(a: Genome, b: Genome, space: ElasticSpace, rng: random.Random, p_mut: float, p_cross: float,
-           per_layer: bool) -> Genome:
+def _breed(
+    a: Genome, b: Genome, space: ElasticSpace, rng: random.Random, p_mut: float, p_cross: float, per_layer: bool
+) -> Genome:
     """Uniform crossover of the genes of a and b (with probability p_cross), then each gene redrawn
     from the space with probability p_mut; top-k redrawn whenever it exceeds the experts kept."""
     cross = rng.random() < p_cross
@@ -555,14 +657,14 @@ class _Evolution:
 
     def offspring(self, count: int, p_mut: float, p_cross: float) -> list[tuple[Genome, Candidate]]:
         def make() -> Genome:
-            return _breed(self.tournament(), self.tournament(), self.pb.space, self.rng, p_mut, p_cross,
-                          self.per_layer)
+            return _breed(self.tournament(), self.tournament(), self.pb.space, self.rng, p_mut, p_cross, self.per_layer)
 
         return self.draw(make, count)
 
 
-def _prefilter(pb: _Problem, real: list[Candidate], kids: list[tuple[Genome, Candidate]],
-               keep: int) -> tuple[list[tuple[Genome, Candidate]], dict[Subnet, float]]:
+def _prefilter(
+    pb: _Problem, real: list[Candidate], kids: list[tuple[Genome, Candidate]], keep: int
+) -> tuple[list[tuple[Genome, Candidate]], dict[Subnet, float]]:
     """The `keep` offspring that look best to a ridge model fitted on the real evaluations so far,
     and its loss guesses for them."""
     feats = lambda cs: np.stack([subnet_features(pb.config, c.subnet, pb.seq_len) for c in cs])  # noqa: E731
@@ -574,10 +676,20 @@ def _prefilter(pb: _Problem, real: list[Candidate], kids: list[tuple[Genome, Can
 
 
 def evolutionary_search(
-    evaluator: SubnetEvaluator, space: ElasticSpace, layer_order: Sequence[int], constraints=None, seed: int = 0,
-    population: int = 16, generations: int = 6, mutation_prob: float = 0.3, crossover_prob: float = 0.5,
-    per_layer: bool = False, latency_table: LatencyTable | None = None, use_predictor: bool = False,
-    predictor_pool: int = 4, measure_latency: bool = True,
+    evaluator: SubnetEvaluator,
+    space: ElasticSpace,
+    layer_order: Sequence[int],
+    constraints=None,
+    seed: int = 0,
+    population: int = 16,
+    generations: int = 6,
+    mutation_prob: float = 0.3,
+    crossover_prob: float = 0.5,
+    per_layer: bool = False,
+    latency_table: LatencyTable | None = None,
+    use_predictor: bool = False,
+    predictor_pool: int = 4,
+    measure_latency: bool = True,
 ) -> SearchResult:
     """Multi-objective evolution (minimise loss, active params and, with a table, predicted latency),
     seeded by `random.Random(seed)` only. Only constraint-satisfying candidates are ever kept.
@@ -587,15 +699,22 @@ def evolutionary_search(
     `use_predictor`, `predictor_pool` times as many offspring are bred, a ridge model fitted on all
     real evaluations so far ranks them, and only the best half-population is evaluated for real:
     every reported loss is a real measurement; the predictor's out-of-sample error is reported."""
-    bad = [f"{k}={v!r}" for k, v, ok in [
-        ("population", population, isinstance(population, int) and population >= 2),
-        ("generations", generations, isinstance(generations, int) and generations >= 0),
-        ("mutation_prob", mutation_prob, 0 <= mutation_prob <= 1),
-        ("crossover_prob", crossover_prob, 0 <= crossover_prob <= 1),
-        ("predictor_pool", predictor_pool, isinstance(predictor_pool, int) and predictor_pool >= 1)] if not ok]
+    bad = [
+        f"{k}={v!r}"
+        for k, v, ok in [
+            ("population", population, isinstance(population, int) and population >= 2),
+            ("generations", generations, isinstance(generations, int) and generations >= 0),
+            ("mutation_prob", mutation_prob, 0 <= mutation_prob <= 1),
+            ("crossover_prob", crossover_prob, 0 <= crossover_prob <= 1),
+            ("predictor_pool", predictor_pool, isinstance(predictor_pool, int) and predictor_pool >= 1),
+        ]
+        if not ok
+    ]
     if bad:
-        raise ConfigError(f"evolutionary search: {', '.join(bad)} out of range (population >= 2, generations >= 0, "
-                          "probabilities in [0, 1], predictor_pool >= 1)")
+        raise ConfigError(
+            f"evolutionary search: {', '.join(bad)} out of range (population >= 2, generations >= 0, "
+            "probabilities in [0, 1], predictor_pool >= 1)"
+        )
     pb = _Problem(evaluator, space, layer_order, constraints, latency_table)
     evo = _Evolution(pb, random.Random(seed), per_layer)
     first = evo.initial(population)
@@ -615,29 +734,69 @@ def evolutionary_search(
                 pred_err.append(abs(guesses[c.subnet] - c.loss))
         real += [c for _, c in kids]
         evo.select(evo.pop + kids, population)
-        log.info("generation %d/%d | %d new | %d evaluated | best loss %.4f", gen + 1, generations, len(kids),
-                 len(real), min(c.loss for c in real))
+        log.info(
+            "generation %d/%d | %d new | %d evaluated | best loss %.4f",
+            gen + 1,
+            generations,
+            len(kids),
+            len(real),
+            min(c.loss for c in real),
+        )
     predictor = None
     if use_predictor:
-        predictor = {"model": "ridge", "features": list(FEATURES), "n_out_of_sample": len(pred_err),
-                     "mean_abs_error": float(np.mean(pred_err)) if pred_err else None,
-                     "max_abs_error": max(pred_err) if pred_err else None}
+        predictor = {
+            "model": "ridge",
+            "features": list(FEATURES),
+            "n_out_of_sample": len(pred_err),
+            "mean_abs_error": float(np.mean(pred_err)) if pred_err else None,
+            "max_abs_error": max(pred_err) if pred_err else None,
+        }
     return pb.finish("evolutionary", seed, real, per_layer, measure_latency, predictor)
 
 
-def search(evaluator: SubnetEvaluator, space: ElasticSpace, layer_order: Sequence[int], constraints=None,
-           seed: int = 0, per_layer: bool = False, latency_table: LatencyTable | None = None,
-           exhaustive_limit: int = 200, measure_latency: bool = True, **evolution: Any) -> SearchResult:
+def search(
+    evaluator: SubnetEvaluator,
+    space: ElasticSpace,
+    layer_order: Sequence[int],
+    constraints=None,
+    seed: int = 0,
+    per_layer: bool = False,
+    latency_table: LatencyTable | None = None,
+    exhaustive_limit: int = 200,
+    measure_latency: bool = True,
+    **evolution: Any,
+) -> SearchResult:
     """Exhaustive when the uniform space holds at most `exhaustive_limit` sub-networks (and the search
     is not per-layer), evolutionary otherwise; `evolution` goes to `evolutionary_search`."""
     if not per_layer and len(enumerate_uniform(space, list(layer_order))) <= exhaustive_limit:
         return exhaustive_search(evaluator, space, layer_order, constraints, seed, latency_table, measure_latency)
-    return evolutionary_search(evaluator, space, layer_order, constraints, seed, per_layer=per_layer,
-                               latency_table=latency_table, measure_latency=measure_latency, **evolution)
+    return evolutionary_search(
+        evaluator,
+        space,
+        layer_order,
+        constraints,
+        seed,
+        per_layer=per_layer,
+        latency_table=latency_table,
+        measure_latency=measure_latency,
+        **evolution,
+    )
 
 
 __all__ = [
-    "Candidate", "Constraints", "FEATURES", "LatencyTable", "RidgePredictor", "SearchResult", "SubnetEvaluator",
-    "dominates", "evolutionary_search", "exhaustive_search", "make_candidate", "pareto_front",
-    "parse_constraints", "search", "subnet_features",
+    "Candidate",
+    "Constraints",
+    "FEATURES",
+    "LatencyTable",
+    "RidgePredictor",
+    "SearchResult",
+    "SubnetEvaluator",
+    "dominates",
+    "evolutionary_search",
+    "exhaustive_search",
+    "make_candidate",
+    "pareto_front",
+    "parse_constraints",
+    "search",
+    "subnet_features",
 ]

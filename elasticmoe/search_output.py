@@ -27,26 +27,51 @@ def results_dict(result: SearchResult, seed: int | None = None, constraints=None
         parent_cost = asdict(parent_cost)
     table = result.latency_table
     return {
-        "format": "elasticmoe-search", "method": result.method,
-        "seed": result.seed if seed is None else seed, "per_layer": result.per_layer,
+        "format": "elasticmoe-search",
+        "method": result.method,
+        "seed": result.seed if seed is None else seed,
+        "per_layer": result.per_layer,
         "space": result.space.to_dict() if result.space else None,
-        "constraints": {"given": cons.given(), "resolved": result.limits, "seq_len": result.seq_len,
-                        "batch": result.batch},
-        "parent": result.parent.to_dict(), "parent_cost": parent_cost,
+        "constraints": {
+            "given": cons.given(),
+            "resolved": result.limits,
+            "seq_len": result.seq_len,
+            "batch": result.batch,
+        },
+        "parent": result.parent.to_dict(),
+        "parent_cost": parent_cost,
         "frontier": [c.to_dict() for c in result.frontier],
         "latency_frontier": [c.to_dict() for c in result.latency_frontier],
-        "latency_table": None if table is None else {"device": table.device, "batch": table.batch,
-                                                     "seq_len": table.seq_len, "repeats": table.repeats},
+        "latency_table": None
+        if table is None
+        else {"device": table.device, "batch": table.batch, "seq_len": table.seq_len, "repeats": table.repeats},
         "predictor_error": {"loss": result.predictor, "latency": result.latency_error},
-        "search_cost": {"evaluated": len(result.evaluated), "tokens": result.tokens, "flops": result.flops,
-                        "seconds": round(result.seconds, 3)},
-        "evaluated": [{"subnet": c.text, "active_params": c.active_params, "params": c.params,
-                       "latency_ms_predicted": c.latency_ms, "loss_mix": c.loss} for c in result.evaluated],
+        "search_cost": {
+            "evaluated": len(result.evaluated),
+            "tokens": result.tokens,
+            "flops": result.flops,
+            "seconds": round(result.seconds, 3),
+        },
+        "evaluated": [
+            {
+                "subnet": c.text,
+                "active_params": c.active_params,
+                "params": c.params,
+                "latency_ms_predicted": c.latency_ms,
+                "loss_mix": c.loss,
+            }
+            for c in result.evaluated
+        ],
     }
 
 
-def write_search_results(out_dir: Path | str, result: SearchResult, seed: int | None = None, constraints=None,
-                         parent_cost: costmod.Cost | dict | None = None) -> dict[str, Path]:
+def write_search_results(
+    out_dir: Path | str,
+    result: SearchResult,
+    seed: int | None = None,
+    constraints=None,
+    parent_cost: costmod.Cost | dict | None = None,
+) -> dict[str, Path]:
     """Write `pareto.json` and `pareto.png` into `out_dir`; returns their paths.
 
     pareto.json: format, method, seed, per_layer, space, constraints (given, resolved to absolute
@@ -71,20 +96,33 @@ def _plot(result: SearchResult) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = [("active_params", result.frontier, "active params per token"),
-              ("latency_ms", result.latency_frontier, "latency (ms, predicted)")]
+    panels = [
+        ("active_params", result.frontier, "active params per token"),
+        ("latency_ms", result.latency_frontier, "latency (ms, predicted)"),
+    ]
     for ax, (attr, front, label) in zip(axes, panels):
         pts = [c for c in result.evaluated if getattr(c, attr) is not None]
         if not pts:
             ax.text(0.5, 0.5, "no latency table", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
             continue
-        ax.scatter([getattr(c, attr) for c in pts], [c.loss for c in pts], s=12, c="0.6", alpha=0.35,
-                   label=f"evaluated ({len(pts)})")
+        ax.scatter(
+            [getattr(c, attr) for c in pts],
+            [c.loss for c in pts],
+            s=12,
+            c="0.6",
+            alpha=0.35,
+            label=f"evaluated ({len(pts)})",
+        )
         ax.plot([getattr(c, attr) for c in front], [c.loss for c in front], "o-", c="C3", ms=5, label="Pareto front")
         if attr == "latency_ms" and any(c.latency_ms_measured for c in front):
-            ax.scatter([c.latency_ms_measured for c in front], [c.loss for c in front], marker="x", c="C0",
-                       label="front, measured latency")
+            ax.scatter(
+                [c.latency_ms_measured for c in front],
+                [c.loss for c in front],
+                marker="x",
+                c="C0",
+                label="front, measured latency",
+            )
         if getattr(result.parent, attr) is not None:
             ax.scatter([getattr(result.parent, attr)], [result.parent.loss], marker="*", s=160, c="k", label="parent")
         ax.set_xlabel(label)
@@ -110,8 +148,10 @@ def _short(subnet: Subnet) -> str:
     """One terminal line, per-layer sub-networks included: `L[0-2] E[8,4,4] k[2,1,1] W[64,32,32]`."""
     if subnet.is_uniform:
         return str(subnet)
-    lists = {f: ",".join(str(getattr(s, a)) for s in subnet.specs)
-             for f, a in (("E", "experts"), ("k", "top_k"), ("W", "width"))}
+    lists = {
+        f: ",".join(str(getattr(s, a)) for s in subnet.specs)
+        for f, a in (("E", "experts"), ("k", "top_k"), ("W", "width"))
+    }
     return str(Subnet.uniform(subnet.layers, 1, 1, 1)).split()[0] + "".join(f" {f}[{v}]" for f, v in lists.items())
 
 
@@ -128,7 +168,14 @@ def format_table(result: SearchResult):
     rows = sorted(result.reported, key=lambda c: (c.active_params, c.loss)) + [result.parent]
     for c in rows:
         lat = c.latency_ms_measured if c.latency_ms_measured is not None else c.latency_ms
-        table.add_row(_short(c.subnet) if c is not result.parent else f"parent {c.text}", _human(c.params),
-                      _human(c.active_params), _human(c.flops_per_token), "-" if lat is None else f"{lat:.2f}",
-                      f"{c.memory_mb:.2f}", f"{c.loss:.4f}", f"{c.loss - result.parent.loss:+.4f}")
+        table.add_row(
+            _short(c.subnet) if c is not result.parent else f"parent {c.text}",
+            _human(c.params),
+            _human(c.active_params),
+            _human(c.flops_per_token),
+            "-" if lat is None else f"{lat:.2f}",
+            f"{c.memory_mb:.2f}",
+            f"{c.loss:.4f}",
+            f"{c.loss - result.parent.loss:+.4f}",
+        )
     return table

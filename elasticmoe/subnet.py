@@ -96,8 +96,7 @@ class Subnet:
 
     def in_space(self, space: ElasticSpace) -> bool:
         return self.depth in space.depths and all(
-            s.experts in space.experts and s.top_k in space.top_ks and s.width in space.widths
-            for s in self.specs
+            s.experts in space.experts and s.top_k in space.top_ks and s.width in space.widths for s in self.specs
         )
 
     # text and JSON ------------------------------------------------------------------------

@@ -12,9 +12,22 @@ from elasticmoe.config import ConfigError, ElasticSpace, ModelConfig, apply_over
 def rich_config() -> ModelConfig:
     """Non-default values in every field, per-layer shapes included, so a dropped field shows."""
     return ModelConfig(
-        vocab_size=101, d_model=48, layers=3, heads=6, kv_heads=3, head_dim=8, experts=6, top_k=3,
-        expert_width=40, shared_expert_width=16, rope_theta=5e5, norm_eps=1e-5, max_seq_len=77,
-        tie_embeddings=True, qk_norm=True, layer_shapes=((6, 3, 40), (4, 2, 24), (2, 1, 8)),
+        vocab_size=101,
+        d_model=48,
+        layers=3,
+        heads=6,
+        kv_heads=3,
+        head_dim=8,
+        experts=6,
+        top_k=3,
+        expert_width=40,
+        shared_expert_width=16,
+        rope_theta=5e5,
+        norm_eps=1e-5,
+        max_seq_len=77,
+        tie_embeddings=True,
+        qk_norm=True,
+        layer_shapes=((6, 3, 40), (4, 2, 24), (2, 1, 8)),
     )
 
 

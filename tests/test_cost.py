@@ -40,10 +40,14 @@ def touched_params(model: ElasticMoE, subnet: Subnet) -> tuple[int, int]:
         total += block.attn_norm.weight.numel() + block.moe_norm.weight.numel()
         moe = block.moe
         total += moe.router.weight[: s.experts].numel()
-        one_expert = (moe.w_gate[0, : s.width].numel() + moe.w_up[0, : s.width].numel()
-                      + moe.w_down[0, :, : s.width].numel())
-        kept = (moe.w_gate[: s.experts, : s.width].numel() + moe.w_up[: s.experts, : s.width].numel()
-                + moe.w_down[: s.experts, :, : s.width].numel())
+        one_expert = (
+            moe.w_gate[0, : s.width].numel() + moe.w_up[0, : s.width].numel() + moe.w_down[0, :, : s.width].numel()
+        )
+        kept = (
+            moe.w_gate[: s.experts, : s.width].numel()
+            + moe.w_up[: s.experts, : s.width].numel()
+            + moe.w_down[: s.experts, :, : s.width].numel()
+        )
         assert kept == s.experts * one_expert
         total += kept
         if moe.shared is not None:

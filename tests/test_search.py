@@ -61,7 +61,8 @@ def test_parse_constraints_forms():
     assert c.max_params_ratio == pytest.approx(1 / 3)
     assert c.max_active_params == 2500 and c.max_memory_mb == 0.5 and c.batch == 8
     assert parse_constraints({"max_flops_per_token": "1e6", "seq_len": 32}) == Constraints(
-        max_flops_per_token=1e6, seq_len=32)
+        max_flops_per_token=1e6, seq_len=32
+    )
     assert parse_constraints(None) == Constraints()
 
 
@@ -88,8 +89,10 @@ def _limits(parent, cons: Constraints):
         "flops": (cons.max_flops_per_token, cons.max_flops_ratio, full.flops_forward),
         "memory": (cons.max_memory_mb, cons.max_memory_ratio, mem),
     }
-    return {k: min([x for x in (a, r * base if r else None) if x is not None], default=float("inf"))
-            for k, (a, r, base) in pairs.items()}
+    return {
+        k: min([x for x in (a, r * base if r else None) if x is not None], default=float("inf"))
+        for k, (a, r, base) in pairs.items()
+    }
 
 
 def _assert_within(parent, subnet, limits, batch):
@@ -101,17 +104,22 @@ def _assert_within(parent, subnet, limits, batch):
     assert costmod.memory_bytes(c, subnet, SEQ, batch) / 2**20 <= limits["memory"]
 
 
-@pytest.mark.parametrize("given", [
-    {"max_params_ratio": 1 / 3 * 2, "max_active_ratio": 1 / 2},
-    {"max_params": 20_000, "max_flops_per_token": 40_000},
-    {"max_memory_mb": 0.08, "max_flops_ratio": 0.7, "batch": 4},
-    {"max_memory_ratio": 0.6, "max_active_params": 16_000},
-])
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"max_params_ratio": 1 / 3 * 2, "max_active_ratio": 1 / 2},
+        {"max_params": 20_000, "max_flops_per_token": 40_000},
+        {"max_memory_mb": 0.08, "max_flops_ratio": 0.7, "batch": 4},
+        {"max_memory_ratio": 0.6, "max_active_params": 16_000},
+    ],
+)
 def test_every_point_meets_every_constraint(parent, windows, space, given):
     cons = parse_constraints({**given, "seq_len": SEQ})
     limits = _limits(parent, cons)
-    for result in (evo(parent, windows, space, cons, seed=2, per_layer=True),
-                   exhaustive_search(evaluator(parent, windows), space, parent.layer_order, cons)):
+    for result in (
+        evo(parent, windows, space, cons, seed=2, per_layer=True),
+        exhaustive_search(evaluator(parent, windows), space, parent.layer_order, cons),
+    ):
         assert result.frontier
         for cand in result.evaluated + result.frontier:
             _assert_within(parent, cand.subnet, limits, cons.batch)
@@ -142,8 +150,13 @@ def test_impossible_constraints_name_smallest_achievable(parent, windows, space)
         assert f"FLOPs/token {low.flops_forward:,}" in msg and "memory" in msg and "MiB" in msg
     table = LatencyTable.measure(parent, SEQ, 1, "cpu", repeats=1, space=space)
     with pytest.raises(ConfigError, match=r"latency [0-9.]+ ms"):
-        exhaustive_search(evaluator(parent, windows), space, parent.layer_order,
-                          {"max_latency_ms": 1e-6, "seq_len": SEQ}, latency_table=table)
+        exhaustive_search(
+            evaluator(parent, windows),
+            space,
+            parent.layer_order,
+            {"max_latency_ms": 1e-6, "seq_len": SEQ},
+            latency_table=table,
+        )
 
 
 # -- reproducibility and fronts ----------------------------------------------------------------
@@ -165,9 +178,10 @@ def test_same_seed_same_result(parent, windows, space, per_layer, use_predictor)
 
 def test_fronts_are_nondominated_and_complete(parent, windows, space):
     table = LatencyTable.measure(parent, SEQ, 1, "cpu", repeats=1, space=space)
-    for result in (evo(parent, windows, space, {"seq_len": SEQ}, latency_table=table, per_layer=True),
-                   exhaustive_search(evaluator(parent, windows), space, parent.layer_order, {"seq_len": SEQ},
-                                     latency_table=table)):
+    for result in (
+        evo(parent, windows, space, {"seq_len": SEQ}, latency_table=table, per_layer=True),
+        exhaustive_search(evaluator(parent, windows), space, parent.layer_order, {"seq_len": SEQ}, latency_table=table),
+    ):
         for front, attr in ((result.frontier, "active_params"), (result.latency_frontier, "latency_ms")):
             key = lambda c, attr=attr: (c.loss, getattr(c, attr))  # noqa: E731
             assert front
@@ -201,8 +215,7 @@ def test_search_picks_exhaustive_for_small_spaces(parent, windows, space):
     assert result.method == "exhaustive"
     assert len(result.evaluated) == len(enumerate_uniform(space, parent.layer_order))
     assert result.tokens == ev.tokens and result.flops == ev.flops > 0
-    result = search(ev, space, parent.layer_order, {"seq_len": SEQ}, exhaustive_limit=10, population=4,
-                    generations=1)
+    result = search(ev, space, parent.layer_order, {"seq_len": SEQ}, exhaustive_limit=10, population=4, generations=1)
     assert result.method == "evolutionary"
 
 
@@ -273,8 +286,19 @@ def test_write_results_and_table(parent, windows, space, tmp_path):
     assert set(data["predictor_error"]) == {"loss", "latency"}
     assert data["predictor_error"]["latency"]["n"] > 0
     assert data["search_cost"]["tokens"] > 0 and len(data["evaluated"]) == len(result.evaluated)
-    fields = {"subnet", "subnet_json", "params", "active_params", "flops_per_token", "memory_bytes", "memory_mb",
-              "latency_ms_predicted", "latency_ms_measured", "loss_per_task", "loss_mix"}
+    fields = {
+        "subnet",
+        "subnet_json",
+        "params",
+        "active_params",
+        "flops_per_token",
+        "memory_bytes",
+        "memory_mb",
+        "latency_ms_predicted",
+        "latency_ms_measured",
+        "loss_per_task",
+        "loss_mix",
+    }
     for point in data["frontier"] + data["latency_frontier"]:
         assert fields <= set(point)
         sn = Subnet.from_dict(point["subnet_json"])

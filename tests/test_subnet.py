@@ -18,8 +18,18 @@ from elasticmoe.subnet import (
 
 @pytest.fixture
 def config() -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=32, layers=6, heads=4, kv_heads=2, head_dim=8,
-                       experts=8, top_k=2, expert_width=64, max_seq_len=32)
+    return ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        layers=6,
+        heads=4,
+        kv_heads=2,
+        head_dim=8,
+        experts=8,
+        top_k=2,
+        expert_width=64,
+        max_seq_len=32,
+    )
 
 
 @pytest.fixture
