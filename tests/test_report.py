@@ -148,7 +148,7 @@ def test_report_percentages_name_their_baseline(tmp_path):
     data = write_report(tmp_path, children, est, {"params": 9000, "active_params": 3000}, claims=["6% of pre-training"])
     md = (tmp_path / "report.md").read_text()
     per_token = cost(cfg, None, 32).flops_train
-    lines = [line for line in md.splitlines() if "% of baseline" in line]
+    lines = [line for line in md.splitlines() if "% of the baseline's FLOPs" in line]
     assert lines
     for line in lines:  # the estimate's formula and inputs on the same line as every percentage
         assert f"F_train x D = {per_token:,} FLOPs/token (cost model, seq 32) x 10,000 tokens" in line
