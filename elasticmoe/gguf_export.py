@@ -49,7 +49,7 @@ import torch
 
 from . import checkpoint
 from .config import ConfigError, ModelConfig
-from .hf import ARCHITECTURES, HFError, architecture_for
+from .hf import ARCHITECTURES, HFError, architecture_for, export_source
 from .model import ElasticMoE
 
 log = logging.getLogger(__name__)
@@ -552,15 +552,7 @@ def export_gguf(
 
     if qtype not in QTYPES:
         raise ConfigError(f"GGUF type {qtype!r} is not supported; choose one of {list(QTYPES)}")
-    meta: dict[str, Any] = {}
-    if isinstance(model_dir_or_model, ElasticMoE):
-        model = model_dir_or_model
-    else:
-        source = Path(model_dir_or_model)
-        model, meta = checkpoint.load_model(source)
-        meta = {"source": str(source), **meta}
-        if tokenizer_path is None and (source / "tokenizer.json").is_file():
-            tokenizer_path = source / "tokenizer.json"
+    model, meta, tokenizer_path = export_source(model_dir_or_model, tokenizer_path)
     if tokenizer_path is None:
         raise ConfigError("GGUF export needs the model's tokenizer.json (llama.cpp files carry the tokenizer)")
     architecture_for(model.config)  # refuses what no stock architecture expresses, with the reason

@@ -256,6 +256,18 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=str))
 
 
+def export_source(model_dir_or_model, tokenizer_path=None) -> tuple[ElasticMoE, dict[str, Any], Path | None]:
+    """What every export starts from: the model, the meta of its folder (with `source`) and its
+    tokenizer.json when `tokenizer_path` is not given and the folder has one."""
+    if isinstance(model_dir_or_model, ElasticMoE):
+        return model_dir_or_model, {}, tokenizer_path
+    source = Path(model_dir_or_model)
+    model, meta = checkpoint.load_model(source)
+    if tokenizer_path is None and (source / "tokenizer.json").is_file():
+        tokenizer_path = source / "tokenizer.json"
+    return model, {"source": str(source), **meta}, tokenizer_path
+
+
 def export_hf(
     model_dir_or_model: ElasticMoE | str | Path,
     out_dir: str | Path,
@@ -274,15 +286,7 @@ def export_hf(
     (a folder outside a run), on random token ids: the record says which (`hf_verification.tokens`).
     `verify=False` skips the check (and the record says so). Returns the provenance.
     """
-    meta: dict[str, Any] = {}
-    if isinstance(model_dir_or_model, ElasticMoE):
-        model = model_dir_or_model
-    else:
-        source = Path(model_dir_or_model)
-        model, meta = checkpoint.load_model(source)
-        meta = {"source": str(source), **meta}
-        if tokenizer_path is None and (source / "tokenizer.json").is_file():
-            tokenizer_path = source / "tokenizer.json"
+    model, meta, tokenizer_path = export_source(model_dir_or_model, tokenizer_path)
     model_type = architecture_for(model.config)
     dtype = model.embed.weight.dtype
     record = _jsonable(

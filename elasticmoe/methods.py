@@ -85,8 +85,11 @@ def compare(run_dir: Path, records: list[dict], ref, costs: list, evals: dict) -
         ev_e, ev_d = evals.get("parent"), evals.get("parent (dense, equal tokens)")
         if ev_e and ev_d and "text" in ev_e.get("tasks", {}) and "text" in ev_d.get("tasks", {}):
             e, d = ev_e["tasks"]["text"]["score"], ev_d["tasks"]["text"]["score"]
-            lines += ["", f"Elastic parent vs dense parent at equal tokens: text {e:.3f} vs {d:.3f} bits/byte "
-                          f"({100 * (e / d - 1):+.1f}%, target within +1%)."]  # fmt: skip
+            lines += [
+                "",
+                f"Elastic parent vs dense parent at equal tokens: text {e:.3f} vs {d:.3f} bits/byte "
+                f"({100 * (e / d - 1):+.1f}%, target within +1%).",
+            ]
             data["parent"]["text_vs_dense_equal_tokens"] = e / d - 1
         lines.append("")
     dense_flops = dense_cost.get("equal tokens", {}).get("flops")
@@ -121,15 +124,26 @@ def _child_rows(c, records, ref, base: Path, evals: dict, dense_flops: float | N
     k = c.family_size
     zero = c.search_share["flops"] + c.extract["flops"]
     rows = [
-        {"method": "elastic, zero-shot", "eval": evals.get(c.name),
-         "cost": {"marginal": zero, "all-in": c.parent["flops"] + zero, "amortized": c.parent["flops"] / k + zero}},
-        {"method": "elastic + fine-tune", "eval": evals.get(f"{c.name}-ft"),
-         "cost": {kind: c.figure(kind) for kind in ("marginal", "all-in", "amortized")}},
-    ]  # fmt: skip
+        {
+            "method": "elastic, zero-shot",
+            "eval": evals.get(c.name),
+            "cost": {"marginal": zero, "all-in": c.parent["flops"] + zero, "amortized": c.parent["flops"] / k + zero},
+        },
+        {
+            "method": "elastic + fine-tune",
+            "eval": evals.get(f"{c.name}-ft"),
+            "cost": {kind: c.figure(kind) for kind in ("marginal", "all-in", "amortized")},
+        },
+    ]
     if f"{c.name} (from scratch)" in evals and c.baseline:
         f = c.baseline.flops
-        rows.append({"method": "from scratch", "eval": evals[f"{c.name} (from scratch)"],
-                     "cost": {"marginal": f, "all-in": f, "amortized": f}})  # fmt: skip
+        rows.append(
+            {
+                "method": "from scratch",
+                "eval": evals[f"{c.name} (from scratch)"],
+                "cost": {"marginal": f, "all-in": f, "amortized": f},
+            }
+        )
     for method in ("prune-distill", "expert-prune"):
         ev = evals.get(f"{c.name} ({method})")
         if ev is None:

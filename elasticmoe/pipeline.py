@@ -296,8 +296,11 @@ class Pipeline:
                 outs[key] = {"refused": str(exc)}
                 print(f"  {key}: not run, {exc}")
                 return
-            outs[key] = {"dir": str(folder), "method": kw.get("method", "scratch"), **{
-                k: v for k, v in kw.items() if k in ("arch", "tokens")}}  # fmt: skip
+            outs[key] = {
+                "dir": str(folder),
+                "method": kw.get("method", "scratch"),
+                **{k: v for k, v in kw.items() if k in ("arch", "tokens")},
+            }
             dirs[label] = folder / model_rel
 
         run("dense-parent", "parent (dense, equal tokens)", "parent", method="dense-parent", tokens=tokens_seen)
@@ -305,14 +308,26 @@ class Pipeline:
             ledger = Ledger(self.run / "ledger.jsonl")
             flops = ledger.totals("train", run=ledger.ref(self.run))["flops"]
             per_token = cost(self.recipe.model, None, self.recipe.data.seq_len).flops_train
-            run("dense-parent-flops", "parent (dense, equal FLOPs)", "parent", method="dense-parent",
-                tokens=max(int(flops / per_token), 1))  # fmt: skip
+            run(
+                "dense-parent-flops",
+                "parent (dense, equal FLOPs)",
+                "parent",
+                method="dense-parent",
+                tokens=max(int(flops / per_token), 1),
+            )
         lr = self.recipe.train.lr * 0.3  # what phase_finetune gives the elastic children
         for name in names:
             spec = children[name]["subnet"]
             run(name, f"{name} (from scratch)", "parent", arch=spec, tokens=tokens_seen)
-            run(f"{name}-prune-distill", f"{name} (prune-distill)", "distilled/model", arch=spec,
-                method="prune-distill", tokens=ft_budget, lr=lr)  # fmt: skip
+            run(
+                f"{name}-prune-distill",
+                f"{name} (prune-distill)",
+                "distilled/model",
+                arch=spec,
+                method="prune-distill",
+                tokens=ft_budget,
+                lr=lr,
+            )
             if self.baselines == "all":
                 run(f"{name}-expert-prune", f"{name} (expert-prune)", "pruned", arch=spec, method="expert-prune")
         self._evaluate(dirs, "eval/baseline.json")
