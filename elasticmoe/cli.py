@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
-from .ledger import Ledger
-from .runfolder import check_separate, lock, recipe_inputs, writing
+from .runfolder import RUN, check_separate, lock, recipe_inputs, writing
 
 log = logging.getLogger("elasticmoe")
 
@@ -47,6 +46,22 @@ def _device(name: str, flag: str = "--device") -> str:
         f"{flag}={name!r}; allowed auto, cpu, cuda, cuda:N, mps",
     )
     return name
+
+
+def _other_kind(folder: Path | str) -> str | None:
+    """The kind of a folder elasticmoe wrote that is not a run (a model folder, ...), else None."""
+    from .checkpoint import read_marker
+
+    marker = read_marker(Path(folder)) if Path(folder).is_dir() else None
+    return marker["kind"] if marker is not None and marker["kind"] != RUN else None
+
+
+def _lock_run(run: Path | str, command: str):
+    """The run folder's write lock; a model folder given as a run is refused before a lock file
+    could be left inside it (its manifest would no longer verify)."""
+    if kind := _other_kind(run):
+        raise ConfigError(f"{run} is a {kind} folder elasticmoe wrote, not a run folder")
+    return lock(run, command)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -148,41 +163,35 @@ def _commit_recipe(run_dir: Path, recipe, resume: bool) -> None:
 
 
 # -- extract / export / import -------------------------------------------------------------
-def _verify_tokens(run_dir: Path, n_windows: int = 4):
-    from .phases import run_recipe
-    from .rundata import load_run_data
+def _spec_from_search(run: Path, index: int, search_dir: str | None) -> str:
+    """The Subnet (as JSON) of point `index` of a search's frontier."""
+    import json
 
-    data = load_run_data(run_dir, run_recipe(run_dir))
-    windows = data.eval_windows("val", n_windows)
-    return next(iter(windows.values()))[:, :-1], data
+    pareto = Path(search_dir or run / "search") / "pareto.json"
+    if not pareto.is_file():
+        found = sorted(str(p.parent) for p in (run / "search").glob("*/pareto.json"))
+        hint = f"; searches found: {found} (pass one with --search-dir)" if found else ""
+        raise ConfigError(f"{pareto} does not exist: run `elasticmoe search {run}` first{hint}")
+    points = json.loads(pareto.read_text())["frontier"]
+    if not 0 <= index < len(points):
+        raise ConfigError(f"--from-search {index} out of range; the frontier has {len(points)} points")
+    return json.dumps(points[index]["subnet_json"])
 
 
 def cmd_extract(args) -> int:
-    import json
-
-    from .checkpoint import load_model
-    from .phases import extract_child, model_folder
+    from .phases import extract_child
 
     run = Path(args.run_dir)
     if args.from_search is not None:
-        pareto = Path(args.search_dir or run / "search") / "pareto.json"
-        if not pareto.is_file():
-            found = sorted(str(p.parent) for p in (run / "search").glob("*/pareto.json"))
-            hint = f"; searches found: {found} (pass one with --search-dir)" if found else ""
-            raise ConfigError(f"{pareto} does not exist: run `elasticmoe search {run}` first{hint}")
-        points = json.loads(pareto.read_text())["frontier"]
-        if not 0 <= args.from_search < len(points):
-            raise ConfigError(f"--from-search {args.from_search} out of range; the frontier has {len(points)} points")
-        spec = json.dumps(points[args.from_search]["subnet_json"])
+        spec = _spec_from_search(run, args.from_search, args.search_dir)
     elif args.subnet:
         spec = args.subnet
     else:
         raise ConfigError("give --subnet SPEC or --from-search N")
     out = Path(args.out)
     check_separate(out, [run / "parent", run / "data", run / "checkpoints", run / "recipe.yaml", run / "ledger.jsonl"])
-    with lock(run, "extract"):
-        parent, _ = load_model(model_folder(run))
-        meta = extract_child(run, parent, spec, out)
+    with _lock_run(run, "extract"):
+        meta = extract_child(run, None, spec, out)
     v = meta["verification"]
     print(
         f"wrote {args.out}: {meta['subnet']} | {meta['params']:,} params, {meta['active_params']:,} active | "
@@ -192,28 +201,17 @@ def cmd_extract(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .hf import export_hf
+    from .export import export_model
     from .phases import model_folder
 
-    src = model_folder(args.model_dir)
-    check_separate(args.out, [src])
+    check_separate(args.out, [model_folder(args.model_dir)])
+    rec = export_model(args.model_dir, args.out, args.format, args.gguf_type)
     if args.format == "gguf":
-        from .gguf_export import export_gguf, gguf_summary, held_out_tokens
+        from .gguf_export import gguf_summary
 
-        rec = export_gguf(src, Path(args.out), qtype=args.gguf_type, verify_tokens=held_out_tokens(src))
         print(gguf_summary(rec, args.out))
         return 0
-    tokens = None
-    try:
-        from .phases import parent_run_of
-
-        run = parent_run_of(src)
-        if run is not None:
-            tokens, _ = _verify_tokens(run, 2)
-    except ConfigError:
-        tokens = None
-    prov = export_hf(src, Path(args.out), verify_tokens=tokens)
-    diff = (prov.get("hf_verification") or {}).get("max_abs_logit_diff")
+    diff = (rec.get("hf_verification") or {}).get("max_abs_logit_diff")
     print(
         f"wrote {args.out} ({args.format})"
         + (f" | transformers vs elasticmoe max |logit diff| {diff:.2e}" if diff is not None else "")
@@ -281,61 +279,37 @@ CONSTRAINT_FLAGS = (
 
 
 def cmd_search(args) -> int:
+    from rich.console import Console
+
+    from .phases import search_run
+    from .search_output import format_table
+
     _require(args.batch >= 1, f"--batch={args.batch} must be >= 1")
     _require(args.windows >= 1, f"--windows={args.windows} must be >= 1")
     _require(args.seq_len is None or args.seq_len >= 2, f"--seq-len={args.seq_len} must be >= 2")
     _device(args.device)
     run = Path(args.run_dir)
-    with lock(run, "search"):
-        return _search(args, run)
-
-
-def _search(args, run: Path) -> int:
-    from rich.console import Console
-
-    from .checkpoint import load_model
-    from .cost import cost
-    from .latency import LatencyTable
-    from .phases import model_folder, run_recipe
-    from .rundata import load_run_data
-    from .search import SubnetEvaluator, parse_constraints, search
-    from .search_output import format_table, write_search_results
-    from .train import resolve_device
-
-    recipe = run_recipe(run)
-    seq = args.seq_len or recipe.data.seq_len
     given = [f"{k}={getattr(args, k)}" for k in CONSTRAINT_FLAGS if getattr(args, k) is not None]
-    cons = parse_constraints(given + [f"batch={args.batch}", f"seq_len={seq}"])
-    parent, _ = load_model(model_folder(run))
-    device = resolve_device(args.device)
-    parent.to(device)
-    windows = load_run_data(run, recipe).eval_windows("search", args.windows)
-    out = Path(args.out) if args.out else run / "search"
-    if args.out and not (out / "latency_table.json").is_file():
-        _refuse_foreign_folder(out, "pareto.json")
-    check_separate(out, [run / "parent", run / "data", run / "checkpoints", run / "recipe.yaml"])
-    ledger = Ledger(run / "ledger.jsonl")
-    table = None
-    with ledger.phase("search", device=str(device), model="latency-table"):
-        if cons.needs_latency or args.latency:
-            table = LatencyTable.measure(parent, seq, args.batch, device, repeats=5, space=recipe.space)
-            table.save(out / "latency_table.json")
-    with ledger.phase("search", device=str(device), model="cli", constraints=cons.given()) as rec:
-        result = search(
-            SubnetEvaluator(parent, windows, device),
-            recipe.space,
-            parent.layer_order,
-            cons,
+    with _lock_run(run, "search"):
+        out = Path(args.out) if args.out else run / "search"
+        if args.out and not (out / "latency_table.json").is_file():
+            _refuse_foreign_folder(out, "pareto.json")
+        check_separate(out, [run / "parent", run / "data", run / "checkpoints", run / "recipe.yaml"])
+        result = search_run(
+            run,
+            {"cli": given},
+            out,
+            dests={"cli": out},
+            device=args.device,
+            windows=args.windows,
             seed=args.seed,
             per_layer=args.per_layer,
-            latency_table=table,
-        )
-        rec["tokens"], rec["flops"] = result.tokens, result.flops
-    paths = write_search_results(
-        out, result, seed=args.seed, constraints=cons, parent_cost=cost(parent.config, None, seq)
-    )
+            batch=args.batch,
+            seq_len=args.seq_len,
+            latency=args.latency,
+        )["cli"]
     Console().print(format_table(result))
-    print(f"wrote {paths['json']} and {paths['png']}")
+    print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
     return 0
 
 
@@ -370,26 +344,23 @@ def cmd_finetune(args) -> int:
 
     from .runfolder import looks_like_run
 
-    data_lock = lock(data_run, "finetune") if looks_like_run(data_run) else nullcontext()
+    mine = looks_like_run(data_run) and not _other_kind(data_run)  # never lock a model folder
+    data_lock = lock(data_run, "finetune") if mine else nullcontext()
     with data_lock, writing(out, "finetune", create=not args.resume):
-        return _finetune(args, finetune)
-
-
-def _finetune(args, finetune) -> int:
-    res = finetune(
-        args.child_dir,
-        args.out,
-        kd_weight=args.kd_weight,
-        ce_weight=args.ce_weight,
-        temperature=args.temperature,
-        teacher_run=args.teacher,
-        data_run=args.data,
-        tokens=args.tokens,
-        steps=args.steps,
-        task_weights=_weights(args.task_weight),
-        lr=args.lr,
-        resume=args.resume,
-    )
+        res = finetune(
+            args.child_dir,
+            args.out,
+            kd_weight=args.kd_weight,
+            ce_weight=args.ce_weight,
+            temperature=args.temperature,
+            teacher_run=args.teacher,
+            data_run=args.data,
+            tokens=args.tokens,
+            steps=args.steps,
+            task_weights=_weights(args.task_weight),
+            lr=args.lr,
+            resume=args.resume,
+        )
     print(f"fine-tuned {res.steps} steps / {res.tokens:,} tokens -> {Path(args.out) / 'model'}")
     for t in res.val_before:
         print(f"  {t:6s} val CE {res.val_before[t]:.3f} -> {res.val_after[t]:.3f}")
@@ -399,7 +370,7 @@ def _finetune(args, finetune) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from .phases import baseline
+    from .phases import BASELINE_MODEL, baseline
 
     _require(all(v is None or v >= 1 for v in (args.tokens, args.steps)), "--tokens / --steps must be >= 1")
     _require(
@@ -408,7 +379,7 @@ def cmd_baseline(args) -> int:
     )
     _require(args.method == "dense-parent" or bool(args.arch), f"baseline --method {args.method} needs --arch")
     _finite(args.lr, 0, "--lr")
-    with lock(args.run_dir, "baseline"):
+    with _lock_run(args.run_dir, "baseline"):
         out = baseline(
             args.run_dir,
             args.arch,
@@ -421,41 +392,23 @@ def cmd_baseline(args) -> int:
             dense=args.dense,
             lr=args.lr,
         )
-    model = {"prune-distill": "distilled/model", "expert-prune": "pruned"}.get(args.method, "parent")
-    print(f"baseline ({args.method}) -> {out / model} (recorded in {Path(args.run_dir) / 'ledger.jsonl'})")
+    model = out / BASELINE_MODEL[args.method]
+    print(f"baseline ({args.method}) -> {model} (recorded in {Path(args.run_dir) / 'ledger.jsonl'})")
     return 0
 
 
 # -- eval / report / run ---------------------------------------------------------------------
 def cmd_eval(args) -> int:
-    from .checkpoint import read_json
-    from .evaluate_run import evaluate_folders, print_results
-    from .phases import model_folder, parent_run_of
+    from .evaluate_run import evaluate_folders, name_models, print_results
 
     _require(args.examples >= 1, f"--examples={args.examples} must be >= 1")
     _device(args.device)
     if args.out and Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a folder; give the path of the results JSON file to write")
-    folders = [model_folder(m) for m in args.model_dirs]
-    data_run = Path(args.data) if args.data else None
-    if data_run is None:
-        runs = [parent_run_of(f) for f in folders] + [f.parent if f.name == "parent" else None for f in folders]
-        data_run = next((r for r in runs if r is not None and (r / "recipe.yaml").exists()), None)
-    if data_run is None:
-        raise ConfigError("cannot tell which run's test split to use: pass --data RUN_DIR")
-    names = {}
-    for f in folders:
-        kind = read_json(f / "config.json").get("meta", {}).get("kind", "")
-        if f.name == "parent" and kind == "elastic-parent":
-            name = "parent"
-        elif kind == "finetuned-child":
-            name = (f.parent.name if f.name == "model" else f.name) + "-ft"
-        else:
-            name = f.parent.name if f.name in ("model", "parent") else f.name
-        names[name if name not in names else str(f)] = f
+    names, data_run = name_models(args.model_dirs, args.data)
     out = Path(args.out) if args.out else data_run / "eval" / "cli.json"
-    check_separate(out, [*folders, data_run / "data", data_run / "ledger.jsonl"])
-    with lock(data_run, "eval"):
+    check_separate(out, [*names.values(), data_run / "data", data_run / "ledger.jsonl"])
+    with _lock_run(data_run, "eval"):
         res = evaluate_folders(names, data_run, out, max_examples=args.examples, device=args.device, parent=args.parent)
     print_results(res)
     print(f"wrote {out}")
@@ -495,7 +448,7 @@ def cmd_report(args) -> int:
     )
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"{args.run_dir} is not a folder")
-    with lock(args.run_dir, "report"):
+    with _lock_run(args.run_dir, "report"):
         report_run(
             Path(args.run_dir),
             claims=args.claim,
@@ -527,18 +480,14 @@ def cmd_run(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elasticmoe", description="Train once, extract many: elastic MoE LMs.")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("info", help="list the elastic space's sub-networks with their cost")
+# -- the parser: one function per command adds its arguments --------------------------------
+def _args_info(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
     p.add_argument("--forward", action="store_true", help="also run each sub-network on random tokens")
     p.add_argument("--rows", type=int, default=40, help="at most this many rows")
-    p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train", help="train the elastic parent")
+
+def _args_train(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
@@ -549,9 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="under torchrun: FSDP2 (sharded) or DDP (replicated); auto = fsdp on GPU, ddp on CPU",
     )
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("search", help="find the best sub-networks under constraints (a Pareto frontier)")
+
+def _args_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     for flag in CONSTRAINT_FLAGS:
         p.add_argument(
@@ -568,36 +517,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=16, help="search-split windows per task")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="default RUN_DIR/search")
-    p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("extract", help="materialise a sub-network as a standalone, verified child")
+
+def _args_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--subnet", help="Subnet spec, e.g. 'L3 E4 k1 W128' or per-layer JSON")
     p.add_argument("--from-search", type=int, default=None, metavar="N", help="the N-th point of search/pareto.json")
     p.add_argument("--search-dir", default=None, help="folder holding pareto.json (default RUN_DIR/search)")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("export", help="write a model folder in another tool's format")
+
+def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir")
     p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="transformers folder or llama.cpp GGUF")
     p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f32", help="GGUF tensor type")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import-hf", help="turn a local Mixtral / Qwen3-MoE folder into an elastic parent")
+
+def _args_import_hf(p: argparse.ArgumentParser) -> None:
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True, help="new run folder")
     p.add_argument("--space", help="ElasticSpace file (YAML/JSON); default: a space derived from the config")
-    p.set_defaults(func=cmd_import_hf)
 
-    p = sub.add_parser("finetune", help="distil a child from its parent (or plain fine-tune without --teacher)")
+
+def _add_budget(p: argparse.ArgumentParser, required: bool) -> None:
+    budget = p.add_mutually_exclusive_group(required=required)
+    budget.add_argument("--tokens", type=int)
+    budget.add_argument("--steps", type=int)
+
+
+def _args_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("child_dir")
     p.add_argument("--teacher", help="parent run folder (the teacher); omit for plain fine-tuning")
     p.add_argument("--data", help="run folder whose data to use (default: the teacher's or the child's parent run)")
-    budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--tokens", type=int)
-    budget.add_argument("--steps", type=int)
+    _add_budget(p, required=True)
     p.add_argument(
         "--task-weight",
         action="append",
@@ -611,9 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
-    p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("baseline", help="a measured alternative to an elastic child (scratch is the denominator)")
+
+def _args_baseline(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument(
         "--method",
@@ -625,32 +578,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="Subnet spec of the parent, or a model config file (not for dense-parent)")
     p.add_argument("--dense", default="dense-parent", help="baselines/ folder of the dense parent to prune")
     p.add_argument("--lr", type=float, default=1e-3, help="prune-distill: the distillation learning rate")
-    budget = p.add_mutually_exclusive_group(required=False)
-    budget.add_argument("--tokens", type=int)
-    budget.add_argument("--steps", type=int)
+    _add_budget(p, required=False)
     p.add_argument("--name", help="folder name under RUN_DIR/baselines/")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_baseline)
 
-    p = sub.add_parser("eval", help="per-task quality on the held-out test split, with retention vs a parent")
+
+def _args_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dirs", nargs="+")
     p.add_argument("--data", help="run folder whose test split to use (default: the models' parent run)")
     p.add_argument("--parent", help="name of the model that retention is measured against (default: parent)")
     p.add_argument("--examples", type=int, default=100, help="test examples per structured task")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="results JSON (default RUN_DIR/eval/cli.json)")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("lm-eval-tasks", help="write the run's test tasks as local lm-evaluation-harness tasks")
+
+def _args_lm_eval_tasks(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
     p.add_argument(
         "--examples", type=int, default=100, help="examples per task (100: the count `eval` and the pipeline score)"
     )
-    p.set_defaults(func=cmd_lm_eval_tasks)
 
-    p = sub.add_parser("report", help="the cost report: marginal, all-in and amortized cost vs a named baseline")
+
+def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--claim", action="append", default=[], help="check a claim, e.g. '6%% of pre-training cost'")
     p.add_argument(
@@ -661,11 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow the estimate F_train x D (cost-model training FLOPs/token x D) where no baseline was measured",
     )
     p.add_argument("--percent", action="store_true", help="fail unless percentages can be given")
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser(
-        "run", help="the whole pipeline: train, search, extract, export, finetune, eval, baseline, report"
-    )
+
+def _args_run(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
     p.add_argument("--out", default="runs/default", help="run folder (a rerun skips finished phases)")
     p.add_argument(
@@ -682,7 +631,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-examples", type=int, default=100, help="test examples per structured task")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_run)
+
+
+# command -> (help, the function adding its arguments); its handler is cmd_<command> (looked up
+# when the parser is built, so a test can replace one)
+COMMANDS = {
+    "info": ("list the elastic space's sub-networks with their cost", _args_info),
+    "train": ("train the elastic parent", _args_train),
+    "search": ("find the best sub-networks under constraints (a Pareto frontier)", _args_search),
+    "extract": ("materialise a sub-network as a standalone, verified child", _args_extract),
+    "export": ("write a model folder in another tool's format", _args_export),
+    "import-hf": ("turn a local Mixtral / Qwen3-MoE folder into an elastic parent", _args_import_hf),
+    "finetune": ("distil a child from its parent (or plain fine-tune without --teacher)", _args_finetune),
+    "baseline": ("a measured alternative to an elastic child (scratch is the denominator)", _args_baseline),
+    "eval": ("per-task quality on the held-out test split, with retention vs a parent", _args_eval),
+    "lm-eval-tasks": ("write the run's test tasks as local lm-evaluation-harness tasks", _args_lm_eval_tasks),
+    "report": ("the cost report: marginal, all-in and amortized cost vs a named baseline", _args_report),
+    "run": ("the whole pipeline: train, search, extract, export, finetune, eval, baseline, report", _args_run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elasticmoe", description="Train once, extract many: elastic MoE LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=globals()["cmd_" + name.replace("-", "_")])
     return parser
 
 

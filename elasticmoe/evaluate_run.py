@@ -1,5 +1,7 @@
-"""Evaluate model folders of a run as one recorded phase: scores per task, retention vs the parent
-(before and after fine-tuning side by side), arena ratings, a bar chart, and ledger records.
+"""The eval stage: model folders scored on a run's test split as one recorded phase: scores per
+task, retention vs the parent (before and after fine-tuning side by side), arena ratings, a bar
+chart, and ledger records. `evaluate_folders` is called alike by `elasticmoe eval` (which names
+the folders with `name_models`) and the pipeline's eval and baseline phases.
 
 Model names follow `evaluate.FINETUNED_SUFFIX`: a child "X" and its fine-tuned version "X-ft"
 form one row pair of the retention table.
@@ -10,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_model
+from .checkpoint import load_model, read_json
 from .config import ConfigError
 from .cost import cost
 from .evaluate import (
@@ -24,7 +26,33 @@ from .evaluate import (
     write_eval,
 )
 from .ledger import Ledger
+from .phases import model_folder, parent_run_of
 from .train import resolve_device
+
+
+def name_models(model_dirs: list[Path | str], data: Path | str | None = None) -> tuple[dict[str, Path], Path]:
+    """Model folders (or run / fine-tune folders) as {name: model folder}, and the run whose test
+    split scores them (`data`, else the first model's parent run). Names: `parent` for an elastic
+    parent, `X-ft` for the fine-tune of child X (a pair of the retention table), else the folder's
+    name; a name taken twice falls back to the path."""
+    folders = [model_folder(m) for m in model_dirs]
+    data_run = Path(data) if data else None
+    if data_run is None:
+        runs = [parent_run_of(f) for f in folders] + [f.parent if f.name == "parent" else None for f in folders]
+        data_run = next((r for r in runs if r is not None and (r / "recipe.yaml").exists()), None)
+    if data_run is None:
+        raise ConfigError("cannot tell which run's test split to use: pass --data RUN_DIR")
+    names: dict[str, Path] = {}
+    for f in folders:
+        kind = read_json(f / "config.json").get("meta", {}).get("kind", "")
+        if f.name == "parent" and kind == "elastic-parent":
+            name = "parent"
+        elif kind == "finetuned-child":
+            name = (f.parent.name if f.name == "model" else f.name) + "-ft"
+        else:
+            name = f.parent.name if f.name in ("model", "parent") else f.name
+        names[name if name not in names else str(f)] = f
+    return names, data_run
 
 
 def evaluate_folders(

@@ -1,5 +1,11 @@
-"""Phases that build on a trained parent: distillation fine-tuning of a child, from-scratch
-baselines, and extraction as a recorded phase. Each appends to the parent run's ledger.
+"""The stages that work on a trained parent's run folder, one function each, called alike by the
+command line (`cli`, which parses and checks arguments) and the pipeline (`pipeline`, which picks
+arguments and records its state): `search_run`, `extract_child`, `finetune` and `baseline`
+(the other stages: `train.train`, `export.export_model`, `evaluate_run.evaluate_folders`,
+`report.report_run`). Each appends its work to the run's ledger.
+
+Search (`search_run`): constraint searches over the parent sharing one evaluator (its cache) and
+one latency table; each writes `pareto.json` / `pareto.png`.
 
 Fine-tuning (`finetune`): loss = kd_weight * KL(parent || child) at a temperature + ce_weight *
 cross-entropy, on the parent run's training data with per-task weights (e.g. only the search-like
@@ -7,8 +13,8 @@ cross-entropy, on the parent run's training data with per-task weights (e.g. onl
 parent (its largest sub-network). Without a teacher it is plain fine-tuning. The budget is stated
 in tokens; checkpoints and exact resume work as in `train`.
 
-Baselines (`baseline`): the given architecture trained from scratch on the same data with the
-same recipe and no elastic sampling: the measured denominator of every cost percentage.
+Baselines (`baseline`): the alternatives to an elastic child, measured on the same data; the
+child's architecture from scratch is the denominator of every cost percentage.
 
     FT_DIR/checkpoints/step-NNNNNN   resumable state
     FT_DIR/model/                    the fine-tuned child (a model folder)
@@ -24,6 +30,7 @@ import math
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +63,13 @@ def run_recipe(run_dir: Path | str) -> Recipe:
     return load_recipe(path)
 
 
+def val_tokens(run_dir: Path | str, n_windows: int = 2) -> torch.Tensor:
+    """Held-out validation tokens of a run (its first task's windows, inputs only): what extraction
+    and export check a model's logits on."""
+    data = load_run_data(run_dir, run_recipe(run_dir))
+    return next(iter(data.eval_windows("val", n_windows).values()))[:, :-1]
+
+
 def parent_run_of(model_dir: Path) -> Path | None:
     """The run folder a child was extracted from, when its meta names it and it still exists."""
     meta = read_json(model_dir / "config.json").get("meta", {})
@@ -78,6 +92,18 @@ class FinetuneResult:
     kd_after: float | None
 
 
+def finished_finetune(out_dir: Path | str) -> FinetuneResult | None:
+    """The result of a fine-tune that already wrote `out_dir/model` (read from its meta, nothing
+    re-run), or None when it has not finished."""
+    done = Path(out_dir) / "model"
+    if not (done / "manifest.json").exists():
+        return None
+    ft = read_json(done / "config.json")["meta"]["finetune"]
+    return FinetuneResult(
+        Path(out_dir), ft["steps"], ft["tokens"], ft["val_before"], ft["val_after"], ft["kd_before"], ft["kd_after"]
+    )
+
+
 def _steps_for(tokens: int | None, steps: int | None, tokens_per_step: int) -> int:
     if (tokens is None) == (steps is None):
         raise ConfigError("give exactly one of --tokens or --steps")
@@ -97,6 +123,33 @@ def mean_kd(child, teacher, windows: dict[str, torch.Tensor], device, temperatur
         total += kd_loss(child(x).logits, teacher(x).logits, temperature).item() * x.numel()
         n += x.numel()
     return total / max(n, 1)
+
+
+def _finetune_recipe(recipe: Recipe, child_config, distill, task_weights, lr, n_steps, bs, ckpt_every, device):
+    """A fine-tune as a recipe for the training engine: one fixed sub-network (the whole child),
+    the teacher outside it, the parent's data with the fine-tune's mix, its own batch order."""
+    return dataclasses.replace(
+        recipe,
+        model=child_config,
+        space=ElasticSpace.full(child_config),
+        data=dataclasses.replace(recipe.data, task_weights=dict(task_weights or {})),
+        sampling=SamplingConfig(mode="sandwich", n_random=0),
+        distill=distill,
+        reorder=dataclasses.replace(recipe.reorder, at_steps=()),
+        train=dataclasses.replace(
+            recipe.train,
+            lr=lr,
+            steps=n_steps,
+            warmup=max(1, n_steps // 10),
+            batch_size=bs,
+            ckpt_every=ckpt_every,
+            eval_every=n_steps,
+            keep_last=2,
+            seed=recipe.train.seed + 1,
+            device=device,
+            init_from="",
+        ),
+    )
 
 
 def finetune(
@@ -138,30 +191,16 @@ def finetune(
         teacher.eval()
         if teacher.config.vocab_size != child.config.vocab_size:
             raise ConfigError("teacher and child have different vocabularies")
-    # the fine-tune as a recipe for the training engine: one fixed sub-network (the whole child),
-    # the teacher outside it, the parent's data with the fine-tune's mix, its own batch order
-    ckpt_every = ckpt_every or max(1, min(50, math.ceil(n_steps / 10)))  # a kill loses <= 10% of the work
-    ft_recipe = dataclasses.replace(
+    ft_recipe = _finetune_recipe(
         recipe,
-        model=child.config,
-        space=ElasticSpace.full(child.config),
-        data=dataclasses.replace(recipe.data, task_weights=dict(task_weights or {})),
-        sampling=SamplingConfig(mode="sandwich", n_random=0),
-        distill=DistillConfig(kd_weight=kd_weight, ce_weight=ce_weight, temperature=temperature, subnet_weight=0.0),
-        reorder=dataclasses.replace(recipe.reorder, at_steps=()),
-        train=dataclasses.replace(
-            recipe.train,
-            lr=lr,
-            steps=n_steps,
-            warmup=max(1, n_steps // 10),
-            batch_size=bs,
-            ckpt_every=ckpt_every,
-            eval_every=n_steps,
-            keep_last=2,
-            seed=recipe.train.seed + 1,
-            device=device,
-            init_from="",
-        ),
+        child.config,
+        DistillConfig(kd_weight=kd_weight, ce_weight=ce_weight, temperature=temperature, subnet_weight=0.0),
+        task_weights,
+        lr,
+        n_steps,
+        bs,
+        ckpt_every or max(1, min(50, math.ceil(n_steps / 10))),  # a kill loses <= 10% of the work
+        device,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     windows = data.eval_windows("val", recipe.train.eval_windows)
@@ -234,13 +273,16 @@ def finetune(
 
 
 def extract_child(run_dir: Path | str, parent, spec: str, out: Path, n_windows: int = 4) -> dict:
-    """Extract `spec` from the run's parent into `out`, verified on held-out validation tokens,
-    and record the phase (verification forwards of parent-subnet and child) in the ledger."""
+    """The extract stage: `spec` from the run's parent (given, or None to load `RUN/parent`) into
+    `out`, verified on held-out validation tokens, recorded in the ledger (the verification
+    forwards of parent-subnet and child)."""
     from .extract import extract_to_folder
 
     run_dir = Path(run_dir)
     recipe = run_recipe(run_dir)
     data = load_run_data(run_dir, recipe)
+    if parent is None:
+        parent, _ = load_model(model_folder(run_dir))
     subnet = Subnet.parse(spec, parent.config, parent.layer_order)
     tokens = next(iter(data.eval_windows("val", n_windows).values()))[:, :-1]
     ledger = Ledger(run_dir / "ledger.jsonl")
@@ -259,7 +301,85 @@ def extract_child(run_dir: Path | str, parent, spec: str, out: Path, n_windows: 
     return meta
 
 
+def search_run(
+    run_dir: Path | str,
+    searches: dict[str, Any],
+    out: Path | str,
+    dests: dict[str, Path] | None = None,
+    device: str = "auto",
+    windows: int | None = None,
+    seed: int | None = None,
+    per_layer: bool = False,
+    batch: int = 1,
+    seq_len: int | None = None,
+    latency: bool = False,
+    skip_impossible: bool = False,
+) -> dict[str, Any]:
+    """The search stage: constraint searches over the run's parent, in order, sharing one evaluator
+    (a sub-network evaluated once is not evaluated again) and one latency table.
+
+    `searches`: name -> constraints (what `search.parse_constraints` takes), each taken at `batch`
+    sequences of `seq_len` tokens (default the recipe's). Each search is a ledger phase `search`
+    (model = its name) and writes pareto.json / pareto.png into `dests[name]` (default
+    `out/<name>`). A latency table is measured, recorded and saved as `out/latency_table.json`
+    when `latency` or a constraint needs one. `windows` (search-split windows per task) and `seed`
+    default to the recipe's. Returns name -> SearchResult; with `skip_impossible`, a search whose
+    constraints no sub-network meets maps to its ConfigError instead of raising."""
+    from .latency import LatencyTable
+    from .search import SubnetEvaluator, parse_constraints, search
+    from .search_output import write_search_results
+
+    run_dir, out = Path(run_dir), Path(out)
+    recipe = run_recipe(run_dir)
+    seq = seq_len or recipe.data.seq_len
+    parsed = {name: dataclasses.replace(parse_constraints(c), batch=batch, seq_len=seq) for name, c in searches.items()}
+    parent, _ = load_model(model_folder(run_dir))
+    dev = resolve_device(device)
+    parent.to(dev)
+    data = load_run_data(run_dir, recipe)
+    evaluator = SubnetEvaluator(parent, data.eval_windows("search", windows or recipe.train.eval_windows), dev)
+    seed = recipe.train.seed if seed is None else seed
+    parent_cost = costmod.cost(parent.config, None, seq)
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    table = None
+    if latency or any(c.needs_latency for c in parsed.values()):
+        with ledger.phase("search", device=str(dev), model="latency-table") as rec:
+            table = LatencyTable.measure(parent, seq, batch, dev, repeats=5, space=recipe.space)
+            table.save(out / "latency_table.json")
+            rec["seconds_measured"] = table.meta.get("seconds")
+    results: dict[str, Any] = {}
+    for name, cons in parsed.items():
+        try:
+            with ledger.phase("search", device=str(dev), model=name, constraints=cons.given()) as rec:
+                result = search(
+                    evaluator,
+                    recipe.space,
+                    parent.layer_order,
+                    cons,
+                    seed=seed,
+                    per_layer=per_layer,
+                    latency_table=table,
+                )
+                rec["tokens"], rec["flops"] = result.tokens, result.flops
+        except ConfigError as exc:
+            if not skip_impossible:
+                raise
+            results[name] = exc
+            continue
+        dest = (dests or {}).get(name, out / name)
+        write_search_results(dest, result, seed=seed, constraints=cons, parent_cost=parent_cost)
+        results[name] = result
+    return results
+
+
 BASELINE_METHODS = ("scratch", "dense-parent", "prune-distill", "expert-prune")
+# where each method's model lies inside its baselines/<name>/ folder
+BASELINE_MODEL = {
+    "scratch": "parent",
+    "dense-parent": "parent",
+    "prune-distill": "distilled/model",
+    "expert-prune": "pruned",
+}
 
 
 def baseline(

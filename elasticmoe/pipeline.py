@@ -3,6 +3,10 @@
 One run folder holds everything; `RUN_DIR/pipeline.json` records which phases finished and what
 they produced, so a rerun skips finished phases and resumes an interrupted one (training resumes
 from its newest valid checkpoint). Every phase appends its work to `RUN_DIR/ledger.jsonl`.
+Each phase calls the stage function its command calls (`train.train`, `phases.search_run`,
+`phases.extract_child`, `export.export_model`, `phases.finetune`, `evaluate_run.evaluate_folders`,
+`phases.baseline`, `report.report_run`), so `elasticmoe X` and phase X do the same work; a phase
+only decides the arguments (the family, the budgets) and records its outputs in pipeline.json.
 
 Children are chosen by constraint searches; the default family is the ERNIE-5.1 shape (total
 params <= 1/3 and active <= 1/2 of the parent) plus two others, and a measured from-scratch
@@ -32,6 +36,7 @@ DEFAULT_FAMILY: dict[str, dict[str, float]] = {
     "active-third": {"max_active_ratio": 1 / 3},
     "half-latency": {"max_latency_ratio": 1 / 2},
 }
+FINETUNE_LR_SCALE = 0.3  # fine-tunes and distillations run at this fraction of the parent's learning rate
 # rough share of wall time per phase on the tiny preset, for the ETA
 PHASES = {"train": 40, "search": 10, "extract": 2, "export": 4, "finetune": 10, "eval": 12, "baseline": 30, "report": 4}
 
@@ -102,55 +107,29 @@ class Pipeline:
             print("  " + f"{name:12s}" + "".join(f"{row[t]:8.3f}" for t in tasks))
         return {"parent": str(self.run / "parent"), "val": res.final_eval, "tokens_per_s": res.tokens_per_s}
 
-    def _parent(self):
-        model, meta = load_model(self.run / "parent")
-        return model, meta
-
-    def _data(self):
-        from .rundata import load_run_data
-
-        return load_run_data(self.run, self.recipe)
-
     def phase_search(self) -> dict:
-        from .latency import LatencyTable
-        from .search import SubnetEvaluator, search
-        from .search_output import format_table, write_search_results
-        from .train import resolve_device
+        from .phases import search_run
 
-        parent, _ = self._parent()
-        device = resolve_device(self.recipe.train.device)
-        parent.to(device)
-        data = self._data()
-        windows = data.eval_windows("search", self.recipe.train.eval_windows)
-        ledger = Ledger(self.run / "ledger.jsonl")
+        results = search_run(
+            self.run,
+            self.family,
+            self.run / "search",
+            device=self.recipe.train.device,
+            latency=True,
+            skip_impossible=True,
+        )
+        reference = next(iter(self.family))
+        if isinstance(results[reference], ConfigError):
+            raise ConfigError(f"the reference child {reference!r} cannot be found: {results[reference]}")
         chosen: dict[str, dict] = {}
-        seq = self.recipe.data.seq_len
-        with ledger.phase("search", device=str(device), model="latency-table") as rec:
-            table = LatencyTable.measure(parent, seq, 1, device, repeats=5, space=self.recipe.space)
-            table.save(self.run / "search" / "latency_table.json")
-            rec["seconds_measured"] = table.meta.get("seconds")
-        evaluator = SubnetEvaluator(parent, windows, device)
-        for name, cons in self.family.items():
-            cons = {**cons, "seq_len": seq}
-            try:
-                with ledger.phase("search", device=str(device), model=name, constraints=cons) as rec:
-                    result = search(
-                        evaluator,
-                        self.recipe.space,
-                        parent.layer_order,
-                        cons,
-                        seed=self.recipe.train.seed,
-                        latency_table=table,
-                    )
-                    rec["tokens"], rec["flops"] = result.tokens, result.flops
-            except ConfigError as exc:
-                if name == next(iter(self.family)):
-                    raise ConfigError(f"the reference child {name!r} cannot be found: {exc}") from None
-                print(f"  {name}: skipped, {exc}")
+        for name, result in results.items():
+            if isinstance(result, ConfigError):
+                print(f"  {name}: skipped, {result}")
                 continue
-            write_search_results(self.run / "search" / name, result, parent_cost=cost(parent.config, None, seq))
             if self.progress:
                 from rich.console import Console
+
+                from .search_output import format_table
 
                 Console().print(format_table(result))
             taken = {ch["subnet"] for ch in chosen.values()}
@@ -174,7 +153,7 @@ class Pipeline:
     def phase_extract(self) -> dict:
         from .phases import extract_child
 
-        parent, _ = self._parent()
+        parent, _ = load_model(self.run / "parent")
         out = {}
         for name, ch in self._children().items():
             meta = extract_child(self.run, parent, json.dumps(ch["subnet_json"]), self.run / "children" / name)
@@ -193,14 +172,12 @@ class Pipeline:
         return out
 
     def phase_export(self) -> dict:
-        from .hf import export_hf
+        from .export import export_model
 
-        data = self._data()
-        tokens = next(iter(data.eval_windows("val", 2).values()))[:, :-1]
         out = {}
         for name in self._children():
             try:
-                prov = export_hf(self.run / "children" / name, self.run / "hf" / name, verify_tokens=tokens)
+                prov = export_model(self.run / "children" / name, self.run / "hf" / name, run_dir=self.run)
                 out[name] = {
                     "dir": str(self.run / "hf" / name),
                     "max_abs_logit_diff": (prov.get("hf_verification") or {}).get("max_abs_logit_diff"),
@@ -209,38 +186,40 @@ class Pipeline:
                 out[name] = {"refused": str(exc)}
         proof = next((n for n, v in out.items() if "dir" in v), None)
         if proof is not None:
-            out["_proof"] = _transformers_generate(self.run / "hf" / proof, data)
+            out["_proof"] = _transformers_generate(self.run / "hf" / proof)
             print(f"transformers loaded {proof} and generated: {out['_proof']['text']!r}")
         return out
 
-    def phase_finetune(self) -> dict:
-        from .phases import finetune
+    def _tokens_seen(self) -> int:
+        return read_json(self.run / "parent" / "config.json")["meta"].get("tokens_seen", 0)
 
-        tokens_seen = read_json(self.run / "parent" / "config.json")["meta"].get("tokens_seen", 0)
-        budget = max(int(tokens_seen * self.finetune_fraction), self.recipe.train.batch_size * self.recipe.data.seq_len)
+    def _finetune_budget(self) -> int:
+        """Tokens of every fine-tune and distillation: finetune_fraction of the parent's training
+        tokens (at least one batch); what phase_finetune spent, once it ran."""
+        spent = self.state["phases"].get("finetune", {}).get("outputs", {})
+        done = next((v["tokens"] for v in spent.values() if isinstance(v, dict) and "tokens" in v), None)
+        return done or max(
+            int(self._tokens_seen() * self.finetune_fraction), self.recipe.train.batch_size * self.recipe.data.seq_len
+        )
+
+    def phase_finetune(self) -> dict:
+        from .phases import finetune, finished_finetune
+
+        tokens_seen = self._tokens_seen()
         out = {}
         for name in self._children():
-            done = self.run / "finetuned" / name / "model"
-            if (done / "manifest.json").exists():  # finished before an interruption: keep it as it is
-                ft = read_json(done / "config.json")["meta"]["finetune"]
-                out[name] = {
-                    "dir": str(done),
-                    "tokens": ft["tokens"],
-                    "fraction_of_parent_tokens": ft["tokens"] / max(tokens_seen, 1),
-                    **{k: ft[k] for k in ("val_before", "val_after", "kd_before", "kd_after")},
-                }
-                continue
-            res = finetune(
+            folder = self.run / "finetuned" / name
+            res = finished_finetune(folder) or finetune(  # one that finished before an interruption stays
                 self.run / "children" / name,
-                self.run / "finetuned" / name,
+                folder,
                 teacher_run=self.run,
-                tokens=budget,
-                lr=self.recipe.train.lr * 0.3,
-                resume=(self.run / "finetuned" / name).exists(),
+                tokens=self._finetune_budget(),
+                lr=self.recipe.train.lr * FINETUNE_LR_SCALE,
+                resume=folder.exists(),
                 device=self.recipe.train.device,
             )
             out[name] = {
-                "dir": str(self.run / "finetuned" / name / "model"),
+                "dir": str(folder / "model"),
                 "tokens": res.tokens,
                 "fraction_of_parent_tokens": res.tokens / max(tokens_seen, 1),
                 "val_before": res.val_before,
@@ -275,19 +254,16 @@ class Pipeline:
         the parent's tokens and the dense parent pruned to its shape and distilled with the
         child's fine-tune budget. 'all' adds the dense parent at equal training FLOPs and one-shot
         expert pruning where the shape allows it."""
-        from .phases import baseline
+        from .phases import BASELINE_MODEL, baseline
 
         children = self._children()
         names = list(children)[:1] if self.baselines == "reference" else list(children)
-        meta = read_json(self.run / "parent" / "config.json")["meta"]
-        tokens_seen = meta.get("tokens_seen", 0)
-        ft_tokens = self.state["phases"].get("finetune", {}).get("outputs", {})
-        ft_budget = next((v["tokens"] for v in ft_tokens.values() if isinstance(v, dict) and "tokens" in v), None)
-        ft_budget = ft_budget or max(int(tokens_seen * self.finetune_fraction), 1)
+        tokens_seen = self._tokens_seen()
+        ft_budget = self._finetune_budget()
         outs: dict[str, dict] = {}
         dirs: dict[str, Path] = {}
 
-        def run(key: str, label: str, model_rel: str, **kw) -> None:
+        def run(key: str, label: str, **kw) -> None:
             out = self.run / "baselines" / key
             kw.setdefault("resume", out.exists())
             try:
@@ -301,9 +277,9 @@ class Pipeline:
                 "method": kw.get("method", "scratch"),
                 **{k: v for k, v in kw.items() if k in ("arch", "tokens")},
             }
-            dirs[label] = folder / model_rel
+            dirs[label] = folder / BASELINE_MODEL[kw.get("method", "scratch")]
 
-        run("dense-parent", "parent (dense, equal tokens)", "parent", method="dense-parent", tokens=tokens_seen)
+        run("dense-parent", "parent (dense, equal tokens)", method="dense-parent", tokens=tokens_seen)
         if self.baselines == "all":
             ledger = Ledger(self.run / "ledger.jsonl")
             flops = ledger.totals("train", run=ledger.ref(self.run))["flops"]
@@ -311,25 +287,23 @@ class Pipeline:
             run(
                 "dense-parent-flops",
                 "parent (dense, equal FLOPs)",
-                "parent",
                 method="dense-parent",
                 tokens=max(int(flops / per_token), 1),
             )
-        lr = self.recipe.train.lr * 0.3  # what phase_finetune gives the elastic children
+        lr = self.recipe.train.lr * FINETUNE_LR_SCALE  # what phase_finetune gives the elastic children
         for name in names:
             spec = children[name]["subnet"]
-            run(name, f"{name} (from scratch)", "parent", arch=spec, tokens=tokens_seen)
+            run(name, f"{name} (from scratch)", arch=spec, tokens=tokens_seen)
             run(
                 f"{name}-prune-distill",
                 f"{name} (prune-distill)",
-                "distilled/model",
                 arch=spec,
                 method="prune-distill",
                 tokens=ft_budget,
                 lr=lr,
             )
             if self.baselines == "all":
-                run(f"{name}-expert-prune", f"{name} (expert-prune)", "pruned", arch=spec, method="expert-prune")
+                run(f"{name}-expert-prune", f"{name} (expert-prune)", arch=spec, method="expert-prune")
         self._evaluate(dirs, "eval/baseline.json")
         return outs
 
@@ -341,7 +315,7 @@ class Pipeline:
         return {"report": str(self.run / "report.md"), "break_even": data["break_even"]}
 
 
-def _transformers_generate(hf_dir: Path, data, n: int = 12) -> dict:
+def _transformers_generate(hf_dir: Path, n: int = 12) -> dict:
     """Load an exported folder with stock transformers (offline) and generate a few tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
