@@ -370,7 +370,8 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from .phases import BASELINE_MODEL, baseline
+    from .phases import BASELINE_MODEL, baseline, retrofit_child_dirs, run_recipe, shape_label
+    from .subnet import Subnet
 
     _require(all(v is None or v >= 1 for v in (args.tokens, args.steps)), "--tokens / --steps must be >= 1")
     _require(
@@ -378,7 +379,12 @@ def cmd_baseline(args) -> int:
         f"baseline --method {args.method} needs a budget: --tokens or --steps",
     )
     _require(args.method == "dense-parent" or bool(args.arch), f"baseline --method {args.method} needs --arch")
+    _require(
+        args.finetune_tokens is None or (args.method == "retrofit" and args.finetune_tokens >= 1),
+        "--finetune-tokens must be >= 1 and is for --method retrofit",
+    )
     _finite(args.lr, 0, "--lr")
+    child = shape_label(Subnet.parse(args.arch, run_recipe(args.run_dir).model)) if args.method == "retrofit" else None
     with _lock_run(args.run_dir, "baseline"):
         out = baseline(
             args.run_dir,
@@ -391,9 +397,17 @@ def cmd_baseline(args) -> int:
             method=args.method,
             dense=args.dense,
             lr=args.lr,
+            finetune_tokens=args.finetune_tokens,
+            child=child,
         )
     model = out / BASELINE_MODEL[args.method]
     print(f"baseline ({args.method}) -> {model} (recorded in {Path(args.run_dir) / 'ledger.jsonl'})")
+    if args.method == "retrofit":
+        from .checkpoint import read_json
+
+        for folder, what in zip(retrofit_child_dirs(out, child), ("zero-shot", "fine-tuned")):
+            meta = read_json(folder / "config.json")["meta"]
+            print(f"  {what} child {meta['subnet']} -> {folder}")
     return 0
 
 
@@ -570,15 +584,24 @@ def _args_baseline(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument(
         "--method",
-        choices=["scratch", "dense-parent", "prune-distill", "expert-prune"],
+        choices=["scratch", "dense-parent", "prune-distill", "expert-prune", "retrofit"],
         default="scratch",
         help="scratch: --arch from scratch; dense-parent: the parent's architecture trained normally; "
-        "prune-distill / expert-prune: the dense parent pruned to --arch's shape (and distilled for the budget)",
+        "prune-distill / expert-prune: the dense parent pruned to --arch's shape (and distilled for the budget); "
+        "retrofit: the dense parent trained elastically for the budget, --arch's shape extracted and fine-tuned",
     )
     p.add_argument("--arch", help="Subnet spec of the parent, or a model config file (not for dense-parent)")
     p.add_argument("--dense", default="dense-parent", help="baselines/ folder of the dense parent to prune")
-    p.add_argument("--lr", type=float, default=1e-3, help="prune-distill: the distillation learning rate")
+    p.add_argument(
+        "--lr", type=float, default=1e-3, help="prune-distill, retrofit: the learning rate of distillation and retrofit"
+    )
     _add_budget(p, required=False)
+    p.add_argument(
+        "--finetune-tokens",
+        type=int,
+        default=None,
+        help="retrofit: the extracted child's fine-tune budget (default: the retrofit's own --tokens/--steps)",
+    )
     p.add_argument("--name", help="folder name under RUN_DIR/baselines/")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -621,7 +644,8 @@ def _args_run(p: argparse.ArgumentParser) -> None:
         "--baselines",
         choices=["reference", "all"],
         default="reference",
-        help="train from scratch the ERNIE-shaped child only (default) or every child (family experiment)",
+        help="reference (default): the dense parent, and the ERNIE-shaped child from scratch and pruned + distilled; "
+        "all: those for every child, plus the dense parent at equal FLOPs, expert-prune and retrofit (1x and 4x)",
     )
     p.add_argument(
         "--finetune-fraction",

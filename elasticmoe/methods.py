@@ -9,16 +9,23 @@ training FLOPs, each against the named from-scratch baseline of the child's arch
     from scratch         the child's architecture trained alone (the named baseline)
     prune-distill        marginal = pruning pass + distillation        all-in = D + marginal
     expert-prune         marginal = pruning pass (no training)         all-in = D + marginal
+    retrofit, zero-shot  marginal = R + extraction                     all-in = D + marginal
+    retrofit + fine-tune marginal = R + extraction + fine-tune         all-in = D + marginal
 
 P is the elastic parent's training (with its validation and importance passes), D the dense
-parent's (the parent's architecture trained normally, the starting point of both pruning
-methods); amortized = P/K (or D/K) + marginal over the K children of the family. The parent's
-own section compares the elastic parent with the dense parent at equal tokens (and at equal
-training FLOPs when that baseline was run).
+parent's (the parent's architecture trained normally, the starting point of the pruning and
+retrofit methods), R a retrofit's elastic training of the dense parent (its re-ordering, steps and
+validation; `phases.retrofit_baseline`), counted in the marginal cost because it is what a user
+who has the dense parent pays for the child; amortized = P/K (D/K; (D + R)/K for retrofit, whose
+retrofitted parent serves the whole family) + the rest of the marginal cost, over the K children
+of the family. A retrofit row per retrofit folder of the run (`retrofit`, `retrofit-4x`: its
+training budget). The parent's own section compares the elastic parent with the dense parent at
+equal tokens (and at equal training FLOPs when that baseline was run).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -156,20 +163,74 @@ def _child_rows(c, records, ref, base: Path, evals: dict, dense_flops: float | N
         if dense_flops is not None:
             cost.update({"all-in": dense_flops + m, "amortized": dense_flops / k + m})
         rows.append({"method": method, "eval": ev, "cost": cost})
+    for folder in _retrofits(base):
+        rows += _retrofit_rows(c, records, ref, folder, evals, dense_flops)
     return rows
 
 
+def _retrofits(base: Path) -> list[Path]:
+    """The run's retrofit folders (a finished retrofitted parent), smallest budget first."""
+    found = []
+    for d in sorted(base.glob("*")):
+        meta = _meta(d / "parent")
+        if meta.get("method") == "retrofit" and (d / "parent" / "manifest.json").exists():
+            found.append((meta.get("retrofit", {}).get("tokens", 0), d.name, d))
+    return [d for *_, d in sorted(found)]
+
+
+def _meta(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("meta", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def retrofit_work(records: list[dict], ref, folder: Path) -> dict[str, float]:
+    """R: the retrofit's elastic training of the dense parent (the one-shot re-ordering, training
+    segments, validation and re-ordering passes, all with run = its folder), only the attempts
+    behind its final model (an abandoned attempt would inflate the alternative's cost, in our
+    favour)."""
+    kept = set(_meta(folder / "parent").get("ledger_attempts") or [])
+    mine = [r for r in records if not kept or "attempt" not in r or r["attempt"] in kept]
+    return _work(mine, ref, folder, ("importance", "retrofit", "train-eval"))
+
+
+def _retrofit_rows(c, records, ref, folder: Path, evals: dict, dense_flops: float | None) -> list[dict]:
+    """The retrofit rows of child c: zero-shot and after the fine-tune, when evaluated."""
+    r = retrofit_work(records, ref, folder)["flops"]
+    x = _work(records, ref, folder / "children" / c.name, ("extract",), key="out")["flops"]
+    f = _work(records, ref, folder / "finetuned" / c.name, ("finetune",), key="out")["flops"]
+    rows = []
+    for label, rest in ((f"{folder.name}, zero-shot", x), (f"{folder.name} + fine-tune", x + f)):
+        ev = evals.get(f"{c.name} ({label})")
+        if ev is None:
+            continue
+        cost = {"marginal": r + rest}
+        if dense_flops is not None:
+            cost.update({"all-in": dense_flops + r + rest, "amortized": (dense_flops + r) / c.family_size + rest})
+        rows.append({"method": label, "eval": ev, "cost": cost, "retrofit_flops": r})
+    return rows
+
+
+def _text(row: dict | None) -> dict | None:
+    return ((row or {}).get("eval") or {}).get("tasks", {}).get("text")
+
+
 def _verdict(rows: list[dict]) -> str:
-    """One line: the fine-tuned elastic child against prune-distill (else from scratch), on text
-    bits/byte, at what share of that method's all-in and amortized cost."""
+    """One line: the fine-tuned elastic child against the best (on text bits/byte) of the trained
+    alternatives that start from the dense parent (prune-distill, each retrofit after its
+    fine-tune), else against from scratch, at what share of that method's all-in and amortized
+    cost."""
     by = {r["method"]: r for r in rows}
     ours = by.get("elastic + fine-tune")
-    other = by.get("prune-distill") or by.get("from scratch")
-    if not ours or not other or not ours["eval"] or not other["eval"]:
-        return ""
-    try:
-        a, b = ours["eval"]["tasks"]["text"], other["eval"]["tasks"]["text"]
-    except KeyError:
+    rivals = [
+        r
+        for r in rows
+        if (r["method"] == "prune-distill" or r["method"].endswith("+ fine-tune")) and r is not ours and _text(r)
+    ]
+    other = min(rivals, key=lambda r: _text(r)["score"]) if rivals else by.get("from scratch")
+    a, b = _text(ours), _text(other)
+    if a is None or b is None:
         return ""
     diff = b["score"] - a["score"]
     overlap = a["ci"][0] <= b["ci"][1] and b["ci"][0] <= a["ci"][1]
@@ -181,4 +242,7 @@ def _verdict(rows: list[dict]) -> str:
         if x is not None and y:
             shares.append(f"{100 * x / y:.0f}% of its {kind} FLOPs")
     at = " at " + " and ".join(shares) if shares else ""
-    return f"the fine-tuned elastic child {word} {other['method']} by {abs(diff):.3f} bits/byte on text{noise}{at}."
+    best = f" (the best of {len(rivals)} alternatives from the dense parent)" if len(rivals) > 1 else ""
+    return (
+        f"the fine-tuned elastic child {word} {other['method']}{best} by {abs(diff):.3f} bits/byte on text{noise}{at}."
+    )

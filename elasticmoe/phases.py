@@ -276,24 +276,28 @@ def extract_child(run_dir: Path | str, parent, spec: str, out: Path, n_windows: 
     """The extract stage: `spec` from the run's parent (given, or None to load `RUN/parent`) into
     `out`, verified on held-out validation tokens, recorded in the ledger (the verification
     forwards of parent-subnet and child)."""
-    from .extract import extract_to_folder
-
     run_dir = Path(run_dir)
-    recipe = run_recipe(run_dir)
-    data = load_run_data(run_dir, recipe)
+    data = load_run_data(run_dir, run_recipe(run_dir))
     if parent is None:
         parent, _ = load_model(model_folder(run_dir))
     subnet = Subnet.parse(spec, parent.config, parent.layer_order)
+    parent_meta = {"path": str(model_folder(run_dir).resolve()), "run": str(run_dir.resolve())}
+    return _extract_recorded(run_dir, data, parent, subnet, Path(out), parent_meta, n_windows)
+
+
+def _extract_recorded(
+    run_dir: Path, data, parent, subnet: Subnet, out: Path, parent_meta: dict, n_windows: int = 4, **fields
+) -> dict:
+    """Extract and verify `subnet` of `parent` into `out` as a ledger phase `extract` (with `fields`)."""
+    from .extract import extract_to_folder
+
     tokens = next(iter(data.eval_windows("val", n_windows).values()))[:, :-1]
     ledger = Ledger(run_dir / "ledger.jsonl")
-    with ledger.phase("extract", model=str(subnet), out=ledger.ref(out), parent_run=ledger.ref(run_dir)) as rec:
+    with ledger.phase(
+        "extract", model=str(subnet), out=ledger.ref(out), parent_run=ledger.ref(run_dir), **fields
+    ) as rec:
         meta = extract_to_folder(
-            parent,
-            subnet,
-            out,
-            tokens,
-            tokenizer_path=data.tokenizer_path,
-            parent_meta={"path": str(model_folder(run_dir).resolve()), "run": str(run_dir.resolve())},
+            parent, subnet, out, tokens, tokenizer_path=data.tokenizer_path, parent_meta=parent_meta
         )
         k_parent = costmod.cost(parent.config, subnet, tokens.shape[1]).flops_forward
         rec["tokens"] = 2 * tokens.numel()  # parent-with-subnet and child each run the tokens
@@ -372,13 +376,15 @@ def search_run(
     return results
 
 
-BASELINE_METHODS = ("scratch", "dense-parent", "prune-distill", "expert-prune")
-# where each method's model lies inside its baselines/<name>/ folder
+BASELINE_METHODS = ("scratch", "dense-parent", "prune-distill", "expert-prune", "retrofit")
+# where each method's model lies inside its baselines/<name>/ folder (retrofit: the retrofitted
+# elastic parent; its children are in `retrofit_child_dirs`)
 BASELINE_MODEL = {
     "scratch": "parent",
     "dense-parent": "parent",
     "prune-distill": "distilled/model",
     "expert-prune": "pruned",
+    "retrofit": "parent",
 }
 
 
@@ -393,6 +399,8 @@ def baseline(
     method: str = "scratch",
     dense: str = "dense-parent",
     lr: float = 1e-3,
+    finetune_tokens: int | None = None,
+    child: str | None = None,
 ) -> Path:
     """A measured alternative to an elastic child, recorded in the run's ledger; returns its folder.
 
@@ -405,6 +413,9 @@ def baseline(
                    and distilled from it for `tokens` (Minitron-style); see `prune_baseline`
     expert-prune   the dense parent's experts cut one-shot to the expert count of `arch` by
                    router-weighted output saliency, no training (REAP-style); see `prune_baseline`
+    retrofit       the dense parent re-ordered by importance and trained elastically for
+                   `tokens` (Nemotron Elastic-style), then the shape of `arch` extracted zero-shot
+                   (folder name `child`) and fine-tuned for `finetune_tokens`; see `retrofit_baseline`
     """
     if method not in BASELINE_METHODS:
         raise ConfigError(f"baseline method {method!r}; allowed {list(BASELINE_METHODS)}")
@@ -414,6 +425,12 @@ def baseline(
         if not arch:
             raise ConfigError(f"baseline --method {method} needs --arch (the child's shape)")
         return prune_baseline(run_dir, arch, method, tokens, steps, name, dense, resume, lr)
+    if method == "retrofit":
+        if not arch:
+            raise ConfigError("baseline --method retrofit needs --arch (the child's shape)")
+        return retrofit_baseline(
+            run_dir, arch, tokens, steps, name, dense, resume, lr, finetune_tokens, child, progress=progress
+        )
     if method == "dense-parent":
         arch = arch or str(Subnet.full(recipe.model))
         name = name or "dense-parent"
@@ -471,6 +488,30 @@ def baseline(
     return out
 
 
+def _dense_parent(run_dir: Path, recipe: Recipe, dense: str, method: str):
+    """The trained dense parent (RUN/baselines/`dense`/parent) the pruning and retrofit methods
+    start from, and its folder."""
+    dense_dir = run_dir / "baselines" / dense
+    if not (dense_dir / "parent" / "manifest.json").exists():
+        raise ConfigError(f"{method} needs a trained dense parent at {dense_dir}: run `baseline --method dense-parent`")
+    parent, _ = load_model(dense_dir / "parent")
+    if parent.config != recipe.model:
+        raise ConfigError(f"{dense_dir} is not the parent's architecture: it cannot be pruned to a child shape")
+    return parent, dense_dir
+
+
+def calibration_batches(data, recipe: Recipe) -> list[torch.Tensor]:
+    """The training batches the importance of a dense parent is measured on before it is pruned
+    or retrofitted (the same for every method, so they start from the same re-ordering)."""
+    batches = data.train_batches(recipe.train.batch_size, recipe.train.seed + 2)
+    return [next(batches)[0] for _ in range(recipe.reorder.batches)]
+
+
+def shape_label(shape: Subnet) -> str:
+    """A folder name for a shape: `L[0-1] E4 k1 W32` -> `L0-1_E4_k1_W32`."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "", str(shape).replace(" ", "_").replace(",", "+"))
+
+
 def _pruned_shape(arch: str, parent) -> Subnet:
     """The shape of `arch` (depth, experts, top-k, width) on `parent`, keeping its most important
     layers: a child's spec names layers of the elastic parent, the dense parent ranks its own."""
@@ -505,12 +546,7 @@ def prune_baseline(
     from .reorder import reorder
 
     recipe = run_recipe(run_dir)
-    dense_dir = run_dir / "baselines" / dense
-    if not (dense_dir / "parent" / "manifest.json").exists():
-        raise ConfigError(f"{method} needs a trained dense parent at {dense_dir}: run `baseline --method dense-parent`")
-    parent, _ = load_model(dense_dir / "parent")
-    if parent.config != recipe.model:
-        raise ConfigError(f"{dense_dir} is not the parent's architecture: it cannot be pruned to a child shape")
+    parent, dense_dir = _dense_parent(run_dir, recipe, dense, method)
     shape = Subnet.parse(arch, recipe.model)
     full = Subnet.full(recipe.model)
     if method == "expert-prune" and (
@@ -520,15 +556,14 @@ def prune_baseline(
         raise ConfigError(
             f"expert-prune only removes experts: {arch!r} also changes depth, top-k or width (use prune-distill)"
         )
-    label = name or f"{method}-" + re.sub(r"[^A-Za-z0-9._+-]", "", str(shape).replace(" ", "_").replace(",", "+"))
+    label = name or f"{method}-" + shape_label(shape)
     out = run_dir / "baselines" / label
     pruned = out / "pruned"
     data = load_run_data(run_dir, recipe)
     ledger = Ledger(run_dir / "ledger.jsonl")
     if not (pruned / "manifest.json").exists():
         out.mkdir(parents=True, exist_ok=True)
-        batches = data.train_batches(recipe.train.batch_size, recipe.train.seed + 2)
-        calib = [next(batches)[0] for _ in range(recipe.reorder.batches)]
+        calib = calibration_batches(data, recipe)
         by_output = method == "expert-prune"
         n = sum(c.numel() for c in calib)
         with ledger.phase(
@@ -566,5 +601,134 @@ def prune_baseline(
             lr=lr,
             resume=resume and (out / "distilled" / "checkpoints").exists(),
             ledger_path=run_dir / "ledger.jsonl",
+        )
+    return out
+
+
+def retrofit_child_dirs(out: Path | str, child: str) -> tuple[Path, Path]:
+    """(zero-shot child, fine-tuned child model) of a retrofit baseline folder."""
+    return Path(out) / "children" / child, Path(out) / "finetuned" / child / "model"
+
+
+def _retrofit_recipe(recipe: Recipe, n_steps: int, lr: float) -> Recipe:
+    """The run's elastic recipe for a short retrofit: its space, sampling and in-place
+    distillation; its re-orderings at the same fractions of training; no full-network warm-up (the
+    dense parent is that network, trained); the given learning rate; a batch order of its own."""
+    t = recipe.train
+    at = sorted({min(n_steps, max(1, round(s * n_steps / t.steps))) for s in recipe.reorder.at_steps})
+    return dataclasses.replace(
+        recipe,
+        sampling=dataclasses.replace(recipe.sampling, full_fraction=0.0),
+        reorder=dataclasses.replace(recipe.reorder, at_steps=tuple(at)),
+        train=dataclasses.replace(
+            t,
+            steps=n_steps,
+            lr=lr,
+            warmup=max(1, n_steps // 10),
+            eval_every=n_steps,
+            ckpt_every=max(1, min(t.ckpt_every, n_steps)),
+            seed=t.seed + 3,
+            init_from="",
+        ),
+    )
+
+
+def retrofit_baseline(
+    run_dir: Path,
+    arch: str,
+    tokens: int | None,
+    steps: int | None,
+    name: str | None,
+    dense: str,
+    resume: bool,
+    lr: float = 1e-3,
+    finetune_tokens: int | None = None,
+    child: str | None = None,
+    progress: bool = False,
+) -> Path:
+    """Retrofit: the normally trained (dense) parent made elastic after the fact, as NVIDIA's
+    Nemotron Elastic does with a trained model. The dense parent (RUN/baselines/`dense`) is
+    re-ordered by importance (reorder.py, on the calibration batches prune-distill uses), then
+    trained elastically for `tokens`/`steps` with the run's elastic recipe (`_retrofit_recipe`),
+    then the shape of `arch` is extracted zero-shot and fine-tuned (distilled from the retrofitted
+    parent) for `finetune_tokens` (default: the retrofit's own token budget).
+
+        baselines/<name>/parent/                  the retrofitted elastic parent, shared by every
+                                                  child extracted from it (reused when finished)
+        baselines/<name>/children/<child>/        the zero-shot child (`child`: default the shape)
+        baselines/<name>/finetuned/<child>/model/ the child after the fine-tune
+
+    Ledger: `importance` (the one-shot re-ordering), `retrofit` (training segments) and
+    `train-eval`, each with run = baselines/<name>; `extract` (method retrofit) and `finetune` with
+    out = the child's folders."""
+    from .reorder import reorder
+
+    recipe = run_recipe(run_dir)
+    label = name or "retrofit"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", label):
+        raise ConfigError(f"baseline name {label!r} must be one path component of letters, digits and ._+-")
+    out = run_dir / "baselines" / label
+    shape = Subnet.parse(arch, recipe.model)  # a bad spec fails before any work
+    if not shape.is_uniform:
+        raise ConfigError(f"retrofit extracts uniform shapes; {arch!r} varies per layer")
+    bs, seq = recipe.train.batch_size, recipe.data.seq_len
+    n_steps = _steps_for(tokens, steps, bs * seq)
+    data = load_run_data(run_dir, recipe)
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    if (out / "parent" / "manifest.json").exists():
+        done = read_json(out / "parent" / "config.json")["meta"].get("retrofit", {})
+        if done.get("steps") != n_steps:
+            raise ConfigError(
+                f"{out} holds a retrofit of {done.get('steps')} steps, not {n_steps}: choose another --name"
+            )
+    else:
+        if not resume and out.exists():
+            shutil.rmtree(out)  # an unfinished earlier attempt without --resume: start over
+        model, dense_dir = _dense_parent(run_dir, recipe, dense, "retrofit")
+        resuming = resume and (out / "checkpoints").exists()
+        out.mkdir(parents=True, exist_ok=True)
+        if not resuming:  # a resume loads the re-ordered, partly trained weights from its checkpoint
+            calib = calibration_batches(data, recipe)
+            n = sum(c.numel() for c in calib)
+            ref = ledger.ref(out)
+            with ledger.phase("importance", run=ref, method="retrofit", key=f"retrofit-reorder:{ref}") as rec:
+                r = recipe.reorder
+                reorder(model, calib, None, r.experts_by, r.neurons, r.layers)
+                rec["tokens"], rec["flops"] = n, costmod.cost(model.config, None, seq).flops_forward * n
+        info = {"steps": n_steps, "tokens": n_steps * bs * seq, "lr": lr, "dense": str(dense_dir / "parent")}
+        job = Job(
+            _retrofit_recipe(recipe, n_steps, lr),
+            out,
+            data,
+            phase="retrofit",
+            model=model,
+            extra_meta={"method": "retrofit", "retrofit": info},
+        )
+        par = distmod.setup(resolve_device(recipe.train.device), "auto")
+        try:
+            run_job(job, par, resuming, progress=progress, ledger_path=ledger.path)
+        finally:
+            par.close()
+    parent, _ = load_model(out / "parent")
+    subnet = _pruned_shape(arch, parent)
+    child_dir, ft_model = retrofit_child_dirs(out, child or shape_label(shape))
+    if (child_dir / "manifest.json").exists():
+        got = read_json(child_dir / "config.json")["meta"].get("subnet")
+        if got != str(subnet):
+            raise ConfigError(f"{child_dir} holds {got}, not {subnet}: pass another child name")
+    else:
+        parent_meta = {"path": str((out / "parent").resolve()), "method": "retrofit"}
+        _extract_recorded(run_dir, data, parent, subnet, child_dir, parent_meta, method="retrofit")
+    if finished_finetune(ft_model.parent) is None:
+        finetune(
+            child_dir,
+            ft_model.parent,
+            teacher_run=out,
+            data_run=run_dir,
+            tokens=finetune_tokens or n_steps * bs * seq,
+            lr=lr,
+            resume=resume and (ft_model.parent / "checkpoints").exists(),
+            device=recipe.train.device,
+            ledger_path=ledger.path,
         )
     return out

@@ -36,6 +36,9 @@ DEFAULT_FAMILY: dict[str, dict[str, float]] = {
     "active-third": {"max_active_ratio": 1 / 3},
     "half-latency": {"max_latency_ratio": 1 / 2},
 }
+# retrofit baselines (--baselines all): folder name -> elastic training budget as a multiple of the
+# fine-tune budget (the marginal budget prune-distill gets, and a larger one)
+RETROFIT_BUDGETS = {"retrofit": 1, "retrofit-4x": 4}
 FINETUNE_LR_SCALE = 0.3  # fine-tunes and distillations run at this fraction of the parent's learning rate
 # rough share of wall time per phase on the tiny preset, for the ETA
 PHASES = {"train": 40, "search": 10, "extract": 2, "export": 4, "finetune": 10, "eval": 12, "baseline": 30, "report": 4}
@@ -252,9 +255,11 @@ class Pipeline:
         data: the dense parent (the parent's architecture trained normally, equal tokens), and for
         the reference child (every child with baselines='all') its architecture from scratch on
         the parent's tokens and the dense parent pruned to its shape and distilled with the
-        child's fine-tune budget. 'all' adds the dense parent at equal training FLOPs and one-shot
-        expert pruning where the shape allows it."""
-        from .phases import BASELINE_MODEL, baseline
+        child's fine-tune budget. 'all' adds the dense parent at equal training FLOPs, one-shot
+        expert pruning where the shape allows it, and retrofit: the dense parent trained
+        elastically for the fine-tune budget and for RETROFIT_BUDGETS times it, each child's shape
+        extracted from it and fine-tuned with the same budget."""
+        from .phases import BASELINE_MODEL, baseline, retrofit_child_dirs
 
         children = self._children()
         names = list(children)[:1] if self.baselines == "reference" else list(children)
@@ -263,47 +268,59 @@ class Pipeline:
         outs: dict[str, dict] = {}
         dirs: dict[str, Path] = {}
 
-        def run(key: str, label: str, **kw) -> None:
-            out = self.run / "baselines" / key
+        def run(key: str, models: dict[str, str], folder: str | None = None, **kw) -> None:
+            """baselines/<folder or key>; `models`: eval name -> model folder inside it."""
+            out = self.run / "baselines" / (folder or key)
             kw.setdefault("resume", out.exists())
             try:
-                folder = baseline(self.run, name=key, progress=self.progress, **kw)
+                done = baseline(self.run, name=folder or key, progress=self.progress, **kw)
             except ConfigError as exc:  # e.g. expert-prune of a shape that also cuts layers
                 outs[key] = {"refused": str(exc)}
                 print(f"  {key}: not run, {exc}")
                 return
             outs[key] = {
-                "dir": str(folder),
+                "dir": str(done),
                 "method": kw.get("method", "scratch"),
-                **{k: v for k, v in kw.items() if k in ("arch", "tokens")},
+                **{k: v for k, v in kw.items() if k in ("arch", "tokens", "finetune_tokens")},
             }
-            dirs[label] = folder / BASELINE_MODEL[kw.get("method", "scratch")]
+            dirs.update({label: done / rel for label, rel in models.items()})
 
-        run("dense-parent", "parent (dense, equal tokens)", method="dense-parent", tokens=tokens_seen)
+        def one(label: str, method: str = "scratch") -> dict[str, str]:
+            return {label: BASELINE_MODEL[method]}
+
+        run("dense-parent", one("parent (dense, equal tokens)"), method="dense-parent", tokens=tokens_seen)
         if self.baselines == "all":
             ledger = Ledger(self.run / "ledger.jsonl")
             flops = ledger.totals("train", run=ledger.ref(self.run))["flops"]
             per_token = cost(self.recipe.model, None, self.recipe.data.seq_len).flops_train
             run(
                 "dense-parent-flops",
-                "parent (dense, equal FLOPs)",
+                one("parent (dense, equal FLOPs)"),
                 method="dense-parent",
                 tokens=max(int(flops / per_token), 1),
             )
         lr = self.recipe.train.lr * FINETUNE_LR_SCALE  # what phase_finetune gives the elastic children
         for name in names:
             spec = children[name]["subnet"]
-            run(name, f"{name} (from scratch)", arch=spec, tokens=tokens_seen)
-            run(
-                f"{name}-prune-distill",
-                f"{name} (prune-distill)",
-                arch=spec,
-                method="prune-distill",
-                tokens=ft_budget,
-                lr=lr,
-            )
-            if self.baselines == "all":
-                run(f"{name}-expert-prune", f"{name} (expert-prune)", arch=spec, method="expert-prune")
+            run(name, one(f"{name} (from scratch)"), arch=spec, tokens=tokens_seen)
+            pd = "prune-distill"
+            run(f"{name}-{pd}", one(f"{name} ({pd})", pd), arch=spec, method=pd, tokens=ft_budget, lr=lr)
+            if self.baselines != "all":
+                continue
+            run(f"{name}-expert-prune", one(f"{name} (expert-prune)", "expert-prune"), arch=spec, method="expert-prune")
+            for key, times in RETROFIT_BUDGETS.items():
+                zero, tuned = retrofit_child_dirs(Path(), name)  # inside the retrofit folder
+                run(
+                    f"{name}-{key}",
+                    {f"{name} ({key}, zero-shot)": str(zero), f"{name} ({key} + fine-tune)": str(tuned)},
+                    folder=key,
+                    arch=spec,
+                    method="retrofit",
+                    tokens=times * ft_budget,
+                    finetune_tokens=ft_budget,
+                    lr=lr,
+                    child=name,
+                )
         self._evaluate(dirs, "eval/baseline.json")
         return outs
 
