@@ -633,6 +633,44 @@ def _retrofit_recipe(recipe: Recipe, n_steps: int, lr: float) -> Recipe:
     )
 
 
+def _retrofit_parent(run_dir: Path, recipe: Recipe, data, out: Path, n_steps: int, dense, resume, lr, progress) -> None:
+    """Write `out/parent`: the dense parent re-ordered, then trained elastically for `n_steps`
+    (or check that the finished one there had that budget)."""
+    from .reorder import reorder
+
+    if (out / "parent" / "manifest.json").exists():
+        done = read_json(out / "parent" / "config.json")["meta"].get("retrofit", {})
+        if done.get("steps") != n_steps:
+            raise ConfigError(
+                f"{out} holds a retrofit of {done.get('steps')} steps, not {n_steps}: choose another --name"
+            )
+        return
+    if not resume and out.exists():
+        shutil.rmtree(out)  # an unfinished earlier attempt without --resume: start over
+    model, dense_dir = _dense_parent(run_dir, recipe, dense, "retrofit")
+    resuming = resume and (out / "checkpoints").exists()
+    out.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    seq = recipe.data.seq_len
+    if not resuming:  # a resume loads the re-ordered, partly trained weights from its checkpoint
+        calib = calibration_batches(data, recipe)
+        n = sum(c.numel() for c in calib)
+        ref = ledger.ref(out)
+        with ledger.phase("importance", run=ref, method="retrofit", key=f"retrofit-reorder:{ref}") as rec:
+            r = recipe.reorder
+            reorder(model, calib, None, r.experts_by, r.neurons, r.layers)
+            rec["tokens"], rec["flops"] = n, costmod.cost(model.config, None, seq).flops_forward * n
+    tokens = n_steps * recipe.train.batch_size * seq
+    info = {"steps": n_steps, "tokens": tokens, "lr": lr, "dense": str(dense_dir / "parent")}
+    extra = {"method": "retrofit", "retrofit": info}
+    job = Job(_retrofit_recipe(recipe, n_steps, lr), out, data, phase="retrofit", model=model, extra_meta=extra)
+    par = distmod.setup(resolve_device(recipe.train.device), "auto")
+    try:
+        run_job(job, par, resuming, progress=progress, ledger_path=ledger.path)
+    finally:
+        par.close()
+
+
 def retrofit_baseline(
     run_dir: Path,
     arch: str,
@@ -661,8 +699,6 @@ def retrofit_baseline(
     Ledger: `importance` (the one-shot re-ordering), `retrofit` (training segments) and
     `train-eval`, each with run = baselines/<name>; `extract` (method retrofit) and `finetune` with
     out = the child's folders."""
-    from .reorder import reorder
-
     recipe = run_recipe(run_dir)
     label = name or "retrofit"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", label):
@@ -674,41 +710,7 @@ def retrofit_baseline(
     bs, seq = recipe.train.batch_size, recipe.data.seq_len
     n_steps = _steps_for(tokens, steps, bs * seq)
     data = load_run_data(run_dir, recipe)
-    ledger = Ledger(run_dir / "ledger.jsonl")
-    if (out / "parent" / "manifest.json").exists():
-        done = read_json(out / "parent" / "config.json")["meta"].get("retrofit", {})
-        if done.get("steps") != n_steps:
-            raise ConfigError(
-                f"{out} holds a retrofit of {done.get('steps')} steps, not {n_steps}: choose another --name"
-            )
-    else:
-        if not resume and out.exists():
-            shutil.rmtree(out)  # an unfinished earlier attempt without --resume: start over
-        model, dense_dir = _dense_parent(run_dir, recipe, dense, "retrofit")
-        resuming = resume and (out / "checkpoints").exists()
-        out.mkdir(parents=True, exist_ok=True)
-        if not resuming:  # a resume loads the re-ordered, partly trained weights from its checkpoint
-            calib = calibration_batches(data, recipe)
-            n = sum(c.numel() for c in calib)
-            ref = ledger.ref(out)
-            with ledger.phase("importance", run=ref, method="retrofit", key=f"retrofit-reorder:{ref}") as rec:
-                r = recipe.reorder
-                reorder(model, calib, None, r.experts_by, r.neurons, r.layers)
-                rec["tokens"], rec["flops"] = n, costmod.cost(model.config, None, seq).flops_forward * n
-        info = {"steps": n_steps, "tokens": n_steps * bs * seq, "lr": lr, "dense": str(dense_dir / "parent")}
-        job = Job(
-            _retrofit_recipe(recipe, n_steps, lr),
-            out,
-            data,
-            phase="retrofit",
-            model=model,
-            extra_meta={"method": "retrofit", "retrofit": info},
-        )
-        par = distmod.setup(resolve_device(recipe.train.device), "auto")
-        try:
-            run_job(job, par, resuming, progress=progress, ledger_path=ledger.path)
-        finally:
-            par.close()
+    _retrofit_parent(run_dir, recipe, data, out, n_steps, dense, resume, lr, progress)
     parent, _ = load_model(out / "parent")
     subnet = _pruned_shape(arch, parent)
     child_dir, ft_model = retrofit_child_dirs(out, child or shape_label(shape))
@@ -729,6 +731,6 @@ def retrofit_baseline(
             lr=lr,
             resume=resume and (ft_model.parent / "checkpoints").exists(),
             device=recipe.train.device,
-            ledger_path=ledger.path,
+            ledger_path=run_dir / "ledger.jsonl",
         )
     return out
