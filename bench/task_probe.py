@@ -58,9 +58,14 @@ def answer_mask(task: str, tokens: list[int], tok) -> list[int]:
     return []  # filled by the caller from the prompt length
 
 
-def make_row(task: str, rng: random.Random, tok, length: int) -> tuple[list[int], list[int]]:
+def make_row(task: str, rng: random.Random, tok, length: int, single: bool = False) -> tuple[list[int], list[int]]:
+    """One row of `length` tokens and its answer mask. single: one example, then padding (mask -1:
+    no loss), so no earlier example's keys are in view; else examples packed back to back."""
     ids, mask = [tok.eos_id], [0]
     while len(ids) < length:
+        if single and len(ids) > 1:
+            pad = length - len(ids)
+            return ids + [tok.eos_id] * pad, mask + [-1] * pad
         example = data.make_example(task, rng)
         tokens = tok.encode(example)
         if task == "kv":
@@ -85,6 +90,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--answers-only", action="store_true")
+    p.add_argument("--single", action="store_true", help="one example per row (padded), none packed beside it")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.manual_seed(a.seed)
@@ -103,21 +109,22 @@ def main() -> None:
         forward = model
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
     t0 = time.perf_counter()
-    print(f"task {a.task} model {a.model} batch {a.batch}x{a.seq_len} lr {a.lr} answers-only {a.answers_only}")
+    print(
+        f"task {a.task} model {a.model} batch {a.batch}x{a.seq_len} lr {a.lr} answers-only {a.answers_only} "
+        f"single {a.single}"
+    )
     for step in range(a.steps + 1):
         cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.steps))
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, (step + 1) / a.warmup) * cosine
-        rows = [make_row(a.task, rng, tok, a.seq_len + 1) for _ in range(a.batch)]
+        rows = [make_row(a.task, rng, tok, a.seq_len + 1, a.single) for _ in range(a.batch)]
         x = torch.tensor([r[0] for r in rows])
-        m = torch.tensor([r[1] for r in rows])[:, 1:].bool()
+        mask = torch.tensor([r[1] for r in rows])[:, 1:]
+        m = mask == 1
         inputs, targets = x[:, :-1], x[:, 1:]
         logits = forward(inputs)
-        loss = (
-            F.cross_entropy(logits[m], targets[m])
-            if a.answers_only
-            else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        )
+        keep = m if a.answers_only else mask >= 0
+        loss = F.cross_entropy(logits[keep], targets[keep])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

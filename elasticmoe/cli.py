@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .recipe import PRESETS_DIR
 from .runfolder import RUN, check_separate, lock, recipe_inputs, writing
 
 log = logging.getLogger("elasticmoe")
@@ -65,9 +66,8 @@ def _lock_run(run: Path | str, command: str):
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", default=None, help="recipe file (YAML/TOML/JSON) or preset name (tiny, micro, small-gpu)"
-    )
+    presets = ", ".join(sorted(f.stem for f in PRESETS_DIR.glob("*.yaml")))
+    p.add_argument("--config", default=None, help=f"recipe file (YAML/TOML/JSON) or preset name ({presets})")
     p.add_argument(
         "--set",
         action="append",
