@@ -305,6 +305,22 @@ def split_prompt_answer(task: str, example: str) -> tuple[str, str]:
     return head + sep, answer
 
 
+# Where the answers of a structured example are: kv's queried values and find's queried fields
+# (every query is an answer, the last one is the graded one), the text after the separator else.
+_QUERY_ANSWERS = {"kv": re.compile(r"\? [^ =]+=(\d+)"), "find": re.compile(r"\? \d+ -> (\d+)")}
+
+
+def answer_spans(task: str, example: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the answers in one structured example (data.loss_on=answers
+    trains on these and on the EOS after them). Unknown tasks, e.g. text, have none."""
+    if task in _QUERY_ANSWERS:
+        return [m.span(1) for m in _QUERY_ANSWERS[task].finditer(example)]
+    if task in SEPARATORS:
+        prompt, answer = split_prompt_answer(task, example)
+        return [(len(prompt), len(prompt) + len(answer))] if answer else []
+    return []
+
+
 def generate_examples(task: str, n: int, rng: random.Random, exclude: set[str], spec: TaskSpec) -> list[str]:
     """Up to `n` distinct examples not in `exclude` (a held-out split). A small task space yields
     fewer (logged)."""

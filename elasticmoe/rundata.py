@@ -20,10 +20,26 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .data import DEFAULT_TASK_WEIGHTS, SPLITS, Corpus, build_default_corpus, corpus_from_texts, load_user_texts
+from .data import (
+    DEFAULT_TASK_WEIGHTS,
+    SPLITS,
+    STRUCTURED_TASKS,
+    Corpus,
+    build_default_corpus,
+    corpus_from_texts,
+    load_user_texts,
+)
 from .recipe import Recipe
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from .tokens import BatchIterator, StratifiedBatches, TokenShards, eval_windows, mix_tasks, tokenize_docs
+from .tokens import (
+    BatchIterator,
+    StratifiedBatches,
+    TokenShards,
+    answer_mask,
+    eval_windows,
+    mix_tasks,
+    tokenize_docs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +75,30 @@ class RunData:
         rank: int = 0,
         world_size: int = 1,
         task_weights: dict[str, float] | None = None,
+        loss_on: str = "all",
     ) -> BatchIterator | StratifiedBatches:
         """Training batches: every batch holds each task's share of rows (`task_weights`, else the
-        run's mix, else shares of the tokens), in document-aligned windows; see StratifiedBatches."""
+        run's mix, else shares of the tokens), in document-aligned windows; see StratifiedBatches.
+        loss_on="answers": structured tasks' rows train on their answers only (`tokens.answer_mask`)."""
         if self.train_shards is not None:  # memory-mapped: windows are read straight from the files
+            if loss_on != "all":
+                raise ConfigError(f"data.loss_on={loss_on!r} needs tasks with answers; token shards are plain text")
             return BatchIterator(self.train_shards, self.seq_len, batch_size, seed, rank, world_size)
         arrays = {t: a for t, a in self.tokens["train"].items() if len(a)}
         weights = task_weights if task_weights is not None else (self.task_weights or None)
+        masks = None
+        if loss_on == "answers":
+            masks = {t: answer_mask(a, self.tokenizer, t) for t, a in arrays.items() if t in STRUCTURED_TASKS}
         return StratifiedBatches(
-            arrays, weights, self.seq_len, batch_size, seed, rank, world_size, eos_id=self.tokenizer.eos_id
+            arrays,
+            weights,
+            self.seq_len,
+            batch_size,
+            seed,
+            rank,
+            world_size,
+            eos_id=self.tokenizer.eos_id,
+            loss_masks=masks,
         )
 
     def eval_windows(self, split: str, max_windows: int) -> dict[str, torch.Tensor]:

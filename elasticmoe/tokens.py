@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .data import _expand, _task_order
+from .data import _expand, _task_order, answer_spans
 
 logger = logging.getLogger(__name__)
 
 
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+IGNORE = -100  # a target no loss is taken on (torch's cross_entropy ignore_index default)
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -97,6 +98,30 @@ def _split_docs(tokens: np.ndarray, eos_id: int) -> list[np.ndarray]:
     if len(ends) == 0 or ends[-1] != len(tokens):
         ends = np.append(ends, len(tokens))  # a last document without EOS stays whole
     return np.split(tokens, ends[:-1])
+
+
+def answer_mask(tokens: np.ndarray, tokenizer: Any, task: str) -> np.ndarray:
+    """True on the tokens of `tokens` (a task's EOS-terminated documents) that are answers (see
+    `data.answer_spans`) or the EOS closing a document with answers: the targets data.loss_on=answers
+    trains on. A token is an answer when any of its characters is; offsets come from re-encoding the
+    decoded document, and a document that does not re-encode to the same ids keeps every token."""
+    mask = np.zeros(len(tokens), dtype=bool)
+    docs = _split_docs(np.asarray(tokens), tokenizer.eos_id)
+    starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
+    bodies = [d[:-1] if len(d) and d[-1] == tokenizer.eos_id else d for d in docs]
+    texts = tokenizer.decode_batch([b.tolist() for b in bodies])
+    encoded = tokenizer.backend.encode_batch(texts, add_special_tokens=False)
+    for start, body, text, enc in zip(starts, bodies, texts, encoded):
+        spans = answer_spans(task, text)
+        if not spans:
+            continue
+        if list(enc.ids) != body.tolist():
+            mask[start : start + len(body) + 1] = True
+            continue
+        for j, (a, b) in enumerate(enc.offsets):
+            mask[start + j] = any(a < end and start_ < b for start_, end in spans)
+        mask[start + len(body) : start + len(body) + 1] = True  # the EOS: where generation stops
+    return mask
 
 
 def write_token_shard(path: str | Path, tokens: np.ndarray, vocab_size: int | None = None) -> Path:
@@ -281,6 +306,9 @@ class StratifiedBatches:
     permutation seeded by (seed, task index, epoch); a partial block at the end of an epoch is
     skipped. State: {"step", "seed", "tasks": {task: {"epoch", "position", "windows"}}}, positions
     counting global windows, so a resume may change world_size or batch_size.
+
+    `loss_masks` ({task: bool array aligned with its tokens}, from `answer_mask`) sets the targets
+    outside the mask to IGNORE: that task's rows train on their answers only.
     """
 
     def __init__(
@@ -294,8 +322,8 @@ class StratifiedBatches:
         world_size: int = 1,
         *,
         eos_id: int,
+        loss_masks: dict[str, np.ndarray] | None = None,
     ) -> None:
-
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ConfigError(f"seq_len={seq_len!r} must be a positive integer")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -314,13 +342,19 @@ class StratifiedBatches:
         self.frac = np.clip(shares - self.base, 0.0, None)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.streams, self.starts = {}, {}
+        self.streams, self.starts, self.masks = {}, {}, {}
         for i, task in enumerate(tasks):
             docs = _split_docs(arrays[task], eos_id)
             order = np.random.default_rng([seed, 11, i]).permutation(len(docs))
             head = np.asarray([eos_id], dtype=arrays[task].dtype)
             stream = np.concatenate([head, *(docs[j] for j in order)])
             self.streams[task], self.starts[task] = stream, aligned_starts(stream, eos_id, seq_len)
+            if loss_masks and task in loss_masks:  # the same documents in the same order
+                if len(loss_masks[task]) != len(arrays[task]):
+                    have, want = len(loss_masks[task]), len(arrays[task])
+                    raise ConfigError(f"loss mask of task {task!r} has {have} entries for {want} tokens")
+                pieces = np.split(loss_masks[task], np.cumsum([len(d) for d in docs])[:-1])
+                self.masks[task] = np.concatenate([[False], *(pieces[j] for j in order)])
             need = int(self.base[i]) + (self.frac[i] > 0)
             if len(self.starts[task]) < max(need, 1):
                 raise ConfigError(
@@ -370,7 +404,12 @@ class StratifiedBatches:
         mine = chosen[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         parts = [self.streams[t][self.starts[t][w] : self.starts[t][w] + self.seq_len + 1] for t, w in mine]
         rows = torch.from_numpy(np.stack(parts).astype(np.int64))
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        targets = rows[:, 1:].clone()
+        for row, (t, w) in enumerate(mine):
+            if t in self.masks:  # loss on the answers only: other targets are ignored (-100)
+                keep = self.masks[t][self.starts[t][w] + 1 : self.starts[t][w] + self.seq_len + 1]
+                targets[row, torch.from_numpy(~keep)] = IGNORE
+        return rows[:, :-1].contiguous(), targets
 
     def state_dict(self) -> dict[str, Any]:
         tasks = {

@@ -43,22 +43,16 @@ from . import dist as distmod
 from .checkpoint import atomic_write_text, save_model
 from .config import ConfigError, ElasticSpace, dump_yaml
 from .ledger import Ledger
-from .metrics import _append_metrics, _mean_tok_per_s, _plot_losses, _Progress, _truncate_metrics, read_metrics  # noqa: F401
+from .metrics import _append_metrics, _mean_tok_per_s, _plot_losses, _Progress, _truncate_metrics
 from .model import ElasticMoE
 from .recipe import Recipe
 from .reorder import reorder
 from .subnet import Subnet, largest, sample_per_layer, sample_uniform, smallest
-from .trainstate import (  # noqa: F401  (re-exported: phases and tests import them from here)
-    _checkpoints,
-    _load_optimizer,
-    _optimizer_tensors,
-    _prune_checkpoints,
-    _rng_state,
-    _set_rng_state,
+from .tokens import IGNORE
+from .trainstate import (
     clean_stale_temporaries,
     find_checkpoint,
     load_any_checkpoint,
-    load_checkpoint,
     save_checkpoint,
     save_sharded_checkpoint,
 )
@@ -134,13 +128,16 @@ def sample_step(recipe: Recipe, step: int, layer_order: list[int]) -> list[tuple
 
 
 # -- losses ------------------------------------------------------------------------------------
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) at temperature T, times T^2 (Hinton et al. 2015), mean over tokens."""
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, times T^2 (Hinton et al. 2015), mean over tokens
+    (over the tokens where `keep` is True when given: the targets the data trains on)."""
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    return kl.mean() * t * t
+    return (kl[keep] if keep is not None else kl).mean() * t * t
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -333,6 +330,7 @@ def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teache
         flops += costmod.cost(teacher.config, None, seq).flops_forward * x.numel()
     losses: dict[str, float] = {}
     out = None
+    keep = (y != IGNORE) if bool((y == IGNORE).any()) else None  # data.loss_on=answers
     for n, (name, sn) in enumerate(subnets):
         with autocast(par.device):
             out = model(x, sn)
@@ -340,7 +338,7 @@ def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teache
         if target is None:  # in-place distillation: the largest is the teacher of the step
             loss, target = ce, out.logits.detach()
         else:
-            loss = d.ce_weight * ce + d.kd_weight * kd_loss(out.logits, target, d.temperature)
+            loss = d.ce_weight * ce + d.kd_weight * kd_loss(out.logits, target, d.temperature, keep)
         weight = scale if n == 0 else scale * d.subnet_weight / n_sub
         loss = weight * (loss + t.aux_weight * out.aux_loss + t.z_weight * out.z_loss)
         flops += costmod.cost(recipe.model, sn, seq).flops_train * x.numel()
@@ -410,7 +408,9 @@ def run_job(
     opt = make_optimizer(model, recipe)
     weights = dict(recipe.data.task_weights) or None
     rank_args = () if world == 1 else (par.rank, world)
-    batches = job.data.train_batches(t.batch_size // world, t.seed, *rank_args, task_weights=weights)
+    batches = job.data.train_batches(
+        t.batch_size // world, t.seed, *rank_args, task_weights=weights, loss_on=recipe.data.loss_on
+    )
     step, bad_in_row, tokens_seen = 0, 0, 0
     # this attempt's id; the ids of all attempts whose work led to the saved state travel with the
     # checkpoints and the final model, so a report can sum exactly the work behind an artefact

@@ -27,9 +27,9 @@ from elasticmoe import train as trainmod
 from elasticmoe.checkpoint import CheckpointError, load_model, read_json, verify_manifest, write_manifest
 from elasticmoe.config import ConfigError
 from elasticmoe.ledger import Ledger
+from elasticmoe.metrics import read_metrics
 from elasticmoe.recipe import load_recipe
 from elasticmoe.subnet import Subnet
-from elasticmoe.train import read_metrics
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 for _hook in (distmod.TEST_DIVERGE_ENV, distmod.TEST_NAN_ENV):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from elasticmoe.data import build_default_corpus
+from elasticmoe.metrics import read_metrics
 from elasticmoe.recipe import load_recipe
 from elasticmoe.rundata import load_run_data
 from elasticmoe.tokenizer import train_tokenizer
 from elasticmoe.tokens import tokenize_docs, write_token_shard
-from elasticmoe.train import read_metrics, train
+from elasticmoe.train import train
 
 
 def test_training_on_pretokenized_shards(tmp_path):
@@ -96,3 +98,50 @@ def test_default_data_batches_follow_the_default_mix(tmp_path):
 
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
+
+
+def test_loss_on_answers_trains_structured_rows_on_their_answers_only(tmp_path):
+    """data.loss_on=answers: structured rows' targets outside their answers (and closing EOS) are
+    ignored, text rows keep every target, the KD loss averages over the kept tokens only, and a
+    run trains with finite losses."""
+    from elasticmoe.data import answer_spans
+    from elasticmoe.tokens import IGNORE
+    from elasticmoe.train import kd_loss
+
+    r = load_recipe("micro", ["data.loss_on=answers", "train.steps=4", "train.eval_every=4", "train.ckpt_every=4"])
+    run = tmp_path / "run"
+    train(r, run, progress=False)
+    losses = [v for m in read_metrics(run / "metrics.jsonl") if "loss" in m for v in m["loss"].values()]
+    assert len(losses) >= 4 and all(np.isfinite(losses))
+    data = load_run_data(run, r)
+    tok = data.tokenizer
+    batches = data.train_batches(8, 0, loss_on="answers")
+    plain = data.train_batches(8, 0)
+    seen, kept_rows = set(), 0
+    for _ in range(3):
+        tasks = [t for t, n in batches.rows_at(batches.step).items() for _ in range(n)]  # rows, task by task
+        (x, y), (px, py) = next(batches), next(plain)
+        assert torch.equal(x, px)  # the same rows; only the targets differ
+        for row, task in enumerate(tasks):
+            seen.add(task)
+            ignored = y[row] == IGNORE
+            if task == "text":
+                assert not ignored.any()
+                continue
+            assert int((~ignored).sum()) < len(ignored)  # (a window of a long record table may hold no answer)
+            kept_rows += int((~ignored).any())
+            assert torch.equal(y[row][~ignored], py[row][~ignored])
+            # every kept target is an answer character or EOS
+            kept = "".join(tok.decode([int(t)]) for t in y[row][~ignored])
+            assert set(kept) <= set("0123456789 ") | set(tok.eos_token), (task, kept)
+    assert seen >= {"text", "kv", "arith"} and kept_rows >= 6
+    # the spans the mask follows
+    assert answer_spans("kv", "kv: a=12 b=345 ? b=345 ? a=12") == [(19, 22), (27, 29)]
+    assert answer_spans("arith", "arith: 012+003 = 0150") == [(17, 21)]
+    assert answer_spans("sort", "sort: 3 1 -> 1 3") == [(13, 16)]
+    assert answer_spans("find", "find: 101 a 55; 202 b 66 ? 202 -> 66") == [(34, 36)]
+    assert answer_spans("text", "anything = 3") == []
+    # KD over kept tokens only
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    keep = torch.tensor([[True, False, True, False, False], [False] * 4 + [True]])
+    assert torch.allclose(kd_loss(s, t, 2.0, keep), kd_loss(s[keep][None], t[keep][None], 2.0))

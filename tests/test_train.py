@@ -16,8 +16,10 @@ import torch
 
 from elasticmoe import train as trainmod
 from elasticmoe.checkpoint import CheckpointError, verify_manifest
+from elasticmoe.metrics import read_metrics
 from elasticmoe.recipe import load_recipe
-from elasticmoe.train import find_checkpoint, read_metrics, sample_step, train
+from elasticmoe.train import sample_step, train
+from elasticmoe.trainstate import find_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -180,9 +182,9 @@ def test_nonfinite_step_is_skipped_and_parameters_untouched(tmp_path, monkeypatc
     real = trainmod.kd_loss
     calls = {"n": 0}
 
-    def flaky(student, teacher, t):
+    def flaky(student, teacher, t, keep=None):
         calls["n"] += 1
-        out = real(student, teacher, t)
+        out = real(student, teacher, t, keep)
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(trainmod, "kd_loss", flaky)
@@ -193,7 +195,7 @@ def test_nonfinite_step_is_skipped_and_parameters_untouched(tmp_path, monkeypatc
     assert len(skipped) == 1
     assert len([r for r in recs if "loss" in r]) == 5
 
-    monkeypatch.setattr(trainmod, "kd_loss", lambda s, t, temp: real(s, t, temp) * float("nan"))
+    monkeypatch.setattr(trainmod, "kd_loss", lambda *a: real(*a) * float("nan"))
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train(micro(**{"train.steps": 6, "train.max_bad_steps": 3}), tmp_path / "run2", progress=False)
 
@@ -313,9 +315,7 @@ def test_a_skipped_last_step_still_checkpoints_and_records_its_segment(tmp_path,
         return real_sample(recipe, step, order)
 
     monkeypatch.setattr(trainmod, "sample_step", spy)
-    monkeypatch.setattr(
-        trainmod, "kd_loss", lambda s, t, temp: real_kd(s, t, temp) * (float("nan") if current["step"] == 5 else 1.0)
-    )
+    monkeypatch.setattr(trainmod, "kd_loss", lambda *a: real_kd(*a) * (float("nan") if current["step"] == 5 else 1.0))
     run = tmp_path / "run"
     train(micro(**{"train.steps": 6, "train.ckpt_every": 3}), run, progress=False)
     recs = read_metrics(run / "metrics.jsonl")
