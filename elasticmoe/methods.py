@@ -119,11 +119,11 @@ def compare(run_dir: Path, records: list[dict], ref, costs: list, evals: dict) -
                 pct = f" ({100 * v / denom:.0f}% of scratch)" if v is not None and denom else ""
                 figs.append("n/a" if v is None else _fmt(v) + pct)
             lines.append(f"| {r['method']} | " + " | ".join(cells) + " | " + " | ".join(figs) + " |")
+        if c.baseline:
+            lines += ["", f"Percentages are of this child's from-scratch baseline: {c.baseline.name}."]
         verdict = _verdict(rows)
         lines += ["", f"Verdict: {verdict}", ""] if verdict else [""]
         data["children"][c.name] = {"rows": rows, "verdict": verdict, "scratch_flops": denom}
-    if denom_note := [c.baseline.name for c in costs if c.baseline]:
-        lines.append(f"Percentages are of the named from-scratch baseline: {denom_note[0]}.")
     return "\n".join(lines) + "\n", data
 
 

@@ -188,6 +188,8 @@ def test_pipeline_end_to_end_with_kill_and_rerun(tmp_path):
     assert "% of the baseline's FLOPs [measured:" in md and "device-s vs the baseline" in md
     # the alternatives: the dense parent beside the elastic one, one row per method, a verdict
     assert "| dense parent, equal tokens |" in md and "| prune-distill |" in md and "Verdict: " in md
+    # each child's percentages name that child's own from-scratch baseline
+    assert f"Percentages are of this child's from-scratch baseline: measured: {ernie['subnet']} trained" in md
     rows = report["methods"]["children"]["ernie51-shape"]["rows"]
     assert [r["method"] for r in rows] == ["elastic, zero-shot", "elastic + fine-tune", "from scratch", "prune-distill"]
     # the ledger names folders relative to the run: a moved run folder reports the same figures
