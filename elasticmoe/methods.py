@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .evaluate import paired_ratio_diff_ci
 from .ledger import sum_work
 
 DENSE = {"equal tokens": "dense-parent", "equal FLOPs": "dense-parent-flops"}
@@ -92,12 +93,17 @@ def compare(run_dir: Path, records: list[dict], ref, costs: list, evals: dict) -
         ev_e, ev_d = evals.get("parent"), evals.get("parent (dense, equal tokens)")
         if ev_e and ev_d and "text" in ev_e.get("tasks", {}) and "text" in ev_d.get("tasks", {}):
             e, d = ev_e["tasks"]["text"]["score"], ev_d["tasks"]["text"]["score"]
+            paired = paired_text_diff(ev_e["tasks"]["text"], ev_d["tasks"]["text"])
+            spread = (
+                f"; elastic minus dense, 95% paired interval [{paired[0]:+.3f}, {paired[1]:+.3f}]" if paired else ""
+            )
             lines += [
                 "",
                 f"Elastic parent vs dense parent at equal tokens: text {e:.3f} vs {d:.3f} bits/byte "
-                f"({100 * (e / d - 1):+.1f}%, target within +1%).",
+                f"({100 * (e / d - 1):+.1f}%{spread}; target within +1%).",
             ]
             data["parent"]["text_vs_dense_equal_tokens"] = e / d - 1
+            data["parent"]["text_diff_paired_ci"] = list(paired) if paired else None
         lines.append("")
     dense_flops = dense_cost.get("equal tokens", {}).get("flops")
     for c in costs:
@@ -216,6 +222,16 @@ def _text(row: dict | None) -> dict | None:
     return ((row or {}).get("eval") or {}).get("tasks", {}).get("text")
 
 
+def paired_text_diff(a: dict, b: dict) -> tuple[float, float] | None:
+    """95% bootstrap interval of bits/byte(a) - bits/byte(b), resampling the documents both were
+    scored on; None when either result lacks per-document figures or they are other documents."""
+    if not (a.get("doc_bits") and b.get("doc_bits") and a.get("doc_bytes") == b.get("doc_bytes")):
+        return None
+    if len(a["doc_bits"]) != len(b["doc_bits"]):
+        return None
+    return paired_ratio_diff_ci(a["doc_bits"], b["doc_bits"], a["doc_bytes"])
+
+
 def _verdict(rows: list[dict]) -> str:
     """One line: the fine-tuned elastic child against the best (on text bits/byte) of the trained
     alternatives that start from the dense parent (prune-distill, each retrofit after its
@@ -233,9 +249,15 @@ def _verdict(rows: list[dict]) -> str:
     if a is None or b is None:
         return ""
     diff = b["score"] - a["score"]
-    overlap = a["ci"][0] <= b["ci"][1] and b["ci"][0] <= a["ci"][1]
     word = "beats" if diff > 0 else "loses to"
-    noise = " (inside the 95% intervals: not a measured difference)" if overlap else ""
+    paired = paired_text_diff(a, b)
+    if paired is not None:
+        lo, hi = paired
+        measured = "a measured difference" if lo > 0 or hi < 0 else "not a measured difference"
+        noise = f" (elastic minus it, 95% paired interval over the same documents [{lo:+.3f}, {hi:+.3f}]: {measured})"
+    else:
+        overlap = a["ci"][0] <= b["ci"][1] and b["ci"][0] <= a["ci"][1]
+        noise = " (inside the 95% intervals: not a measured difference)" if overlap else ""
     shares = []
     for kind in ("all-in", "amortized"):
         x, y = ours["cost"].get(kind), other["cost"].get(kind)

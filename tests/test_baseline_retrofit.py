@@ -131,7 +131,18 @@ def test_verdict_names_the_best_alternative_from_the_dense_parent():
     rows += [_row("retrofit + fine-tune", 2.9, 25.0), _row("retrofit, zero-shot", 2.5, 21.0)]
     verdict = _verdict(rows)  # a zero-shot row is not a trained alternative; from scratch is not from the dense parent
     assert "loses to retrofit + fine-tune (the best of 2 alternatives from the dense parent) by 0.100" in verdict
-    assert "at 40% of its all-in FLOPs" in verdict
+    assert "at 40% of its all-in FLOPs" in verdict and "inside the 95% intervals" not in verdict
+    # with per-document figures on the same documents, the verdict uses the paired interval
+    bits = [100.0, 300.0, 50.0, 220.0]
+    for row, scale in ((rows[0], 1.0), (rows[3], 0.97)):
+        text = row["eval"]["tasks"]["text"]
+        text.update(doc_bits=[b * scale for b in bits], doc_bytes=[40, 120, 20, 90])
+        text["score"] = sum(text["doc_bits"]) / 270
+    verdict = _verdict(rows)
+    assert "loses to retrofit + fine-tune" in verdict and "elastic minus it, 95% paired interval" in verdict
+    assert "over the same documents [+0.07" in verdict and ": a measured difference)" in verdict
+    rows[3]["eval"]["tasks"]["text"]["doc_bytes"] = [40, 120, 20, 91]  # other documents: no pairing
+    assert "paired" not in _verdict(rows)
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from elasticmoe.evaluate import (
     evaluate,
     format_retention_table,
     greedy_continuations,
+    paired_ratio_diff_ci,
     plot_retention,
     read_eval,
     retention,
@@ -189,6 +190,9 @@ def test_bits_per_byte_uniform_is_log2_vocab_per_token(tokenizer) -> None:
     assert r["nats_per_token"] == pytest.approx(math.log(tokenizer.vocab_size), rel=1e-6)
     assert r["perplexity"] == pytest.approx(tokenizer.vocab_size, rel=1e-5)
     assert r["metric"] == "bits_per_byte" and r["higher_is_better"] is False
+    # per-document figures, for paired comparisons: they add up to the score
+    assert len(r["doc_bits"]) == len(r["doc_bytes"]) == len(docs) and sum(r["doc_bytes"]) == n_bytes
+    assert sum(r["doc_bits"]) / n_bytes == pytest.approx(r["score"], rel=1e-4)
 
 
 def test_bits_per_byte_oracle_is_zero_and_wrong_model_is_large(tokenizer) -> None:
@@ -285,6 +289,23 @@ def test_bootstrap_ratio_ci() -> None:
     narrow, wide = bootstrap_ratio_ci(num, den, seed=1), bootstrap_ratio_ci(num[:20], den[:20], seed=1)
     assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 3
     assert bootstrap_ratio_ci(num[:20], den[:20], seed=1) == bootstrap_ratio_ci(num[:20], den[:20], seed=1)
+
+
+def test_paired_difference_interval_is_narrow_when_documents_share_their_difficulty() -> None:
+    rng = np.random.default_rng(0)
+    den = rng.integers(100, 400, 100).astype(float)
+    hard = rng.gamma(2.0, 1.0, 100) * den  # documents differ a lot in difficulty ...
+    a, b = hard * 1.02, hard  # ... and model a is 2% worse on every one
+    lo, hi = paired_ratio_diff_ci(a, b, den, seed=3)
+    true = a.sum() / den.sum() - b.sum() / den.sum()
+    assert 0 < lo <= true <= hi  # a measured difference
+    sep_a, sep_b = bootstrap_ratio_ci(a, den, seed=3), bootstrap_ratio_ci(b, den, seed=3)
+    assert sep_a[0] <= sep_b[1]  # the two separate intervals overlap: they could not show it
+    assert hi - lo < (sep_a[1] - sep_a[0]) / 10
+    same = paired_ratio_diff_ci(b, b, den)
+    assert same == (0.0, 0.0)
+    with pytest.raises(ValueError, match="equal"):
+        paired_ratio_diff_ci(a[:5], b, den)
 
 
 # -- retention -----------------------------------------------------------------------------------
