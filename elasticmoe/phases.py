@@ -42,6 +42,7 @@ from .ledger import Ledger
 from .recipe import DistillConfig, Recipe, SamplingConfig, load_recipe
 from .rundata import load_run_data
 from .subnet import Subnet
+from .tokens import unpack_windows
 from .train import Job, eval_losses, kd_loss, resolve_device, run_job, train
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,16 @@ def _steps_for(tokens: int | None, steps: int | None, tokens_per_step: int) -> i
 
 @torch.no_grad()
 def mean_kd(child, teacher, windows: dict[str, torch.Tensor], device, temperature: float = 1.0) -> float:
-    """Mean KL(teacher || child) per token over the windows of every task."""
+    """Mean KL(teacher || child) per token over the windows of every task (over the kept targets
+    of a task given as (windows, keep))."""
     total, n = 0.0, 0
-    for w in windows.values():
+    for w, keep in map(unpack_windows, windows.values()):
         x = w[:, :-1].to(device)
-        total += kd_loss(child(x).logits, teacher(x).logits, temperature).item() * x.numel()
-        n += x.numel()
+        keep = keep.to(device) if keep is not None else None
+        count = int(keep.sum()) if keep is not None else x.numel()
+        if count:
+            total += kd_loss(child(x).logits, teacher(x).logits, temperature, keep).item() * count
+            n += count
     return total / max(n, 1)
 
 
@@ -203,7 +208,7 @@ def finetune(
         device,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    windows = data.eval_windows("val", recipe.train.eval_windows)
+    windows = data.eval_windows("val", recipe.train.eval_windows, recipe.data.loss_on)
     if task_weights:
         windows = {t: w for t, w in windows.items() if task_weights.get(t, 0) > 0} or windows
     full = Subnet.full(child.config)
@@ -341,7 +346,9 @@ def search_run(
     dev = resolve_device(device)
     parent.to(dev)
     data = load_run_data(run_dir, recipe)
-    evaluator = SubnetEvaluator(parent, data.eval_windows("search", windows or recipe.train.eval_windows), dev)
+    evaluator = SubnetEvaluator(
+        parent, data.eval_windows("search", windows or recipe.train.eval_windows, recipe.data.loss_on), dev
+    )
     seed = recipe.train.seed if seed is None else seed
     parent_cost = costmod.cost(parent.config, None, seq)
     ledger = Ledger(run_dir / "ledger.jsonl")

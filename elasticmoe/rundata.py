@@ -101,14 +101,20 @@ class RunData:
             loss_masks=masks,
         )
 
-    def eval_windows(self, split: str, max_windows: int) -> dict[str, torch.Tensor]:
-        """Held-out windows per task (split "val" for validation, "search" for search)."""
+    def eval_windows(
+        self, split: str, max_windows: int, loss_on: str = "all"
+    ) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """Held-out windows per task (split "val" for validation, "search" for search). loss_on=
+        "answers": structured tasks give (windows, keep), scored on their answers only (as trained)."""
         if split not in self.tokens:
             raise ConfigError(f"no split {split!r}; have {sorted(self.tokens)}")
         out = {}
         for task, arr in self.tokens[split].items():
             if len(arr) > self.seq_len + 1:
-                out[task] = eval_windows(arr, self.seq_len, max_windows)
+                mask = answer_mask(arr, self.tokenizer, task) if loss_on == "answers" else None
+                if mask is not None and not mask.any():
+                    mask = None  # a task without answers (text) keeps every target
+                out[task] = eval_windows(arr, self.seq_len, max_windows, mask)
         if not out:
             raise ConfigError(f"split {split!r} has too little data for one window of {self.seq_len + 1} tokens")
         return out

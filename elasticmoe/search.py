@@ -37,6 +37,7 @@ from . import cost as costmod
 from .config import ConfigError, ElasticSpace, ModelConfig
 from .latency import LatencyTable, _error_summary
 from .subnet import LayerSpec, Subnet, enumerate_uniform, smallest
+from .tokens import unpack_windows
 from .train import eval_losses, resolve_device
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,10 @@ class SubnetEvaluator:
             raise ConfigError("search needs at least one task of validation windows")
         self.parent = parent
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.windows = {t: w.to(self.device) for t, w in windows.items()}
+        self.windows = {
+            t: tuple(x.to(self.device) for x in w) if isinstance(w, tuple) else w.to(self.device)
+            for t, w in windows.items()
+        }
         weights = dict(task_weights or dict.fromkeys(windows, 1.0))
         extra = sorted(set(weights) - set(windows))
         if extra or any(v < 0 for v in weights.values()) or sum(weights.values()) <= 0:
@@ -284,7 +288,7 @@ class SubnetEvaluator:
         if subnet not in self.cache:
             t0 = time.perf_counter()
             self.cache[subnet] = eval_losses(self.parent, self.windows, {"s": subnet}, self.device, self.batch)["s"]
-            for w in self.windows.values():
+            for w, _ in map(unpack_windows, self.windows.values()):
                 self.tokens += w[:, 1:].numel()
                 self.flops += costmod.cost(self.config, subnet, w.shape[1] - 1).flops_forward * w[:, 1:].numel()
             self.evaluations += 1

@@ -440,13 +440,18 @@ class StratifiedBatches:
 
 
 def eval_windows(
-    tokens: np.ndarray | TokenShards | Sequence[np.ndarray], seq_len: int, max_windows: int | None = None
-) -> torch.Tensor:
+    tokens: np.ndarray | TokenShards | Sequence[np.ndarray],
+    seq_len: int,
+    max_windows: int | None = None,
+    loss_mask: np.ndarray | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(n, seq_len+1) LongTensor of windows for validation, the same on every call.
 
     Windows sit at stride seq_len, so consecutive windows share one boundary token and their
     targets (window[1:]) are disjoint and cover the data. More than `max_windows` available:
     evenly spaced ones are kept, so the estimate covers the whole split, not just its start.
+    With `loss_mask` (bool, aligned with `tokens`, from `answer_mask`): (windows, keep), keep the
+    (n, seq_len) bool mask of the targets that count.
     """
     if max_windows is not None and max_windows < 1:
         raise ConfigError(f"max_windows={max_windows} must be >= 1")
@@ -454,4 +459,12 @@ def eval_windows(
     index = np.arange(windows.count)
     if max_windows is not None and windows.count > max_windows:
         index = np.unique(np.linspace(0, windows.count - 1, max_windows).round().astype(np.int64))
-    return windows.get(index)
+    if loss_mask is None:
+        return windows.get(index)
+    keep = _Windows(np.asarray(loss_mask, dtype=np.int64), seq_len).get(index)[:, 1:].bool()
+    return windows.get(index), keep
+
+
+def unpack_windows(w: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(windows, keep or None) from what `eval_windows` returned for one task."""
+    return w if isinstance(w, tuple) else (w, None)

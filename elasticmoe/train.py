@@ -48,7 +48,7 @@ from .model import ElasticMoE
 from .recipe import Recipe
 from .reorder import reorder
 from .subnet import Subnet, largest, sample_per_layer, sample_uniform, smallest
-from .tokens import IGNORE
+from .tokens import IGNORE, unpack_windows
 from .trainstate import (
     clean_stale_temporaries,
     find_checkpoint,
@@ -169,21 +169,26 @@ def eval_losses(
     device: torch.device,
     batch: int = 8,
 ) -> dict[str, dict[str, float]]:
-    """Mean next-token cross-entropy per task for each named sub-network, on held-out windows."""
+    """Mean next-token cross-entropy per task for each named sub-network, on held-out windows.
+    A task's windows may be (windows, keep): only the targets where keep is True count."""
     was = model.training
     model.eval()
     out: dict[str, dict[str, float]] = {}
     for name, sn in subnets.items():
         out[name] = {}
         for task, w in windows.items():
+            w, keep = unpack_windows(w)
             total, count = 0.0, 0
             for i in range(0, len(w), batch):
                 chunk = w[i : i + batch].to(device)
+                y = chunk[:, 1:]
+                if keep is not None:
+                    y = y.masked_fill(~keep[i : i + batch].to(device), IGNORE)
                 with autocast(device):
                     logits = model(chunk[:, :-1], sn).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
                 total += loss.item()
-                count += chunk[:, 1:].numel()
+                count += int((y != IGNORE).sum())
             out[name][task] = total / max(count, 1)
     model.train(was)
     return out
@@ -431,7 +436,7 @@ def run_job(
     elif main and metrics_path.exists():
         metrics_path.unlink()
     attempts.append(attempt)
-    windows = job.data.eval_windows("val", t.eval_windows)
+    windows = job.data.eval_windows("val", t.eval_windows, recipe.data.loss_on)
     if job.eval_tasks:
         windows = {k: w for k, w in windows.items() if k in job.eval_tasks} or windows
     record = {"run": ledger.ref(run_dir), "attempt": attempt, "device": str(device), "world_size": world}
@@ -440,7 +445,7 @@ def run_job(
     def evaluate() -> dict:
         t0, subnets = time.perf_counter(), _eval_subnets(recipe, model)
         out = eval_losses(model, windows, subnets, device)
-        n = sum(w[:, 1:].numel() for w in windows.values())
+        n = sum(w[:, 1:].numel() for w, _ in map(unpack_windows, windows.values()))
         flops = sum(costmod.cost(recipe.model, sn, recipe.data.seq_len).flops_forward for sn in subnets.values())
         ledger.append(
             {
@@ -459,7 +464,7 @@ def run_job(
         return out
 
     def reorder_now() -> None:
-        held_out = [w[: recipe.reorder.batches * 4, :-1].to(device) for w in windows.values()]
+        held_out = [w[: recipe.reorder.batches * 4, :-1].to(device) for w, _ in map(unpack_windows, windows.values())]
         t0 = time.perf_counter()
         summary = par.reorder(model, opt, functools.partial(_reorder, recipe, held_out))
         n = sum(h.numel() for h in held_out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from elasticmoe.data import build_default_corpus
@@ -145,3 +146,33 @@ def test_loss_on_answers_trains_structured_rows_on_their_answers_only(tmp_path):
     s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
     keep = torch.tensor([[True, False, True, False, False], [False] * 4 + [True]])
     assert torch.allclose(kd_loss(s, t, 2.0, keep), kd_loss(s[keep][None], t[keep][None], 2.0))
+
+
+def test_loss_on_answers_scores_held_out_windows_on_their_answers(tmp_path):
+    """Validation, search and the fine-tune's KD measure what data.loss_on=answers trains: a
+    structured task's held-out windows come with the mask of their answers."""
+    from elasticmoe.checkpoint import load_model
+    from elasticmoe.phases import mean_kd
+    from elasticmoe.search import SubnetEvaluator
+    from elasticmoe.subnet import Subnet
+    from elasticmoe.train import eval_losses
+
+    r = load_recipe("micro", ["data.loss_on=answers", "train.steps=2", "train.eval_every=2", "train.ckpt_every=2"])
+    run = tmp_path / "run"
+    train(r, run, progress=False)
+    data = load_run_data(run, r)
+    masked, plain = data.eval_windows("val", 4, "answers"), data.eval_windows("val", 4)
+    assert not isinstance(masked["text"], tuple) and torch.equal(masked["text"], plain["text"])
+    w, keep = masked["kv"]
+    assert torch.equal(w, plain["kv"]) and keep.shape == (len(w), w.shape[1] - 1) and 0 < keep.float().mean() < 1
+    model, _ = load_model(run / "parent")
+    full = Subnet.full(model.config)
+    got = eval_losses(model, masked, {"s": full}, torch.device("cpu"))["s"]
+    with torch.no_grad():
+        logits = model(w[:, :-1]).logits
+    nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="none")
+    assert got["kv"] == pytest.approx(float(nats[keep.flatten()].mean()), rel=1e-4)
+    assert got["text"] == pytest.approx(eval_losses(model, plain, {"s": full}, torch.device("cpu"))["s"]["text"])
+    search = SubnetEvaluator(model, masked, "cpu")
+    assert search(full)["kv"] == pytest.approx(got["kv"], rel=1e-5) and search.tokens > 0
+    assert mean_kd(model, model, masked, "cpu") == pytest.approx(0.0, abs=1e-6)
