@@ -29,7 +29,7 @@ class DataConfig:
     tokenizer: str = ""  # path of an existing tokenizer.json
     seq_len: int = 128
     task_weights: dict[str, float] = field(default_factory=dict)  # training mix; empty = natural
-    loss_on: str = "all"  # "answers": structured tasks' rows train on their answers only (bench/TASKS.md)
+    loss_on: str = "all"  # "answers": structured tasks' rows train on their answers only; text on every token
 
 
 @dataclass(frozen=True)
@@ -194,8 +194,6 @@ class Recipe:
             p.append(f"data.vocab_size={d.vocab_size!r} must equal model.vocab_size={self.model.vocab_size}")
         if d.loss_on not in ("all", "answers"):
             p.append(f"data.loss_on={d.loss_on!r}; allowed ['all', 'answers']")
-        elif d.loss_on == "answers" and d.source != "default":
-            p.append("data.loss_on=answers needs the embedded corpus's structured tasks (data.source=default)")
         if s.mode not in SAMPLING_MODES:
             p.append(f"sampling.mode={s.mode!r}; allowed {list(SAMPLING_MODES)}")
         if s.mode == "budget" and not s.targets:

@@ -79,10 +79,10 @@ class RunData:
     ) -> BatchIterator | StratifiedBatches:
         """Training batches: every batch holds each task's share of rows (`task_weights`, else the
         run's mix, else shares of the tokens), in document-aligned windows; see StratifiedBatches.
-        loss_on="answers": structured tasks' rows train on their answers only (`tokens.answer_mask`)."""
+        loss_on="answers": structured tasks' rows train on their answers only (`tokens.answer_mask`);
+        text (the embedded prose, your files, token shards) keeps every target."""
         if self.train_shards is not None:  # memory-mapped: windows are read straight from the files
-            if loss_on != "all":
-                raise ConfigError(f"data.loss_on={loss_on!r} needs tasks with answers; token shards are plain text")
+            # plain text: every token is trained on, whatever data.loss_on says
             return BatchIterator(self.train_shards, self.seq_len, batch_size, seed, rank, world_size)
         arrays = {t: a for t, a in self.tokens["train"].items() if len(a)}
         weights = task_weights if task_weights is not None else (self.task_weights or None)
@@ -111,7 +111,11 @@ class RunData:
         out = {}
         for task, arr in self.tokens[split].items():
             if len(arr) > self.seq_len + 1:
-                mask = answer_mask(arr, self.tokenizer, task) if loss_on == "answers" else None
+                mask = (
+                    answer_mask(arr, self.tokenizer, task)
+                    if loss_on == "answers" and task in STRUCTURED_TASKS
+                    else None
+                )
                 if mask is not None and not mask.any():
                     mask = None  # a task without answers (text) keeps every target
                 out[task] = eval_windows(arr, self.seq_len, max_windows, mask)

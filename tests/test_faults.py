@@ -505,11 +505,6 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("non-UTF-8 recipe", ["info", "--config", str(latin)], "UTF-8"),
         ("config is a list", ["info", "--config", str(listing)], "mapping"),
         ("non-UTF-8 .jsonl", ["train", "--config", "micro", *files], "UTF-8"),
-        (
-            "answers-only loss on text files",
-            ["train", "--config", "micro", "--set", "data.loss_on=answers", *files],
-            "loss_on",
-        ),
         ("finetune --temperature 0", ["finetune", a_dir, "--steps", "1", "--temperature", "0", "--out", out], "--temp"),
         ("finetune --kd-weight nan", ["finetune", a_dir, "--steps", "1", "--kd-weight", "nan", "--out", out], "--kd"),
         ("finetune --lr -1", ["finetune", a_dir, "--steps", "1", "--lr", "-1", "--out", out], "--lr"),

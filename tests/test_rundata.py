@@ -42,6 +42,8 @@ def test_training_on_pretokenized_shards(tmp_path):
     assert sum(len(a) for a in data.train_shards.arrays) == len(ids)
     x, y = next(data.train_batches(4, 0))
     assert x.shape == (4, 32) and (x[:, 1:] == y[:, :-1]).all()
+    ax, ay = next(data.train_batches(4, 0, loss_on="answers"))  # plain text: every target kept
+    assert torch.equal(ax, x) and torch.equal(ay, y)
     vals = [m for m in read_metrics(run / "metrics.jsonl") if "val" in m]
     assert set(vals[-1]["val"]["largest"]) == {"text"}
     assert (run / "parent" / "manifest.json").exists()
