@@ -41,7 +41,9 @@ DEFAULT_FAMILY: dict[str, dict[str, float]] = {
 RETROFIT_BUDGETS = {"retrofit": 1, "retrofit-4x": 4}
 FINETUNE_LR_SCALE = 0.3  # fine-tunes and distillations run at this fraction of the parent's learning rate
 # rough share of wall time per phase on the tiny preset, for the ETA
-PHASES = {"train": 40, "search": 10, "extract": 2, "export": 4, "finetune": 10, "eval": 12, "baseline": 30, "report": 4}
+PHASES = {"train": 40, "search": 10, "extract": 2, "export": 4, "finetune": 10, "eval": 12, "baseline": 40, "report": 4}
+# --baselines all trains every alternative for every child: measured 23 of 34 minutes (bench/FAMILY.md)
+BASELINE_WEIGHT_ALL = 170
 
 
 class Pipeline:
@@ -75,9 +77,10 @@ class Pipeline:
 
     def _header(self, i: int, phase: str, skipped: bool) -> None:
         names = list(PHASES)
+        weight = {**PHASES, "baseline": BASELINE_WEIGHT_ALL if self.baselines == "all" else PHASES["baseline"]}
         elapsed = time.perf_counter() - self.t0
-        todo_w = sum(PHASES[p] for p in names[i:] if not self._done(p))
-        fresh_w = sum(PHASES[p] for p in names[:i] if p in self._ran)
+        todo_w = sum(weight[p] for p in names[i:] if not self._done(p))
+        fresh_w = sum(weight[p] for p in names[:i] if p in self._ran)
         eta = f"eta ~{elapsed / fresh_w * todo_w / 60:.1f} min" if fresh_w else "eta: after training"
         status = "done earlier, skipped" if skipped else f"elapsed {elapsed / 60:.1f} min | {eta}"
         print(f"[{i + 1}/{len(names)}] {phase:9s} {status}", flush=True)

@@ -107,3 +107,16 @@ def test_eval(pipe, cli, tmp_path):
         assert {t: v["score"] for t, v in theirs[name]["tasks"].items()} == {
             t: v["score"] for t, v in results[name]["tasks"].items()
         }
+
+
+def test_eta_counts_the_alternatives_that_will_run(tmp_path, capsys):
+    """After training, the ETA weighs the baseline phase by what --baselines will train."""
+    import time
+
+    etas = {}
+    for which in ("reference", "all"):
+        p = Pipeline(load_recipe("micro"), tmp_path / which, baselines=which)
+        p._ran, p.t0 = {"train"}, time.perf_counter() - 60.0  # training took a minute
+        p._header(1, "search", skipped=False)
+        etas[which] = float(capsys.readouterr().out.split("eta ~")[1].split(" min")[0])
+    assert etas["all"] > 2 * etas["reference"] > 0
