@@ -54,6 +54,13 @@ class RunData:
     tokens: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     corpus: Corpus | None = None
     train_shards: TokenShards | None = None  # source=shards: memory-mapped training tokens
+    _answer_masks: dict[tuple[str, str], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def answer_mask(self, split: str, task: str) -> np.ndarray:
+        """`tokens.answer_mask` of one split's task, computed once per RunData."""
+        if (split, task) not in self._answer_masks:
+            self._answer_masks[split, task] = answer_mask(self.tokens[split][task], self.tokenizer, task)
+        return self._answer_masks[split, task]
 
     @property
     def tokenizer_path(self) -> Path:
@@ -88,7 +95,7 @@ class RunData:
         weights = task_weights if task_weights is not None else (self.task_weights or None)
         masks = None
         if loss_on == "answers":
-            masks = {t: answer_mask(a, self.tokenizer, t) for t, a in arrays.items() if t in STRUCTURED_TASKS}
+            masks = {t: self.answer_mask("train", t) for t in arrays if t in STRUCTURED_TASKS}
         return StratifiedBatches(
             arrays,
             weights,
@@ -111,11 +118,8 @@ class RunData:
         out = {}
         for task, arr in self.tokens[split].items():
             if len(arr) > self.seq_len + 1:
-                mask = (
-                    answer_mask(arr, self.tokenizer, task)
-                    if loss_on == "answers" and task in STRUCTURED_TASKS
-                    else None
-                )
+                answers = loss_on == "answers" and task in STRUCTURED_TASKS
+                mask = self.answer_mask(split, task) if answers else None
                 if mask is not None and not mask.any():
                     mask = None  # a task without answers (text) keeps every target
                 out[task] = eval_windows(arr, self.seq_len, max_windows, mask)

@@ -118,8 +118,12 @@ def answer_mask(tokens: np.ndarray, tokenizer: Any, task: str) -> np.ndarray:
         if list(enc.ids) != body.tolist():
             mask[start : start + len(body) + 1] = True
             continue
-        for j, (a, b) in enumerate(enc.offsets):
-            mask[start + j] = any(a < end and start_ < b for start_, end in spans)
+        chars = np.zeros(len(text) + 1, dtype=np.int64)  # answer characters, as a running count
+        for a, b in spans:
+            chars[a + 1 : b + 1] = 1
+        chars = np.cumsum(chars)
+        offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        mask[start : start + len(body)] = chars[offsets[:, 1]] > chars[offsets[:, 0]]
         mask[start + len(body) : start + len(body) + 1] = True  # the EOS: where generation stops
     return mask
 
