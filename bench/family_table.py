@@ -49,6 +49,7 @@ def collect(runs: list[Path]) -> tuple[dict, dict, list[str]]:
                 for metric, score in _task_scores(entry["eval"]).items():
                     slot.setdefault(metric, []).append(score)
                 slot.setdefault("flops", []).append(entry.get("flops", 0.0))
+        k = len(report.get("children") or []) or 1  # the family size the run amortized over
         for child, info in (methods.get("children") or {}).items():
             scratch = info.get("scratch_flops")
             for row in info.get("rows", []):
@@ -62,8 +63,12 @@ def collect(runs: list[Path]) -> tuple[dict, dict, list[str]]:
                     if value is not None and scratch:
                         slot["cost"].setdefault(kind, []).append(value / scratch)
                 cost = row.get("cost") or {}
-                if scratch and cost.get("marginal") is not None and cost.get("all-in") is not None:
-                    slot.setdefault("abs", []).append((cost["all-in"] - cost["marginal"], cost["marginal"], scratch))
+                if scratch and k > 1 and cost.get("all-in") is not None and cost.get("amortized") is not None:
+                    # all-in = F + m and amortized = F / k + m: the part shared by the family (F: the
+                    # elastic parent; the dense parent; the dense parent + its one retrofit) and this
+                    # child's own part (m), whatever the method's "marginal" column counts
+                    shared = (cost["all-in"] - cost["amortized"]) * k / (k - 1)
+                    slot.setdefault("abs", []).append((shared, cost["all-in"] - shared, scratch))
     return table, parent, metrics
 
 
@@ -100,8 +105,9 @@ def family_sizes(table: dict, sizes: tuple[int, ...] = (1, 2, 3, 5, 10, 20)) -> 
     """FLOPs of a family of n children per method, as a multiple of training the n from scratch.
 
     A method's cost is one fixed part shared by the family (the elastic parent; the dense parent;
-    the dense parent + its retrofit) plus a per-child marginal part; both are the means over the
-    children and runs measured here, and scratch is the mean from-scratch cost of those children."""
+    the dense parent + its retrofit, which serves every child) plus a per-child part, both solved
+    from the all-in and amortized figures; both are the means over the children and runs measured
+    here, and scratch is the mean from-scratch cost of those children."""
     per_method: dict[str, list[tuple[float, float, float]]] = {}
     quality: dict[str, list[float]] = {}
     for methods in table.values():
