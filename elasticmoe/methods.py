@@ -227,8 +227,6 @@ def paired_text_diff(a: dict, b: dict) -> tuple[float, float] | None:
     scored on; None when either result lacks per-document figures or they are other documents."""
     if not (a.get("doc_bits") and b.get("doc_bits") and a.get("doc_bytes") == b.get("doc_bytes")):
         return None
-    if len(a["doc_bits"]) != len(b["doc_bits"]):
-        return None
     return paired_ratio_diff_ci(a["doc_bits"], b["doc_bits"], a["doc_bytes"])
 
 

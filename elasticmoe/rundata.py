@@ -118,11 +118,10 @@ class RunData:
         out = {}
         for task, arr in self.tokens[split].items():
             if len(arr) > self.seq_len + 1:
-                answers = loss_on == "answers" and task in STRUCTURED_TASKS
-                mask = self.answer_mask(split, task) if answers else None
-                if mask is not None and not mask.any():
-                    mask = None  # a task without answers (text) keeps every target
-                out[task] = eval_windows(arr, self.seq_len, max_windows, mask)
+                answers = loss_on == "answers" and task in STRUCTURED_TASKS  # text keeps every target
+                out[task] = eval_windows(
+                    arr, self.seq_len, max_windows, self.answer_mask(split, task) if answers else None
+                )
         if not out:
             raise ConfigError(f"split {split!r} has too little data for one window of {self.seq_len + 1} tokens")
         return out

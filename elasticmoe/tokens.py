@@ -346,7 +346,7 @@ class StratifiedBatches:
         self.frac = np.clip(shares - self.base, 0.0, None)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.streams, self.starts, self.masks = {}, {}, {}
+        self.streams, self.starts, self.targets = {}, {}, {}
         for i, task in enumerate(tasks):
             docs = _split_docs(arrays[task], eos_id)
             order = np.random.default_rng([seed, 11, i]).permutation(len(docs))
@@ -358,7 +358,8 @@ class StratifiedBatches:
                     have, want = len(loss_masks[task]), len(arrays[task])
                     raise ConfigError(f"loss mask of task {task!r} has {have} entries for {want} tokens")
                 pieces = np.split(loss_masks[task], np.cumsum([len(d) for d in docs])[:-1])
-                self.masks[task] = np.concatenate([[False], *(pieces[j] for j in order)])
+                keep = np.concatenate([[False], *(pieces[j] for j in order)])
+                self.targets[task] = np.where(keep, stream.astype(np.int64), IGNORE)  # the stream, as targets
             need = int(self.base[i]) + (self.frac[i] > 0)
             if len(self.starts[task]) < max(need, 1):
                 raise ConfigError(
@@ -406,14 +407,10 @@ class StratifiedBatches:
             self.positions[task] += n
         self.step += 1
         mine = chosen[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        parts = [self.streams[t][self.starts[t][w] : self.starts[t][w] + self.seq_len + 1] for t, w in mine]
-        rows = torch.from_numpy(np.stack(parts).astype(np.int64))
-        targets = rows[:, 1:].clone()
-        for row, (t, w) in enumerate(mine):
-            if t in self.masks:  # loss on the answers only: other targets are ignored (-100)
-                keep = self.masks[t][self.starts[t][w] + 1 : self.starts[t][w] + self.seq_len + 1]
-                targets[row, torch.from_numpy(~keep)] = IGNORE
-        return rows[:, :-1].contiguous(), targets
+        spans = [(t, self.starts[t][w]) for t, w in mine]
+        inputs = np.stack([self.streams[t][s : s + self.seq_len] for t, s in spans]).astype(np.int64)
+        targets = np.stack([self.targets.get(t, self.streams[t])[s + 1 : s + self.seq_len + 1] for t, s in spans])
+        return torch.from_numpy(inputs), torch.from_numpy(targets.astype(np.int64))
 
     def state_dict(self) -> dict[str, Any]:
         tasks = {

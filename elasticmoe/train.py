@@ -335,7 +335,8 @@ def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teache
         flops += costmod.cost(teacher.config, None, seq).flops_forward * x.numel()
     losses: dict[str, float] = {}
     out = None
-    keep = (y != IGNORE) if bool((y == IGNORE).any()) else None  # data.loss_on=answers
+    keep = y != IGNORE  # data.loss_on=answers ignores prompt targets
+    keep = None if bool(keep.all()) else keep
     for n, (name, sn) in enumerate(subnets):
         with autocast(par.device):
             out = model(x, sn)
