@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .recipe import PRESETS_DIR
-from .runfolder import RUN, check_separate, lock, recipe_inputs, writing
+from .runfolder import RUN, check_separate, lock, output_run, recipe_inputs, writing
 
 log = logging.getLogger("elasticmoe")
 
@@ -63,6 +63,13 @@ def _lock_run(run: Path | str, command: str):
     if kind := _other_kind(run):
         raise ConfigError(f"{run} is a {kind} folder elasticmoe wrote, not a run folder")
     return lock(run, command)
+
+
+def _lock_output(owner: Path | None, command: str):
+    """The lock of the run an output lies in (`runfolder.output_run`), or nothing outside any run."""
+    from contextlib import nullcontext
+
+    return lock(owner, command) if owner is not None else nullcontext()
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -190,7 +197,8 @@ def cmd_extract(args) -> int:
         raise ConfigError("give --subnet SPEC or --from-search N")
     out = Path(args.out)
     check_separate(out, [run / "parent", run / "data", run / "checkpoints", run / "recipe.yaml", run / "ledger.jsonl"])
-    with _lock_run(run, "extract"):
+    owner = output_run(out, [run])
+    with _lock_run(run, "extract"), _lock_output(owner, "extract"):
         meta = extract_child(run, None, spec, out)
     v = meta["verification"]
     print(
@@ -205,7 +213,9 @@ def cmd_export(args) -> int:
     from .phases import model_folder
 
     check_separate(args.out, [model_folder(args.model_dir)])
-    rec = export_model(args.model_dir, args.out, args.format, args.gguf_type)
+    owner = output_run(args.out, [model_folder(args.model_dir)])
+    with _lock_output(owner, "export"):
+        rec = export_model(args.model_dir, args.out, args.format, args.gguf_type)
     if args.format == "gguf":
         from .gguf_export import gguf_summary
 
@@ -339,14 +349,18 @@ def cmd_finetune(args) -> int:
     child = model_folder(args.child_dir)
     data_run = Path(args.data or args.teacher or parent_run_of(child) or args.child_dir)
     out = Path(args.out)
-    check_separate(out, [child, args.teacher, args.data, data_run / "data", data_run / "parent"])
+    # the teacher's and data's run folders are not inputs as a whole (a fine-tune may go inside them,
+    # as the README's `--out runs/a/finetuned/c0`); their model and data are
+    teacher = model_folder(args.teacher) if args.teacher else None
+    check_separate(out, [child, teacher, data_run / "data", data_run / "parent"])
+    owner = output_run(out, [child])
     from contextlib import nullcontext
 
     from .runfolder import looks_like_run
 
     mine = looks_like_run(data_run) and not _other_kind(data_run)  # never lock a model folder
     data_lock = lock(data_run, "finetune") if mine else nullcontext()
-    with data_lock, writing(out, "finetune", create=not args.resume):
+    with data_lock, _lock_output(owner, "finetune"), writing(out, "finetune", create=not args.resume):
         res = finetune(
             args.child_dir,
             args.out,
@@ -422,7 +436,8 @@ def cmd_eval(args) -> int:
     names, data_run = name_models(args.model_dirs, args.data)
     out = Path(args.out) if args.out else data_run / "eval" / "cli.json"
     check_separate(out, [*names.values(), data_run / "data", data_run / "ledger.jsonl"])
-    with _lock_run(data_run, "eval"):
+    owner = output_run(out, [*names.values(), data_run])
+    with _lock_run(data_run, "eval"), _lock_output(owner, "eval"):
         res = evaluate_folders(names, data_run, out, max_examples=args.examples, device=args.device, parent=args.parent)
     print_results(res)
     print(f"wrote {out}")

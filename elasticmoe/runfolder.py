@@ -10,6 +10,11 @@
   Reentrant within a process (the pipeline calls stages that lock the same run).
 * Paths. `check_separate` refuses an output inside an input (or an input inside the output), so no
   command writes into a user's data folder or over what it reads.
+* Outputs inside a run belong to that run. `output_run` finds the run folder an output path lies in
+  (symlinks resolved) and refuses the output unless every input of the command comes from that run
+  and the path is not one that `elasticmoe run` recorded in its `pipeline.json` (replacing it would
+  leave the run's pipeline state and report describing the old folder); the caller then holds
+  that run's lock while it writes.
 """
 
 from __future__ import annotations
@@ -160,6 +165,72 @@ def writing(run_dir: Path | str, command: str, create: bool = True) -> Iterator[
         if created and not (run_dir / "checkpoints").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def output_run(out: Path | str, sources: Iterable[Path | str | None], what: str = "--out") -> Path | None:
+    """The run folder `out` lies in (nearest marked or legacy run folder above it, symlinks resolved),
+    or None outside any run. Raises a ConfigError unless every one of `sources` (the folders the
+    command reads its model or data from) lies in that same run, and unless `out` is free of the
+    outputs `elasticmoe run` recorded in that run's pipeline.json."""
+    target = Path(out).resolve()
+    run = next((a for a in target.parents if _is_run_folder(a)), None)
+    if run is None:
+        return None
+    for src in sources:
+        if src is not None and str(src) != "" and not _inside(Path(src).resolve(), run):
+            raise ConfigError(
+                f"{what} {out} lies inside the run folder {run}, but {src} is not from that run: a run holds only "
+                "its own outputs; write this one outside it"
+            )
+    for recorded in _pipeline_outputs(run):
+        if _inside(target, recorded) or _inside(recorded, target):
+            raise ConfigError(
+                f"{what} {out} would replace {recorded}, which `elasticmoe run` recorded in {run / 'pipeline.json'} "
+                "(its report describes it): choose another --out"
+            )
+    return run
+
+
+def _is_run_folder(path: Path) -> bool:
+    marker = read_marker(path)
+    return (marker is not None and marker["kind"] == RUN) or (marker is None and _legacy_run(path, resuming=False))
+
+
+def _pipeline_outputs(run: Path) -> list[Path]:
+    """The folders `elasticmoe run` recorded as phase outputs in RUN/pipeline.json (values under "dir")."""
+    try:
+        state = json.loads((run / "pipeline.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return []
+    phases = state.get("phases") if isinstance(state, dict) else None
+    if not isinstance(phases, dict):
+        return []
+    found = [
+        run / "eval" / name
+        for phase, name in (("eval", "results.json"), ("baseline", "baseline.json"))
+        if phase in phases
+    ]
+    todo: list = [phases]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("dir"), str):
+                found.append(_recorded_path(run, Path(node["dir"])))
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return [p.resolve() for p in found]
+
+
+def _recorded_path(run: Path, path: Path) -> Path:
+    """A path pipeline.json recorded relative to the working directory of `elasticmoe run`, found
+    under the run folder wherever that was (`runs/a/children/x` -> RUN/children/x)."""
+    if path.is_absolute():
+        return path
+    for i in range(len(path.parts)):
+        if (run / Path(*path.parts[i:])).exists():
+            return run / Path(*path.parts[i:])
+    return run / path
 
 
 def _root(pattern: str) -> Path:

@@ -596,3 +596,62 @@ def test_collective_timeout_is_configurable_and_validated(monkeypatch):
     with pytest.raises(ConfigError):
         distmod.collective_timeout()
     assert math.isclose(distmod.DEFAULT_COLLECTIVE_TIMEOUT_S, 600)
+
+
+# == issue 27 ======================================================================================
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, train_micro):
+    """Run A (trained, with an extracted child) and OTHER (a copy of A under its own identity)."""
+    import shutil
+
+    from elasticmoe.checkpoint import write_marker
+
+    root = tmp_path_factory.mktemp("two")
+    a = train_micro(root / "a", "train.steps=10", "train.eval_every=10", "train.ckpt_every=10", "train.keep_last=1")
+    assert cli.main(["extract", str(a), "--subnet", "L2 E4 k1 W32", "--out", str(a / "children" / "c")]) == 0
+    other = root / "other"
+    shutil.copytree(a, other, ignore=shutil.ignore_patterns("children", ".elasticmoe.lock"))
+    write_marker(other, "run")
+    return a, other
+
+
+# -- item 1: one run's outputs are never replaced by another's --------------------------------------
+def test_another_runs_model_is_never_written_inside_a_run(two_runs, tmp_path, capsys):
+    a, other = two_runs
+    before = snapshot(a)
+    link = tmp_path / "link"
+    link.symlink_to(a)
+    for out in (a / "children" / "c", link / "children" / "c", a / "children" / "new"):
+        code, err = in_process(capsys, "extract", other, "--subnet", "L2 E4 k1 W32", "--out", out)
+        assert one_line(code, err) and "not from that run" in err, err
+    for out in (a / "hf" / "c", link / "hf" / "c"):
+        code, err = in_process(capsys, "export", other / "parent", "--out", out)
+        assert one_line(code, err) and "not from that run" in err, err
+    assert snapshot(a) == before
+
+
+def test_a_folder_recorded_by_the_pipeline_is_not_replaced_by_a_command(two_runs, capsys):
+    a, _ = two_runs
+    state = {"phases": {"extract": {"done": True, "outputs": {"c": {"dir": "runs/a/children/c"}}}}}
+    (a / "pipeline.json").write_text(json.dumps(state))
+    try:
+        before = snapshot(a)
+        code, err = in_process(capsys, "extract", a, "--subnet", "L2 E4 k1 W32", "--out", a / "children" / "c")
+        assert one_line(code, err) and "pipeline.json" in err, err
+        assert snapshot(a) == before
+    finally:
+        (a / "pipeline.json").unlink()
+
+
+# -- item 5: documented usage that works ------------------------------------------------------------
+def test_the_readmes_finetune_into_its_own_run_works(two_runs, capsys):
+    a, other = two_runs
+    code, err = in_process(
+        capsys, "finetune", a / "children" / "c", "--teacher", a, "--steps", 2, "--out", a / "finetuned" / "c"
+    )
+    assert code == 0, err
+    assert (a / "finetuned" / "c" / "model" / "manifest.json").is_file()
+    code, err = in_process(
+        capsys, "finetune", a / "children" / "c", "--teacher", other, "--steps", 2, "--out", other / "finetuned" / "c"
+    )
+    assert one_line(code, err) and "not from that run" in err, err
