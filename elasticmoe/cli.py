@@ -374,8 +374,11 @@ def cmd_finetune(args) -> int:
             task_weights=_weights(args.task_weight),
             lr=args.lr,
             resume=args.resume,
+            keep_best=not args.last,
         )
     print(f"fine-tuned {res.steps} steps / {res.tokens:,} tokens -> {Path(args.out) / 'model'}")
+    if res.kept:
+        print(f"  {res.kept['reason']}")
     for t in res.val_before:
         print(f"  {t:6s} val CE {res.val_before[t]:.3f} -> {res.val_after[t]:.3f}")
     if res.kd_before is not None:
@@ -591,6 +594,12 @@ def _args_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kd-weight", type=float, default=1.0, help="weight of KL(teacher || child)")
     p.add_argument("--ce-weight", type=float, default=1.0, help="weight of the data cross-entropy")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    p.add_argument(
+        "--last",
+        action="store_true",
+        help="publish the last step; default: the evaluated state (the start included) with the lowest "
+        "validation loss, so a fine-tune never publishes a child worse than it began on validation",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
 

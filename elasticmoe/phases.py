@@ -91,6 +91,7 @@ class FinetuneResult:
     val_after: dict[str, float]
     kd_before: float | None
     kd_after: float | None
+    kept: dict | None = None  # which evaluated state was published and why (keep_best)
 
 
 def finished_finetune(out_dir: Path | str) -> FinetuneResult | None:
@@ -101,7 +102,14 @@ def finished_finetune(out_dir: Path | str) -> FinetuneResult | None:
         return None
     ft = read_json(done / "config.json")["meta"]["finetune"]
     return FinetuneResult(
-        Path(out_dir), ft["steps"], ft["tokens"], ft["val_before"], ft["val_after"], ft["kd_before"], ft["kd_after"]
+        Path(out_dir),
+        ft["steps"],
+        ft["tokens"],
+        ft["val_before"],
+        ft["val_after"],
+        ft["kd_before"],
+        ft["kd_after"],
+        ft.get("kept"),
     )
 
 
@@ -130,7 +138,9 @@ def mean_kd(child, teacher, windows: dict[str, torch.Tensor], device, temperatur
     return total / max(n, 1)
 
 
-def _finetune_recipe(recipe: Recipe, child_config, distill, task_weights, lr, n_steps, bs, ckpt_every, device):
+def _finetune_recipe(
+    recipe: Recipe, child_config, distill, task_weights, lr, n_steps, bs, ckpt_every, device, eval_every=None
+):
     """A fine-tune as a recipe for the training engine: one fixed sub-network (the whole child),
     the teacher outside it, the parent's data with the fine-tune's mix, its own batch order."""
     return dataclasses.replace(
@@ -148,7 +158,7 @@ def _finetune_recipe(recipe: Recipe, child_config, distill, task_weights, lr, n_
             warmup=max(1, n_steps // 10),
             batch_size=bs,
             ckpt_every=ckpt_every,
-            eval_every=n_steps,
+            eval_every=eval_every or n_steps,
             keep_last=2,
             seed=recipe.train.seed + 1,
             device=device,
@@ -175,8 +185,12 @@ def finetune(
     device: str = "auto",
     ledger_path: Path | None = None,
     stop_at: int | None = None,
+    keep_best: bool = True,
 ) -> FinetuneResult:
-    """Distil (or, without `teacher_run`, plainly fine-tune) the child at `child_dir`."""
+    """Distil (or, without `teacher_run`, plainly fine-tune) the child at `child_dir`. With
+    `keep_best` (the default) the child is evaluated on the run's validation split at the start and
+    5 times during the fine-tune, and the state with the lowest mean validation loss is published
+    (the zero-shot child when no step helped); its meta says which was kept and why."""
     child_dir = model_folder(child_dir)
     out_dir = Path(out_dir)
     data_run = Path(data_run or teacher_run or parent_run_of(child_dir) or "")
@@ -206,6 +220,7 @@ def finetune(
         bs,
         ckpt_every or max(1, min(50, math.ceil(n_steps / 10))),  # a kill loses <= 10% of the work
         device,
+        eval_every=max(1, n_steps // 5) if keep_best else n_steps,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     windows = data.eval_windows("val", recipe.train.eval_windows, recipe.data.loss_on)
@@ -231,7 +246,7 @@ def finetune(
     after: dict[str, float] = {}
     kd_after: list[float | None] = [None]
 
-    def final_meta(model, _val) -> dict:
+    def final_meta(model, _val, kept) -> dict:
         after.update(eval_losses(model, windows, {"child": full}, dev)["child"])
         kd_after[0] = mean_kd(model, teacher, windows, dev, temperature) if teacher is not None else None
         return {
@@ -250,6 +265,7 @@ def finetune(
                 "val_after": dict(after),
                 "kd_before": kd_before,
                 "kd_after": kd_after[0],
+                "kept": kept,
             },
         }
 
@@ -265,16 +281,21 @@ def finetune(
         eval_phase="finetune-eval",
         ledger_info=info,
         final_meta=final_meta,
+        keep_best=keep_best,
     )
     par = distmod.setup(dev, "auto")
     try:
         res = run_job(job, par, resume, progress=False, stop_at=stop_at, ledger_path=ledger.path)
     finally:
         par.close()
+    kept = None
     if not after:  # stopped early, or resumed a finished fine-tune: measure the model as it is
         after = eval_losses(child, windows, {"child": full}, dev)["child"]
         kd_after[0] = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
-    return FinetuneResult(out_dir, res.step, res.step * bs * recipe.data.seq_len, before, after, kd_before, kd_after[0])
+    elif (out_dir / "model" / "config.json").is_file():
+        kept = read_json(out_dir / "model" / "config.json")["meta"]["finetune"].get("kept")
+    tokens = res.step * bs * recipe.data.seq_len
+    return FinetuneResult(out_dir, res.step, tokens, before, after, kd_before, kd_after[0], kept)
 
 
 def extract_child(run_dir: Path | str, parent, spec: str, out: Path, n_windows: int = 4) -> dict:

@@ -232,6 +232,7 @@ class Pipeline:
                 "val_after": res.val_after,
                 "kd_before": res.kd_before,
                 "kd_after": res.kd_after,
+                "kept": res.kept,
             }
         return out
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from . import cost as costmod
 from . import dist as distmod
-from .checkpoint import atomic_write_text, save_model
+from .checkpoint import atomic_write_text, load_model, read_json, save_model
 from .config import ConfigError, ElasticSpace, dump_yaml
 from .ledger import Ledger
 from .metrics import _append_metrics, _mean_tok_per_s, _plot_losses, _Progress, _truncate_metrics
@@ -279,8 +279,6 @@ class _NoLedger:
 def _init_model(recipe: Recipe, device: torch.device) -> ElasticMoE:
     model = ElasticMoE(recipe.model)
     if recipe.train.init_from:
-        from .checkpoint import load_model
-
         src, _ = load_model(recipe.train.init_from)
         if src.config != recipe.model:
             raise ConfigError(f"train.init_from={recipe.train.init_from} has a different model config than the recipe")
@@ -306,8 +304,11 @@ class Job:
     eval_tasks: tuple[str, ...] = ()  # evaluate only these tasks (default: all)
     eval_phase: str = "train-eval"  # the ledger phase of in-training evaluations
     ledger_info: dict = field(default_factory=dict)  # fields added to every ledger record
-    final_meta: Callable[[ElasticMoE, dict], dict] | None = None  # meta of the final model folder
+    final_meta: Callable[[ElasticMoE, dict, dict | None], dict] | None = None  # (model, val, kept) -> meta
     extra_meta: dict = field(default_factory=dict)  # added to the default meta
+    # publish the evaluated state (the start included) with the lowest mean validation loss instead
+    # of the last one; it waits in run_dir/best between evaluations, so a resume keeps it
+    keep_best: bool = False
 
 
 @dataclass
@@ -462,6 +463,8 @@ def run_job(
         )
         if main:
             _append_metrics(metrics_path, {"step": step, "val": out})
+        if job.keep_best:
+            best.offer(model, step, out["largest"])
         return out
 
     def reorder_now() -> None:
@@ -498,6 +501,9 @@ def run_job(
             save_sharded_checkpoint(par, run_dir, step, model, opt, state, t.keep_last)
         ledger.append(segment)
 
+    best = _Best(run_dir / "best") if job.keep_best else None
+    if best is not None and world > 1:
+        raise ConfigError("keeping the best validated model is a one-process feature (fine-tuning)")
     result_eval = evaluate() if step == 0 else {}
     tokens_per_step = t.batch_size * recipe.data.seq_len
     seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
@@ -560,17 +566,25 @@ def run_job(
         if step >= t.steps:
             if not result_eval:  # resumed from the final checkpoint: nothing ran, measure once more
                 result_eval = evaluate()
-            _publish(job, par, model, step, tokens_seen, attempts, result_eval, metrics_path)
+            kept = best.restore(model, step, result_eval["largest"]) if best is not None else None
+            if kept is not None:
+                result_eval = {"largest": kept["val"]}
+                log.info("%s", kept["reason"])
+            _publish(job, par, model, step, tokens_seen, attempts, result_eval, metrics_path, kept)
+            if best is not None:
+                shutil.rmtree(best.folder, ignore_errors=True)
     tok_s = _mean_tok_per_s(metrics_path) if main else 0.0
     return TrainResult(run_dir, step, result_eval, tok_s, world, main)
 
 
-def _publish(job: Job, par, model, step: int, tokens_seen: int, attempts: list, val: dict, metrics_path) -> None:
+def _publish(
+    job: Job, par, model, step: int, tokens_seen: int, attempts: list, val: dict, metrics_path, kept: dict | None = None
+) -> None:
     """Write the final model folder (rank 0; gathered there when sharded) and the loss plot."""
     recipe = job.recipe
     full = par.main_model(model)
     if job.final_meta is not None:
-        meta = job.final_meta(full, val) if par.is_main else {}
+        meta = job.final_meta(full, val, kept) if par.is_main else {}
     else:
         meta = {
             "kind": "elastic-parent" if job.phase == "train" else job.phase,
@@ -581,12 +595,62 @@ def _publish(job: Job, par, model, step: int, tokens_seen: int, attempts: list, 
             "val": val,
             **job.extra_meta,
         }
+        if kept is not None:
+            meta["kept"] = kept
 
     def publish() -> None:
         save_model(job.run_dir / job.output, full, meta, extra_files={"tokenizer.json": job.data.tokenizer_path})
         _plot_losses(metrics_path, job.run_dir / "loss.png")
 
     par.on_main(publish)
+
+
+def val_score(val: dict[str, float]) -> float:
+    """What keep-best minimises: the mean over tasks of the validation loss (nats/token; structured
+    tasks on the targets the data trains on), each task weighing the same."""
+    return sum(val.values()) / max(len(val), 1)
+
+
+class _Best:
+    """The best evaluated state of a one-process run, as a model folder (atomic, so a kill leaves
+    the previous best whole; a resume reads its score back)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.meta = None
+        if (folder / "config.json").is_file():
+            self.meta = read_json(folder / "config.json")["meta"]
+
+    def offer(self, model: ElasticMoE, step: int, val: dict[str, float]) -> None:
+        score = val_score(val)
+        if self.meta is None or score < self.meta["score"]:
+            self.meta = {"kind": "best-so-far", "step": step, "score": score, "val": dict(val)}
+            save_model(self.folder, model, self.meta)
+
+    def restore(self, model: ElasticMoE, step: int, last_val: dict[str, float]) -> dict:
+        """Load the best state into `model` (when it is not the last) and say which was kept and why."""
+        last = val_score(last_val)
+        if self.meta is None or self.meta["step"] == step or last <= self.meta["score"]:
+            return {
+                "step": step,
+                "steps": step,
+                "score": last,
+                "last_score": last,
+                "val": dict(last_val),
+                "reason": f"kept the last step ({step}): mean validation loss {last:.4f}, the lowest evaluated",
+            }
+        saved, _ = load_model(self.folder, next(model.parameters()).device)
+        model.load_state_dict(saved.state_dict())
+        b = self.meta
+        where = "the start (no fine-tune step helped)" if b["step"] == 0 else f"step {b['step']}"
+        return {
+            "step": b["step"],
+            "steps": step,
+            "score": b["score"],
+            "last_score": last,
+            "val": dict(b["val"]),
+            "reason": f"kept {where}: mean validation loss {b['score']:.4f}, the last step's ({step}) was {last:.4f}",
+        }
 
 
 def _reorder(recipe: Recipe, held_out: list[torch.Tensor], model: ElasticMoE, opt) -> dict:

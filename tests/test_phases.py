@@ -85,10 +85,46 @@ def test_finetune_resume_equals_uninterrupted(trained_run, tmp_path):
         [{k: v for k, v in json.loads(x).items() if k not in timing} for x in (tmp_path / d / "metrics.jsonl").open()]
         for d in ("a", "b")
     )
-    assert len(a) == 12 + 2 and a == b  # 12 steps, the evaluations at steps 0 and 12
+    assert len(a) == 12 + 7 and a == b  # 12 steps, keep-best's evaluations at steps 0, 2, ..., 12
     ma, _ = load_model(tmp_path / "a" / "model")
     mb, _ = load_model(tmp_path / "b" / "model")
     assert all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A micro parent on a text-only user corpus (no structured tasks), as a user's own data gives."""
+    import pydoc_data.topics
+
+    root = tmp_path_factory.mktemp("textonly")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(pydoc_data.topics.topics.values()))
+    over = ["train.steps=60", "train.eval_every=60", "data.source=files", f"data.paths=['{corpus}']"]
+    train(load_recipe("micro", over), root / "run", progress=False)
+    return root / "run"
+
+
+@pytest.mark.parametrize("lr", [0.3, 3e-3])
+def test_finetune_publishes_the_best_validated_state(text_run, tmp_path, lr):
+    """A fine-tune whose learning rate wrecks the child (0.3) publishes the zero-shot child and says
+    so; a sane one publishes the evaluated state with the lowest validation loss, whichever it is."""
+    parent, _ = load_model(text_run / "parent")
+    extract_child(text_run, parent, "L2 E2 k1 W32", tmp_path / "child")
+    res = finetune(tmp_path / "child", tmp_path / "ft", teacher_run=text_run, steps=10, lr=lr, ce_weight=1.0)
+    val = [json.loads(x)["val"]["largest"] for x in (tmp_path / "ft" / "metrics.jsonl").open() if '"val"' in x]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "ft" / "metrics.jsonl").open() if '"val"' in x]
+    assert steps == [0, 2, 4, 6, 8, 10] and all(set(v) == {"text"} for v in val)
+    best = min(range(len(val)), key=lambda i: val[i]["text"])
+    model, meta = load_model(tmp_path / "ft" / "model")
+    kept = meta["finetune"]["kept"]
+    assert kept["step"] == steps[best] and res.kept == kept
+    assert res.val_after["text"] == pytest.approx(val[best]["text"], rel=1e-5)
+    assert res.val_after["text"] <= res.val_before["text"] + 1e-6
+    if lr == 0.3:  # measured: the wrecked child's validation loss rises at every evaluation
+        assert kept["step"] == 0 and "the start" in kept["reason"] and kept["last_score"] > kept["score"]
+        zero, _ = load_model(tmp_path / "child")
+        assert all(torch.equal(a, b) for a, b in zip(zero.state_dict().values(), model.state_dict().values()))
+    assert not (tmp_path / "ft" / "best").exists()
 
 
 def test_baseline_trains_the_architecture_from_scratch_and_is_recorded(trained_run):
