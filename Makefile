@@ -17,6 +17,14 @@ $(EVAL_STAMP): $(STAMP) requirements-eval.txt
 	$(BIN)/pip install -q -r requirements-eval.txt
 	touch $(EVAL_STAMP)
 
+# headless Chromium and its driver (Debian's packages) for the arena's browser test; a no-op
+# once installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+
 setup: $(STAMP)
 
 setup-eval: $(EVAL_STAMP)
@@ -24,11 +32,11 @@ setup-eval: $(EVAL_STAMP)
 run: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/elasticmoe run --out runs/default
 
-test: $(STAMP) $(EVAL_STAMP)
+test: $(STAMP) $(EVAL_STAMP) browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check elasticmoe tests bench
 	$(BIN)/ruff format --check elasticmoe tests bench
 
-.PHONY: setup setup-eval run test lint
+.PHONY: setup setup-eval browser run test lint

@@ -491,6 +491,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_arena(args) -> int:
+    from .arena import run_arena, votes_path
+
+    _require(1 <= args.max_new_tokens <= 1024, f"--max-new-tokens={args.max_new_tokens} must be in 1..1024")
+    _require(0 <= args.port <= 65535, f"--port={args.port} must be in 0..65535")
+    if not (Path(args.run_dir) / "recipe.yaml").is_file():
+        raise ConfigError(f"{args.run_dir} is not a run folder (no recipe.yaml)")
+    if args.export:
+        from .arena.store import Store, export_jsonl
+        from .checkpoint import atomic_write_text
+
+        db = Path(args.db) if args.db else votes_path(args.run_dir)
+        if not db.is_file():
+            raise ConfigError(f"{db} does not exist: no votes yet")
+        store = Store(db)
+        try:
+            lines = list(export_jsonl(store))
+        finally:
+            store.close()
+        atomic_write_text(Path(args.export), "".join(lines))
+        print(f"wrote {len(lines)} votes to {args.export}")
+        return 0
+    run_arena(args.run_dir, args.host, args.port, args.models, args.token, args.prompts, args.db, args.max_new_tokens)
+    return 0
+
+
 def cmd_run(args) -> int:
     from .pipeline import run_pipeline
 
@@ -661,6 +687,18 @@ def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percent", action="store_true", help="fail unless percentages can be given")
 
 
+def _args_arena(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--port", type=int, default=8765, help="TCP port (0: any free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback needs --token")
+    p.add_argument("--models", nargs="+", help="names (parent, c0, c0-ft, ...) or model folders; default: all")
+    p.add_argument("--token", help="shared token every request must carry (the printed address sets it)")
+    p.add_argument("--prompts", help="prompts to draw: one per line, or .jsonl with a 'prompt' key (default: held-out)")
+    p.add_argument("--db", help="votes database (default RUN_DIR/arena/votes.sqlite)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest answer, in tokens")
+    p.add_argument("--export", metavar="PATH", help="write the votes as JSON lines to PATH and exit")
+
+
 def _args_run(p: argparse.ArgumentParser) -> None:
     _add_recipe_args(p)
     p.add_argument("--out", default="runs/default", help="run folder (a rerun skips finished phases)")
@@ -696,6 +734,7 @@ COMMANDS = {
     "lm-eval-tasks": ("write the run's test tasks as local lm-evaluation-harness tasks", _args_lm_eval_tasks),
     "report": ("the cost report: marginal, all-in and amortized cost vs a named baseline", _args_report),
     "run": ("the whole pipeline: train, search, extract, export, finetune, eval, baseline, report", _args_run),
+    "arena": ("people vote blind between the run's models in a local web app; ratings with intervals", _args_arena),
 }
 
 

@@ -350,6 +350,7 @@ def write_report(
 
     methods_md, methods = compare(run_dir, records, ledger.ref, costs, evals or {})
     md += "\n" + methods_md if methods_md else ""
+    md += arena_section(run_dir)
     if problems:
         shown = "; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
         md = md.replace(
@@ -392,6 +393,18 @@ def write_report(
     atomic_write_text(run_dir / "report.json", json.dumps(data, indent=2) + "\n")
     plot_costs(costs, run_dir / "cost.png")
     return data
+
+
+def arena_section(run_dir: Path) -> str:
+    """People's arena ratings (`elasticmoe arena`) beside the automatic arena's, when votes exist."""
+    from .arena import votes_path
+    from .arena.ratings import report_section
+    from .arena.store import read_outcomes
+
+    outcomes = read_outcomes(votes_path(run_dir))
+    if not outcomes:
+        return ""
+    return "\n" + "\n".join(report_section(outcomes, _read(run_dir / "eval" / "results.json").get("arena"))) + "\n"
 
 
 # -- reading a run folder --------------------------------------------------------------------
