@@ -14,7 +14,8 @@ from typing import Any
 
 from .config import ConfigError, ElasticSpace, ModelConfig, _from_dict, apply_overrides, load_mapping
 
-SAMPLING_MODES = ("sandwich", "progressive", "budget")
+SAMPLING_MODES = ("sandwich", "progressive", "budget", "rows")
+DEPTH_MODES = ("prefix", "drop")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
@@ -68,6 +69,17 @@ class SamplingConfig:
     full_fraction: float = 0.3
     # progressive shrinking: fractions of the steps spent in each phase, in this order
     phases: dict[str, float] = field(default_factory=lambda: {"full": 0.1, "depth": 0.15, "experts": 0.15, "all": 0.6})
+    # mode "rows", the cheap elastic step: each row of a batch runs one configuration. In every
+    # block of batch_size / row_blocks rows the largest trains on the first full_rows of the rows and
+    # the sub-networks (the smallest, then n_random random ones, as many as there are rows) on the
+    # last sub_rows, in equal groups; a sub-network row the largest did not run gets its teacher
+    # logits from a forward of the largest without gradient. Under N ranks row_blocks must be a
+    # multiple of N (each rank takes whole blocks), so a run gives the same steps at any world size.
+    full_rows: float = 1.0
+    sub_rows: float = 0.25
+    row_blocks: int = 1
+    depth: str = "prefix"  # random sub-networks' layers: a "prefix" of the layer order, or "drop"
+    drop_max: float = 0.5  # depth=drop: drop probability of the last layer of the layer order
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,9 @@ class DistillConfig:
 @dataclass(frozen=True)
 class ReorderConfig:
     at_steps: tuple[int, ...] = ()  # steps after which importance re-ordering is applied
+    # also re-order when elastic training starts (after the full-network steps of
+    # sampling.full_fraction): the prefixes the sub-networks then train are the important ones
+    at_switch: bool = False
     experts_by: str = "mass"  # "mass" (routed probability) or "output" (gate x output norm)
     neurons: bool = True
     layers: bool = True
@@ -131,6 +146,7 @@ class Recipe:
             "sampling.n_random": 0,
             "reorder.batches": 1,
             "data.vocab_size": 2,
+            "sampling.row_blocks": 1,
         }
         # field: (low, high, low excluded, high excluded); None = unbounded
         floats = {
@@ -144,6 +160,9 @@ class Recipe:
             "train.z_weight": (0, None, False, False),
             "data.scale": (0, None, True, False),
             "sampling.full_fraction": (0, 1, False, False),
+            "sampling.full_rows": (0, 1, True, False),
+            "sampling.sub_rows": (0, 1, True, False),
+            "sampling.drop_max": (0, 1, False, False),
             "distill.kd_weight": (0, None, False, False),
             "distill.ce_weight": (0, None, False, False),
             "distill.temperature": (0, None, True, False),
@@ -163,7 +182,7 @@ class Recipe:
             check_type(p, name, value(name), str)
         for name in ("data.paths", "data.eval_paths", "sampling.targets"):
             check_type(p, name, value(name), tuple, str)
-        for name in ("sampling.per_layer", "reorder.neurons", "reorder.layers"):
+        for name in ("sampling.per_layer", "reorder.neurons", "reorder.layers", "reorder.at_switch"):
             check_type(p, name, value(name), bool)
         for name in ("data.task_weights", "sampling.phases"):
             mapping = value(name)
@@ -200,6 +219,20 @@ class Recipe:
             p.append("sampling.mode=budget needs sampling.targets (Subnet specs)")
         if isinstance(s.target_weights, tuple) and s.target_weights and len(s.target_weights) != len(s.targets):
             p.append(f"sampling.target_weights has {len(s.target_weights)} values for {len(s.targets)} targets")
+        if s.depth not in DEPTH_MODES:
+            p.append(f"sampling.depth={s.depth!r}; allowed {list(DEPTH_MODES)}")
+        if s.mode == "rows" and isinstance(s.row_blocks, int) and s.row_blocks >= 1:
+            rows = t.batch_size // s.row_blocks if isinstance(t.batch_size, int) else 0
+            if t.batch_size % s.row_blocks or rows < 2:
+                p.append(
+                    f"sampling.row_blocks={s.row_blocks} must divide train.batch_size={t.batch_size} into blocks of "
+                    "at least 2 rows (one for the largest, one for a sub-network)"
+                )
+        fr, sr = s.full_rows, s.sub_rows
+        if s.mode == "rows" and all(isinstance(v, (int, float)) for v in (fr, sr)) and fr + sr < 1:
+            p.append(f"sampling.full_rows={fr} + sampling.sub_rows={sr} < 1 leaves rows of every batch unused")
+        if s.mode == "rows" and s.targets:
+            p.append("sampling.targets are trained by the sandwich and budget modes, not by mode=rows")
         if s.mode == "progressive" and isinstance(s.phases, dict):
             bad = sorted(set(s.phases) - {"full", "depth", "experts", "all"})
             if bad:

@@ -16,6 +16,7 @@ identity. A per-layer sub-network prints as JSON:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -235,11 +236,33 @@ def sample_per_layer(space: ElasticSpace, layer_order: list[int], rng: random.Ra
     """A per-layer (heterogeneous) sub-network: depth uniform, each layer's E/k/W drawn independently."""
     d = rng.choice(space.depths)
     layers = sorted(layer_order[:d])
-    specs = []
-    for _ in layers:
-        e = rng.choice(space.experts)
-        specs.append(LayerSpec(e, rng.choice([k for k in space.top_ks if k <= e] or [e]), rng.choice(space.widths)))
-    return Subnet(tuple(layers), tuple(specs))
+    return Subnet(tuple(layers), tuple(_layer_spec(space, rng) for _ in layers))
+
+
+def _layer_spec(space: ElasticSpace, rng: random.Random) -> LayerSpec:
+    e = rng.choice(space.experts)
+    return LayerSpec(e, rng.choice([k for k in space.top_ks if k <= e] or [e]), rng.choice(space.widths))
+
+
+def sample_layer_drop(
+    space: ElasticSpace, layer_order: list[int], rng: random.Random, drop_max: float, per_layer: bool
+) -> Subnet:
+    """Depth by layer dropping (LayerDrop, Fan et al. 2019; LayerSkip, Elhoushi et al. 2024): the
+    layer at position i of the layer order (most important first) is dropped with probability
+    drop_max * i / (L - 1), so the most important layer is always kept and the least important
+    most often dropped; the kept count is then brought into the space's depths (the most
+    important dropped layers come back, or the least important kept go). The kept set need not be a
+    prefix of the layer order. Experts, top-k and width as `sample_uniform` (or per layer)."""
+    n = len(layer_order)
+    kept = [lay for i, lay in enumerate(layer_order) if rng.random() >= drop_max * i / max(n - 1, 1)]
+    fits = [d for d in space.depths if d <= len(kept)]
+    d = max(fits) if fits else min(space.depths)
+    if d > len(kept):
+        kept += [lay for lay in layer_order if lay not in kept][: d - len(kept)]
+    kept = [lay for lay in layer_order if lay in kept][:d]
+    if per_layer:
+        return Subnet(tuple(sorted(kept)), tuple(_layer_spec(space, rng) for _ in kept))
+    return Subnet.uniform(sorted(kept), *dataclasses.astuple(_layer_spec(space, rng)))
 
 
 def enumerate_uniform(space: ElasticSpace, layer_order: list[int]) -> list[Subnet]:

@@ -47,7 +47,7 @@ from .metrics import _append_metrics, _mean_tok_per_s, _plot_losses, _Progress, 
 from .model import ElasticMoE
 from .recipe import Recipe
 from .reorder import reorder
-from .subnet import Subnet, largest, sample_per_layer, sample_uniform, smallest
+from .subnet import Subnet, largest, sample_layer_drop, sample_per_layer, sample_uniform, smallest
 from .tokens import IGNORE, unpack_windows
 from .trainstate import (
     clean_stale_temporaries,
@@ -106,7 +106,7 @@ def sample_step(recipe: Recipe, step: int, layer_order: list[int]) -> list[tuple
     rng = random.Random(recipe.train.seed * 1_000_003 + step)
     space = _phase_space(recipe, step) if s.mode == "progressive" else recipe.space
     out = [("largest", largest(recipe.space, layer_order))]
-    if step < s.full_fraction * recipe.train.steps:  # full-network warm-up
+    if step < switch_step(recipe):  # full-network warm-up
         return out
     targets = [Subnet.parse(t, recipe.model, layer_order) for t in s.targets]
     if s.mode == "budget":
@@ -116,7 +116,10 @@ def sample_step(recipe: Recipe, step: int, layer_order: list[int]) -> list[tuple
             out.append((f"budget{n}", targets[pick]))
     else:
         out.append(("smallest", smallest(space, layer_order)))
-        draw = sample_per_layer if s.per_layer else sample_uniform
+        if s.depth == "drop":
+            draw = functools.partial(sample_layer_drop, drop_max=s.drop_max, per_layer=s.per_layer)
+        else:
+            draw = sample_per_layer if s.per_layer else sample_uniform
         out += [(f"random{n}", draw(space, layer_order, rng)) for n in range(s.n_random)]
         out += [(f"target{n}", t) for n, t in enumerate(targets)]
     seen, unique = set(), []
@@ -124,7 +127,32 @@ def sample_step(recipe: Recipe, step: int, layer_order: list[int]) -> list[tuple
         if sn not in seen:
             seen.add(sn)
             unique.append((name, sn))
+    if s.mode == "rows":  # one sub-network per row at most
+        unique = unique[: 1 + len(row_layout(recipe, recipe.train.batch_size, len(unique) - 1)[1])]
     return unique
+
+
+def switch_step(recipe: Recipe) -> int:
+    """The number of full-network steps before elastic training starts (sampling.full_fraction)."""
+    return math.ceil(recipe.sampling.full_fraction * recipe.train.steps)
+
+
+def row_layout(recipe: Recipe, rows: int, n_sub: int) -> tuple[list[int], list[list[int]]]:
+    """Mode rows: which of `rows` rows (a rank's share of the batch: whole blocks) the largest
+    trains on, and the rows of each of up to `n_sub` sub-networks (fewer when the block has fewer
+    sub-network rows). Every block of batch_size / row_blocks rows is laid out alike."""
+    s = recipe.sampling
+    block = recipe.train.batch_size // s.row_blocks
+    n_full = max(1, round(s.full_rows * block))
+    n_subrows = min(block - 1, max(1, round(s.sub_rows * block)))
+    k = min(n_sub, n_subrows)
+    edges = [block - n_subrows + round(j * n_subrows / k) for j in range(k + 1)] if k else []
+    full, subs = [], [[] for _ in range(k)]
+    for start in range(0, rows, block):
+        full += [start + i for i in range(n_full)]
+        for j in range(k):
+            subs[j] += [start + i for i in range(edges[j], edges[j + 1])]
+    return full, subs
 
 
 # -- losses ------------------------------------------------------------------------------------
@@ -324,6 +352,7 @@ def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teache
     """One optimizer step: each sub-network's forward and backward (gradient accumulation), one
     clip, one AdamW step. With no external teacher the first (largest) sub-network learns from the
     data and teaches the others in place; the step's loss is a weighted mean (distill.subnet_weight).
+    In sampling mode rows each sub-network runs on its own rows of the batch only (`row_layout`).
     A non-finite loss or gradient leaves parameters and optimizer untouched."""
     t, d, seq = recipe.train, recipe.distill, recipe.data.seq_len
     n_sub = len(subnets) - 1
@@ -338,17 +367,30 @@ def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teache
     out = None
     keep = y != IGNORE  # data.loss_on=answers ignores prompt targets
     keep = None if bool(keep.all()) else keep
+    rows_mode = recipe.sampling.mode == "rows" and n_sub and teacher is None
+    if rows_mode:
+        full_rows, sub_rows = row_layout(recipe, x.shape[0], n_sub)
+        rows_of = [full_rows, *sub_rows]
     for n, (name, sn) in enumerate(subnets):
+        rows = torch.tensor(rows_of[n], device=x.device) if rows_mode else None
+        xs, ys, ks = (x, y, keep) if rows is None else (x[rows], y[rows], keep[rows] if keep is not None else None)
+        if n and ks is not None and not bool(ks.any()):
+            continue  # this sub-network's rows hold no target the data trains on
         with autocast(par.device):
-            out = model(x, sn)
-        ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+            out = model(xs, sn)
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), ys.flatten())
         if target is None:  # in-place distillation: the largest is the teacher of the step
             loss, target = ce, out.logits.detach()
         else:
-            loss = d.ce_weight * ce + d.kd_weight * kd_loss(out.logits, target, d.temperature, keep)
+            if rows_mode:
+                teach, extra = _teacher_rows(model, x, target, full_rows, rows_of[n], subnets[0][1], par.device)
+                flops += costmod.cost(recipe.model, subnets[0][1], seq).flops_forward * extra * seq
+            else:
+                teach = target
+            loss = d.ce_weight * ce + d.kd_weight * kd_loss(out.logits, teach, d.temperature, ks)
         weight = scale if n == 0 else scale * d.subnet_weight / n_sub
         loss = weight * (loss + t.aux_weight * out.aux_loss + t.z_weight * out.z_loss)
-        flops += costmod.cost(recipe.model, sn, seq).flops_train * x.numel()
+        flops += costmod.cost(recipe.model, sn, seq).flops_train * xs.numel()
         if not par.all_finite(loss, step):  # agreed by all ranks before any backward
             opt.zero_grad(set_to_none=True)
             return StepResult(False, losses, 0.0, None, flops)
@@ -362,6 +404,16 @@ def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teache
     opt.step()
     opt.zero_grad(set_to_none=True)
     return StepResult(True, losses, out.aux_loss.item(), grad_norm.item(), flops)
+
+
+def _teacher_rows(model, x, full_logits, full_rows: list[int], rows: list[int], largest_sn, device):
+    """Teacher logits of `rows`: the largest's own (detached) logits where it trained on all of
+    them, else a forward of the largest on them without gradient. Returns (logits, rows run)."""
+    where = {r: i for i, r in enumerate(full_rows)}
+    if all(r in where for r in rows):
+        return full_logits[torch.tensor([where[r] for r in rows], device=full_logits.device)], 0
+    with torch.no_grad(), autocast(device):
+        return model(x[torch.tensor(rows, device=x.device)], largest_sn).logits.detach(), len(rows)
 
 
 def train(
@@ -386,6 +438,12 @@ def train(
             raise ConfigError(
                 f"train.batch_size={recipe.train.batch_size} is the global batch and must be divisible by the "
                 f"world size {par.world_size} (each rank takes batch_size / world size rows)"
+            )
+        s = recipe.sampling
+        if s.mode == "rows" and s.row_blocks % par.world_size:
+            raise ConfigError(
+                f"sampling.mode=rows at {par.world_size} ranks needs sampling.row_blocks (now {s.row_blocks}) to be a "
+                f"multiple of {par.world_size}: each rank takes whole blocks, so the steps are the same at any world size"
             )
         prepared: dict = {}
         par.on_main(lambda: prepared.setdefault("data", _prepare(recipe, run_dir, resume)) and None)
@@ -555,7 +613,7 @@ def run_job(
                     _append_metrics(metrics_path, rec)
                 bar.update(step, next(iter(losses.values()), float("nan")), lr, dt, len(subnets))
             # periodic work runs after skipped steps too, so a skipped last step still checkpoints
-            if step in recipe.reorder.at_steps:
+            if step in recipe.reorder.at_steps or (recipe.reorder.at_switch and step == switch_step(recipe)):
                 reorder_now()
             if step % t.eval_every == 0 or step == t.steps:
                 result_eval = evaluate()

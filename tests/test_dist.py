@@ -122,6 +122,24 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs, mode):
 
 
 @pytest.mark.slow
+def test_the_cheap_row_step_trains_alike_at_one_and_two_ranks(tmp_path):
+    """sampling.mode=rows lays out every block of batch / row_blocks rows alike and each rank takes
+    whole blocks, so two FSDP2 ranks take the steps of one process (each rank runs every drawn
+    configuration on its own rows; the ranks agree on the draws)."""
+    rows = ["--set", "sampling.mode=rows", "--set", "sampling.row_blocks=2", "--set", "sampling.sub_rows=0.5"]
+    res = _single(*ARGS, *rows, "--out", str(tmp_path / "one"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _torchrun(*ARGS, *rows, "--parallel", "fsdp", "--out", str(tmp_path / "two"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_close(_losses(tmp_path / "two"), _losses(tmp_path / "one"), RTOL)
+    assert all(len(v) == 2 for v in _losses(tmp_path / "one").values())  # largest + one sub-network row
+    one, two = Ledger(tmp_path / "one" / "ledger.jsonl"), Ledger(tmp_path / "two" / "ledger.jsonl")
+    assert one.totals("train")["flops"] == two.totals("train")["flops"]
+    bad = _torchrun(*ARGS, "--set", "sampling.mode=rows", "--out", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "sampling.row_blocks" in bad.stderr
+
+
+@pytest.mark.slow
 def test_sharded_checkpoint_is_manifested_and_resumes_exactly_at_two(runs, tmp_path):
     ckpt = runs["fsdp"] / "checkpoints" / "step-000004"
     assert distmod.is_sharded(ckpt) and not (ckpt / "model.safetensors").exists()

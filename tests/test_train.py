@@ -398,3 +398,131 @@ def test_a_segment_lost_between_checkpoint_and_ledger_is_recorded_on_resume(tmp_
     train(r, run, resume=True, progress=False)  # a finished run resumed again adds no training segment
     want, got = Ledger(tmp_path / "ref" / "ledger.jsonl").totals("train"), Ledger(path).totals("train")
     assert got["tokens"] == want["tokens"] and got["flops"] == want["flops"]
+
+
+# -- the cheap elastic step (sampling.mode=rows) and the schedule ---------------------------------
+def _rows(**over):
+    base = {"sampling.mode": "rows", "sampling.sub_rows": 0.5, "sampling.n_random": 2, "sampling.per_layer": True}
+    return micro(**{**base, **over})
+
+
+def test_row_layout_gives_each_configuration_its_own_rows():
+    r = _rows(**{"train.batch_size": 8, "sampling.row_blocks": 2})
+    full, subs = trainmod.row_layout(r, 8, 3)  # blocks of 4 rows: 2 sub-network rows each
+    assert full == list(range(8)) and subs == [[2, 6], [3, 7]]  # 2 rows a block: 2 of the 3 drawn
+    assert [name for name, _ in sample_step(r, 10, [0, 1, 2])] == ["largest", "smallest", "random0"]
+    r = _rows(**{"train.batch_size": 8, "sampling.full_rows": 0.5})
+    full, subs = trainmod.row_layout(r, 8, 2)
+    assert full == [0, 1, 2, 3] and subs == [[4, 5], [6, 7]]  # disjoint: the partition arm
+
+
+def test_rows_step_gradient_is_that_of_the_documented_loss():
+    """Each configuration trains on its rows: the step's gradient equals the gradient of
+    (CE_largest(all rows) + w/n * sum_j KD_j(rows_j; teacher = the largest's logits)) / (1 + w),
+    computed here in one graph, so every drawn configuration contributes; with disjoint rows the
+    teacher logits of a sub-network's rows come from a forward of the largest without gradient."""
+    from elasticmoe import dist as distmod
+    from elasticmoe.model import ElasticMoE
+
+    for full_rows in (1.0, 0.5):
+        r = _rows(**{"train.aux_weight": 0.0, "train.z_weight": 0.0, "sampling.full_rows": full_rows})
+        torch.manual_seed(0)
+        model = ElasticMoE(r.model)
+        x = torch.randint(0, r.model.vocab_size, (4, r.data.seq_len))
+        y = torch.randint(0, r.model.vocab_size, (4, r.data.seq_len))
+        subnets = sample_step(r, 15, model.layer_order)
+        assert len(subnets) == 3 and len({sn for _, sn in subnets}) == 3
+
+        class Capture:  # stands in for AdamW: keeps the gradient of the step
+            param_groups: list = []
+
+            def step(self):
+                self.grads = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+            def zero_grad(self, set_to_none=True):
+                model.zero_grad(set_to_none=True)
+
+        opt, par = Capture(), distmod.setup(torch.device("cpu"), "auto")
+        res = trainmod.train_step(model, opt, x, y, subnets, r, par, 15)
+        par.close()
+        assert res.finite and set(res.losses) == {name for name, _ in subnets}
+        full, subs = trainmod.row_layout(r, 4, 2)
+        big = model(x[full], subnets[0][1]).logits
+        loss = torch.nn.functional.cross_entropy(big.flatten(0, 1), y[full].flatten())
+        teacher = model(x, subnets[0][1]).logits.detach()
+        w = r.distill.subnet_weight
+        for (_, sn), rows in zip(subnets[1:], subs):
+            loss = loss + w / 2 * trainmod.kd_loss(model(x[rows], sn).logits, teacher[rows], 1.0)
+        (loss / (1 + w)).backward()
+        for p, g in zip(model.parameters(), opt.grads):
+            assert (p.grad is None) == (g is None) or torch.count_nonzero(p.grad) == 0
+            if g is not None:
+                torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+        model.zero_grad(set_to_none=True)
+        seq, c = r.data.seq_len, trainmod.costmod.cost
+        want = sum(c(r.model, sn, seq).flops_train * len(rows) * seq for (_, sn), rows in zip(subnets, [full, *subs]))
+        extra = sum(len(rows) for rows in subs if not set(rows) <= set(full))  # rows the largest did not train
+        assert res.flops == want + c(r.model, subnets[0][1], seq).flops_forward * extra * seq
+
+
+def test_rows_training_ledger_counts_the_flops_spent_and_stays_cheap(tmp_path):
+    """The ledger's training FLOPs are those of the rows each configuration really ran; with the
+    sub-networks on a quarter of the rows the step costs at most 1.25x a full-network step."""
+    from elasticmoe.cost import cost
+    from elasticmoe.ledger import Ledger
+
+    r = _rows(**{"train.steps": 8, "train.ckpt_every": 4, "sampling.sub_rows": 0.25, "train.batch_size": 8})
+    run = tmp_path / "run"
+    train(r, run, progress=False)
+    seq, order, want = r.data.seq_len, list(range(r.model.layers)), 0
+    steps = {rec["step"]: rec for rec in read_metrics(run / "metrics.jsonl") if "loss" in rec}
+    for s in range(8):
+        subnets = sample_step(r, s, order)
+        assert {name: str(sn) for name, sn in subnets} == steps[s + 1]["subnets"]
+        full, subs = trainmod.row_layout(r, 8, len(subnets) - 1)
+        want += sum(
+            cost(r.model, sn, seq).flops_train * len(rows) * seq for (_, sn), rows in zip(subnets, [full, *subs])
+        )
+    got = Ledger(run / "ledger.jsonl").totals("train")
+    assert got["flops"] == want and got["tokens"] == 8 * 8 * seq
+    assert got["flops"] <= 1.25 * cost(r.model, None, seq).flops_train * got["tokens"]
+
+
+def test_rows_resume_mid_schedule_equals_uninterrupted(tmp_path):
+    """A stop after the switch to elastic training (and its re-ordering) resumes exactly."""
+    over = {"train.steps": 12, "train.ckpt_every": 4, "sampling.full_fraction": 0.25, "reorder.at_switch": True}
+    r = _rows(**over, **{"sampling.depth": "drop", "reorder.at_steps": []})
+    train(r, tmp_path / "a", progress=False)
+    train(r, tmp_path / "b", progress=False, stop_at=6)  # checkpoint at 4: resumes into the elastic part
+    train(r, tmp_path / "b", resume=True, progress=False)
+    assert _train_losses(tmp_path / "a") == _train_losses(tmp_path / "b")
+    reorders = [rec["step"] for rec in read_metrics(tmp_path / "a" / "metrics.jsonl") if "reorder" in rec]
+    assert reorders == [3]  # ceil(0.25 * 12): after the full-network steps, before the first elastic one
+    _assert_same_weights(tmp_path / "a" / "parent", tmp_path / "b" / "parent")
+
+
+def test_layer_drop_keeps_important_layers_more_often():
+    from elasticmoe.config import ElasticSpace
+    from elasticmoe.subnet import sample_layer_drop
+
+    space = ElasticSpace((2, 3, 4), (2, 4), (1, 2), (32, 64))
+    order = [2, 0, 3, 1]  # most important first
+    rng = random.Random(0)
+    draws = [sample_layer_drop(space, order, rng, 0.6, per_layer=True) for _ in range(3000)]
+    kept = {lay: sum(lay in d.layers for d in draws) / len(draws) for lay in order}
+    assert kept[2] == 1.0 and kept[2] > kept[0] > kept[3] > kept[1] > 0.3
+    assert all(d.depth in space.depths and len(d.specs) == d.depth for d in draws)
+    assert any(list(d.layers) != sorted(order[: d.depth]) for d in draws)  # not only prefixes
+    assert len({d.specs for d in draws if d.depth == 4}) > 10  # per-layer shapes vary
+
+
+def test_rows_recipe_errors_name_the_field():
+    from elasticmoe.config import ConfigError
+
+    for over, needle in (
+        ({"sampling.row_blocks": 3}, "sampling.row_blocks=3"),
+        ({"sampling.full_rows": 0.5, "sampling.sub_rows": 0.25}, "leaves rows"),
+        ({"sampling.depth": "skip"}, "sampling.depth"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            _rows(**over)
