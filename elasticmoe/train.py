@@ -443,7 +443,7 @@ def train(
         if s.mode == "rows" and s.row_blocks % par.world_size:
             raise ConfigError(
                 f"sampling.mode=rows at {par.world_size} ranks needs sampling.row_blocks (now {s.row_blocks}) to be a "
-                f"multiple of {par.world_size}: each rank takes whole blocks, so the steps are the same at any world size"
+                f"multiple of {par.world_size}: each rank takes whole blocks, so the steps are alike at any world size"
             )
         prepared: dict = {}
         par.on_main(lambda: prepared.setdefault("data", _prepare(recipe, run_dir, resume)) and None)

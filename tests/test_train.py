@@ -416,6 +416,19 @@ def test_row_layout_gives_each_configuration_its_own_rows():
     assert full == [0, 1, 2, 3] and subs == [[4, 5], [6, 7]]  # disjoint: the partition arm
 
 
+class _Capture:
+    """Stands in for AdamW: keeps the gradient of the step."""
+
+    def __init__(self, model):
+        self.model, self.param_groups = model, []
+
+    def step(self):
+        self.grads = [p.grad.clone() if p.grad is not None else None for p in self.model.parameters()]
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=True)
+
+
 def test_rows_step_gradient_is_that_of_the_documented_loss():
     """Each configuration trains on its rows: the step's gradient equals the gradient of
     (CE_largest(all rows) + w/n * sum_j KD_j(rows_j; teacher = the largest's logits)) / (1 + w),
@@ -433,16 +446,7 @@ def test_rows_step_gradient_is_that_of_the_documented_loss():
         subnets = sample_step(r, 15, model.layer_order)
         assert len(subnets) == 3 and len({sn for _, sn in subnets}) == 3
 
-        class Capture:  # stands in for AdamW: keeps the gradient of the step
-            param_groups: list = []
-
-            def step(self):
-                self.grads = [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
-
-            def zero_grad(self, set_to_none=True):
-                model.zero_grad(set_to_none=True)
-
-        opt, par = Capture(), distmod.setup(torch.device("cpu"), "auto")
+        opt, par = _Capture(model), distmod.setup(torch.device("cpu"), "auto")
         res = trainmod.train_step(model, opt, x, y, subnets, r, par, 15)
         par.close()
         assert res.finite and set(res.losses) == {name for name, _ in subnets}
