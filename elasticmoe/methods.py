@@ -127,6 +127,9 @@ def compare(run_dir: Path, records: list[dict], ref, costs: list, evals: dict) -
             lines.append(f"| {r['method']} | " + " | ".join(cells) + " | " + " | ".join(figs) + " |")
         if c.baseline:
             lines += ["", f"Percentages are of this child's from-scratch baseline: {c.baseline.name}."]
+        kept = (_meta(Path(run_dir) / "finetuned" / c.name / "model").get("finetune") or {}).get("kept")
+        if kept:  # the fine-tune publishes its best validated state: say which one the row shows
+            lines += ["", f"Fine-tuned row: {kept['reason']} (chosen on the validation split, not on this test split)."]
         verdict = _verdict(rows)
         lines += ["", f"Verdict: {verdict}", ""] if verdict else [""]
         data["children"][c.name] = {"rows": rows, "verdict": verdict, "scratch_flops": denom}
@@ -231,18 +234,16 @@ def paired_text_diff(a: dict, b: dict) -> tuple[float, float] | None:
 
 
 def _verdict(rows: list[dict]) -> str:
-    """One line: the fine-tuned elastic child against the best (on text bits/byte) of the trained
-    alternatives that start from the dense parent (prune-distill, each retrofit after its
-    fine-tune), else against from scratch, at what share of that method's all-in and amortized
-    cost."""
+    """One line: the fine-tuned elastic child (the state its fine-tune kept on validation, the
+    zero-shot child when no step helped) against the best (on text bits/byte) of the trained
+    alternatives: from scratch, prune-distill, each retrofit after its fine-tune; at what share of
+    that method's all-in and amortized cost."""
     by = {r["method"]: r for r in rows}
     ours = by.get("elastic + fine-tune")
-    rivals = [
-        r
-        for r in rows
-        if (r["method"] == "prune-distill" or r["method"].endswith("+ fine-tune")) and r is not ours and _text(r)
-    ]
-    other = min(rivals, key=lambda r: _text(r)["score"]) if rivals else by.get("from scratch")
+    trained = ("from scratch", "prune-distill")
+    rivals = [r for r in rows if (r["method"] in trained or r["method"].endswith("+ fine-tune")) and r is not ours]
+    rivals = [r for r in rivals if _text(r)]
+    other = min(rivals, key=lambda r: _text(r)["score"]) if rivals else None
     a, b = _text(ours), _text(other)
     if a is None or b is None:
         return ""
@@ -262,7 +263,7 @@ def _verdict(rows: list[dict]) -> str:
         if x is not None and y:
             shares.append(f"{100 * x / y:.0f}% of its {kind} FLOPs")
     at = " at " + " and ".join(shares) if shares else ""
-    best = f" (the best of {len(rivals)} alternatives from the dense parent)" if len(rivals) > 1 else ""
+    best = f" (the best of {len(rivals)} trained alternatives)" if len(rivals) > 1 else ""
     return (
         f"the fine-tuned elastic child {word} {other['method']}{best} by {abs(diff):.3f} bits/byte on text{noise}{at}."
     )

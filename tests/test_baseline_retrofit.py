@@ -125,12 +125,14 @@ def _row(method: str, text: float, allin: float) -> dict:
     }
 
 
-def test_verdict_names_the_best_alternative_from_the_dense_parent():
-    rows = [_row("elastic + fine-tune", 3.0, 10.0), _row("from scratch", 2.0, 40.0), _row("prune-distill", 3.2, 20.0)]
-    assert _verdict(rows).startswith("the fine-tuned elastic child beats prune-distill by 0.200 bits/byte")
+def test_verdict_names_the_best_trained_alternative_from_scratch_included():
+    rows = [_row("elastic + fine-tune", 3.0, 10.0), _row("from scratch", 3.5, 40.0), _row("prune-distill", 3.2, 20.0)]
+    assert _verdict(rows).startswith("the fine-tuned elastic child beats prune-distill (the best of 2 trained")
     rows += [_row("retrofit + fine-tune", 2.9, 25.0), _row("retrofit, zero-shot", 2.5, 21.0)]
-    verdict = _verdict(rows)  # a zero-shot row is not a trained alternative; from scratch is not from the dense parent
-    assert "loses to retrofit + fine-tune (the best of 2 alternatives from the dense parent) by 0.100" in verdict
+    verdict = _verdict(rows)  # a zero-shot row is not a trained alternative
+    assert "loses to retrofit + fine-tune (the best of 3 trained alternatives) by 0.100" in verdict
+    scratch_best = [rows[0], _row("from scratch", 2.0, 40.0), *rows[2:]]  # a twin from scratch is not left out
+    assert "loses to from scratch (the best of 3 trained alternatives) by 1.000" in _verdict(scratch_best)
     assert "at 40% of its all-in FLOPs" in verdict and "inside the 95% intervals" not in verdict
     # with per-document figures on the same documents, the verdict uses the paired interval
     bits = [100.0, 300.0, 50.0, 220.0]
