@@ -17,6 +17,7 @@ shown to (`store.Store.vote`). With a token, every request needs it (cookie or X
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -28,10 +29,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
@@ -175,6 +176,12 @@ def create_app(contestants, store, token: str | None = None, n_boot: int = 200) 
     board = Board(store, contestants.names, n_boot)
     sources = {p: s for s, p in getattr(contestants, "prompts", [])}
     draws = random.Random()
+    # separate worker threads for generation (one at a time: it is CPU-bound), votes and other
+    # database work, so that a vote never queues behind battles waiting for the models
+    generation, database, votes = anyio.CapacityLimiter(1), anyio.CapacityLimiter(8), anyio.CapacityLimiter(8)
+
+    async def in_thread(limiter, fn, *args):
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter)
 
     def voter_of(request: Request) -> str | None:
         v = request.cookies.get(VOTER_COOKIE, "")
@@ -189,21 +196,26 @@ def create_app(contestants, store, token: str | None = None, n_boot: int = 200) 
     def page(name: str, **context) -> HTMLResponse:
         return HTMLResponse(templates.get_template(name).render(**context))
 
-    def new_battle(voter: str, prompt: str) -> dict[str, Any]:
+    cached = getattr(contestants, "cached", lambda name, prompt: None)
+
+    async def new_battle(voter: str, prompt: str) -> dict[str, Any]:
         contestants.check_prompt(prompt)
-        a, b = choose_pair(board.latest(), contestants.names, np.random.default_rng())
-        answers = (contestants.answer(a, prompt), contestants.answer(b, prompt))
+        names, rng = contestants.names, np.random.default_rng()
+        pair = await in_thread(database, lambda: choose_pair(board.latest(), names, rng))
+        answers = []
+        for name in pair:  # a cached answer does not wait for the models
+            text = cached(name, prompt)
+            answers.append(text if text is not None else await in_thread(generation, contestants.answer, name, prompt))
         battle = secrets.token_hex(16)
-        store.add_battle(
-            battle, voter, prompt, sources.get(prompt, "typed"), (a, b), answers, contestants.settings(prompt)
-        )
+        source, settings = sources.get(prompt, "typed"), contestants.settings(prompt)
+        await in_thread(database, store.add_battle, battle, voter, prompt, source, pair, tuple(answers), settings)
         return {"battle": battle, "prompt": prompt, "a": answers[0], "b": answers[1]}
 
     async def index(request: Request):
         return page("index.html", models=len(contestants.names))
 
     async def leaderboard_page(request: Request):
-        data = await run_in_threadpool(board.fresh)
+        data = await in_thread(database, board.fresh)
         return page("leaderboard.html", board=data)
 
     async def api_prompt(request: Request):
@@ -214,7 +226,7 @@ def create_app(contestants, store, token: str | None = None, n_boot: int = 200) 
         try:
             data = await read_json(request)
             voter = voter_of(request) or secrets.token_hex(16)
-            out = await run_in_threadpool(new_battle, voter, _text(data, "prompt"))
+            out = await new_battle(voter, _text(data, "prompt"))
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, exc.status)
         except PromptError as exc:
@@ -228,17 +240,17 @@ def create_app(contestants, store, token: str | None = None, n_boot: int = 200) 
             voter = voter_of(request)
             if voter is None:
                 raise BadRequest(404, "no such battle was shown to you")
-            a, b = await run_in_threadpool(store.vote, battle, voter, verdict)
+            a, b = await in_thread(votes, store.vote, battle, voter, verdict)
         except (BadRequest, VoteError) as exc:
             return JSONResponse({"error": str(exc)}, exc.status)
         board.latest()
         return JSONResponse({"a": a, "b": b, "verdict": verdict})
 
     async def api_leaderboard(request: Request):
-        return JSONResponse(public(await run_in_threadpool(board.fresh)))
+        return JSONResponse(public(await in_thread(database, board.fresh)))
 
     async def api_export(request: Request):
-        lines = await run_in_threadpool(lambda: list(export_jsonl(store)))
+        lines = await in_thread(database, lambda: list(export_jsonl(store)))
         headers = {"content-disposition": 'attachment; filename="votes.jsonl"'}
         return StreamingResponse(iter(lines), media_type="application/x-ndjson", headers=headers)
 

@@ -154,6 +154,11 @@ class Contestants:
             "input": "[EOS] + prompt",
         }
 
+    def cached(self, name: str, prompt: str) -> str | None:
+        """`name`'s answer to `prompt` if already generated, else None (never generates)."""
+        with self.lock:
+            return self.cache.get((name, prompt))
+
     def answer(self, name: str, prompt: str) -> str:
         """`name`'s greedy answer to `prompt` (checked with `check_prompt` first)."""
         key = (name, prompt)

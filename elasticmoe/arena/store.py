@@ -4,8 +4,11 @@ settings, time, the anonymous voter it was shown to) and at most one verdict for
 Durability: the database runs in WAL mode with `synchronous=FULL`, so a committed transaction is
 on disk (the WAL fsynced) before `commit()` returns (SQLite, "PRAGMA synchronous"). The server
 answers a vote only after its commit, so a vote whose response reached the browser survives a
-kill -9 of the server (and a power cut). One connection, used under a lock: writes are serialised
-by SQLite anyway, and a vote is one small transaction.
+kill -9 of the server (and a power cut). A battle shown is committed with `synchronous=NORMAL`
+(written to the WAL, not fsynced: one fsync per vote, not two); a kill -9 keeps it (the OS has
+it), a power cut may lose it with no vote acknowledged on it, and the next vote's commit fsyncs
+it. One connection, used under a lock: writes are serialised by SQLite anyway, and a vote is one
+small transaction.
 
 One vote per battle, by the voter it was shown to: `votes.battle` is the primary key (a second
 vote is refused by the database, not only by the code) and the vote's voter must be the battle's.
@@ -91,9 +94,11 @@ class Store:
         settings: dict[str, Any],
     ) -> None:
         row = (battle, voter, time.time(), prompt, source, *models, *answers, json.dumps(settings, sort_keys=True))
-        with self.lock:
+        with self.lock:  # not fsynced (see the module's docstring); the next vote's commit syncs it
+            self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("INSERT INTO battles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             self.conn.commit()
+            self.conn.execute("PRAGMA synchronous=FULL")
 
     def vote(self, battle: str, voter: str, verdict: str) -> tuple[str, str]:
         """Record `verdict` on `battle` for `voter` (committed before returning); returns the
