@@ -162,6 +162,8 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser's own depth limit: nothing we write nests that deep
+        raise CheckpointError(f"{path} is not a file elasticmoe wrote: JSON nested too deeply") from None
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -375,6 +377,20 @@ def save_model(
     return Path(path)
 
 
+def check_weights_fit(config: ModelConfig, held: int, where: str, unit: str = "bytes", error=CheckpointError) -> None:
+    """The one check every loader makes before building a model from a config read from disk:
+    the parameters `config` describes must fit in what the weight files hold (`held` values, or
+    bytes: every value takes at least one), so `layers: 1e9` is an error, not an allocation."""
+    from .cost import config_params
+
+    need = config_params(config)
+    if need > held:
+        raise error(
+            f"{where} describes {config.layers:,} layers and {need:,} parameters, but the weight files hold "
+            f"{held:,} {unit}: config.json does not describe these weights"
+        )
+
+
 def load_model(path: Path | str, device: str | torch.device = "cpu", verify: bool = True):
     """Load a model folder written by `save_model`. Returns (model, meta). Checksums verified."""
     from .model import ElasticMoE
@@ -388,6 +404,8 @@ def load_model(path: Path | str, device: str | torch.device = "cpu", verify: boo
     if cfg.get("format") != FORMAT or not isinstance(cfg.get("model"), dict):
         raise CheckpointError(f"{folder / 'config.json'} is not an elasticmoe model config")
     config = ModelConfig.from_dict(cfg["model"])
+    weights = folder / "model.safetensors"
+    check_weights_fit(config, weights.stat().st_size if weights.is_file() else 0, str(folder / "config.json"))
     model = ElasticMoE(config)
     try:
         tensors = load_file(str(folder / "model.safetensors"), device="cpu")

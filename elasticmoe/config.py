@@ -258,28 +258,70 @@ class ElasticSpace:
         return _from_dict(cls, data, "space")
 
 
+MAX_MAPPING_BYTES = 8 << 20  # a recipe, space or model config is a few KB; refuse what is not one
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML through the safe loader with aliases refused: an alias re-uses a node, and nested
+    aliases grow exponentially (a 9-line "billion laughs" recipe); without them the parsed data
+    is at most proportional to the text. Nesting too deep for the parser is a ConfigError too."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_no_alias_loader())
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ConfigError(f"{where}: not valid YAML ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+_LOADER: list = []
+
+
+def _no_alias_loader():
+    if not _LOADER:
+        import yaml
+
+        class NoAliasLoader(yaml.SafeLoader):
+            def compose_node(self, parent, index):
+                if self.check_event(yaml.AliasEvent):
+                    mark = self.peek_event().start_mark
+                    raise ConfigError(
+                        f"YAML aliases (*name) are not accepted (line {mark.line + 1}): an alias can expand "
+                        "without bound; write the value out"
+                    )
+                return super().compose_node(parent, index)
+
+        _LOADER.append(NoAliasLoader)
+    return _LOADER[0]
+
+
 def load_mapping(path: str | Path) -> dict[str, Any]:
     """Read a JSON, YAML or TOML file into a dict, with a one-line error on failure."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.stat().st_size > MAX_MAPPING_BYTES:
+        raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes; at most {MAX_MAPPING_BYTES:,} allowed")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"cannot parse {path}: not UTF-8 text (a binary file?)") from None
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = load_yaml(text, str(path))
         elif path.suffix == ".toml":
             import tomllib
 
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
-    except Exception as exc:  # parse errors from three libraries: report uniformly
-        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    except Exception as exc:  # parse errors from three libraries (and nesting too deep): report uniformly
+        raise ConfigError(f"cannot parse {path}: {_first_line(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -290,8 +332,6 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (value parsed as YAML scalar/list) to a nested dict copy."""
     import copy
-
-    import yaml
 
     out = copy.deepcopy(data)
     for item in overrides:
@@ -304,7 +344,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = load_yaml(raw, f"override {item!r}")
     return out
 
 

@@ -77,6 +77,14 @@ def cost(c: ModelConfig, subnet: Subnet | None = None, seq_len: int | None = Non
     return Cost(total, active, flops, seq_len)
 
 
+def config_params(c: ModelConfig) -> int:
+    """Total parameters of the whole model `c` describes, without building a Subnet (a config read
+    from disk may claim 1e9 layers: this is arithmetic on its fields, never a loop over them)."""
+    uniform = layer_params(c, c.experts, c.top_k, c.expert_width)[0]
+    layers = sum(layer_params(c, *s)[0] for s in c.layer_shapes) if c.layer_shapes else c.layers * uniform
+    return c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.d_model + layers
+
+
 def memory_bytes(
     c: ModelConfig, subnet: Subnet | None = None, seq_len: int | None = None, batch: int = 1, bytes_per: int = 4
 ) -> int:

@@ -532,7 +532,7 @@ def load_user_texts(paths: Sequence[str | Path], text_field: str = "text", doc_m
 
 def _expand(raw: str, what: str = "data path") -> list[Path]:
     """A glob's sorted matches (files, HF dataset folders) or the path (a folder: its text files)."""
-    if any(c in raw for c in "*?["):
+    if any(c in raw for c in "*?[") and not Path(raw).exists():  # a file literally named `a[1].txt` is that file
         matches = [Path(m) for m in sorted(glob.glob(raw, recursive=True))]
         if what == "token shard":
             matches = [m for m in matches if m.suffix != ".json"]  # sidecars are not shards
@@ -542,6 +542,8 @@ def _expand(raw: str, what: str = "data path") -> list[Path]:
     path = Path(raw)
     if not path.exists():
         raise ConfigError(f"{what} {raw} does not exist")
+    if not path.is_dir() and not path.is_file():
+        raise ConfigError(f"{what} {raw} is not a regular file (a device, pipe or socket is never read as data)")
     if what == "data path" and path.is_dir() and not _is_hf_dataset(path):
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (*_TEXT_SUFFIXES, ".jsonl"))
         if not files:

@@ -42,7 +42,7 @@ def read_records(path: Path | str) -> tuple[list[dict[str, Any]], list[str]]:
             continue
         try:
             rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             problems.append(f"line {n}: {type(exc).__name__}: {str(exc)[:80]}")
             continue
         if not isinstance(rec, dict):

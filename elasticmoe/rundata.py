@@ -37,6 +37,7 @@ from .tokens import (
     TokenShards,
     answer_mask,
     eval_windows,
+    load_npy,
     mix_tasks,
     tokenize_docs,
 )
@@ -237,7 +238,7 @@ def load_run_data(run_dir: Path, recipe: Recipe) -> RunData:
     tokens: dict[str, dict[str, np.ndarray]] = {}
     for path in sorted((folder / "tokens").glob("*.npy")):
         split, task = path.stem.split(".", 1)
-        tokens.setdefault(split, {})[task] = np.load(path, allow_pickle=False)
+        tokens.setdefault(split, {})[task] = load_npy(path)
     missing = [s for s in SPLITS if s not in tokens]
     if missing:
         raise ConfigError(f"{folder} lacks split(s) {missing}")

@@ -141,6 +141,29 @@ def write_token_shard(path: str | Path, tokens: np.ndarray, vocab_size: int | No
     return path
 
 
+def load_npy(path: Path | str) -> np.ndarray:
+    """A prepared token array (`.npy`), its header checked before anything is allocated: a plain
+    integer dtype (never objects, so nothing is unpickled) and a shape whose bytes are exactly the
+    data the file holds (a header claiming 1e12 items is an error naming the file, not an allocation)."""
+    from numpy.lib import format as npformat
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            version = npformat.read_magic(f)
+            read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+            shape, _, dtype = read(f, max_header_size=1 << 16)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a .npy file elasticmoe wrote ({exc})") from None
+    if dtype.kind not in "iu" or len(shape) != 1:
+        raise ConfigError(f"{path}: a token array must be 1-D integers; its header says {dtype} {shape}")
+    need, size = shape[0] * dtype.itemsize, path.stat().st_size - offset
+    if need != size:
+        raise ConfigError(f"{path}: its header claims {shape[0]:,} tokens ({need:,} bytes) but it holds {size:,} bytes")
+    return np.load(path, allow_pickle=False)
+
+
 class TokenShards:
     """Read-only memory-mapped token files: data larger than memory, shared by all workers.
 

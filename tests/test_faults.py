@@ -655,3 +655,109 @@ def test_the_readmes_finetune_into_its_own_run_works(two_runs, capsys):
         capsys, "finetune", a / "children" / "c", "--teacher", other, "--steps", 2, "--out", other / "finetuned" / "c"
     )
     assert one_line(code, err) and "not from that run" in err, err
+
+
+def _copy_run(src: Path, dest: Path) -> Path:
+    import shutil
+
+    from elasticmoe.checkpoint import write_marker
+
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("finetuned", ".elasticmoe.lock"))
+    write_marker(dest, "run")
+    return dest
+
+
+# -- item 2: limits before allocation ---------------------------------------------------------------
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefg", "bcdefgh")
+)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB)
+    for args in (["info", "--config", bomb], ["train", "--config", bomb, "--out", tmp_path / "r", "--quiet"]):
+        t0 = time.perf_counter()
+        code, err = in_process(capsys, *args)
+        assert one_line(code, err) and "aliases" in err, err
+        assert time.perf_counter() - t0 < 5
+    assert not (tmp_path / "r").exists()
+    code, err = in_process(capsys, "info", "--config", "micro", "--set", "train.steps=[1")
+    assert one_line(code, err) and "not valid YAML" in err, err
+
+
+@pytest.mark.parametrize("field, value", [("layers", 10**9), ("expert_width", 2**34)])
+def test_a_model_config_bigger_than_its_weights_is_refused_before_allocating(two_runs, tmp_path, capsys, field, value):
+    import shutil
+
+    from elasticmoe.checkpoint import write_manifest
+
+    a, _ = two_runs
+    model = tmp_path / "m"
+    shutil.copytree(a / "children" / "c", model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["model"][field] = value
+    (model / "config.json").write_text(json.dumps(cfg))
+    (model / "manifest.json").unlink()
+    write_manifest(model)  # the attacker recomputes the checksums
+    t0 = time.perf_counter()
+    for args in (
+        ["export", model, "--out", tmp_path / "hf"],
+        ["eval", model, "--data", a, "--out", tmp_path / "e.json"],
+    ):
+        code, err = in_process(capsys, *args)
+        assert one_line(code, err) and "does not describe these weights" in err, err
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "e.json").exists()
+
+
+def test_data_sources_must_be_regular_files(tmp_path, capsys):
+    code, err = in_process(
+        capsys, "train", "--config", "micro", "--set", "data.source=files", "--set", "data.paths=['/dev/zero']",
+        "--out", tmp_path / "r", "--quiet",
+    )  # fmt: skip
+    assert one_line(code, err) and "not a regular file" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def _npy_with_header(path: Path, descr: str, shape: tuple, payload: bytes) -> None:
+    from numpy.lib import format as npformat
+
+    with open(path, "wb") as f:
+        npformat.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+        f.write(payload)
+
+
+@pytest.mark.parametrize(
+    "descr, shape, needle", [("<i4", (10**12,), "claims"), ("|O", (2,), "1-D integers"), ("<i4", (2, 2), "1-D")]
+)
+def test_a_token_arrays_header_is_checked_against_the_file(two_runs, tmp_path, capsys, descr, shape, needle):
+    a, _ = two_runs
+    run = _copy_run(a, tmp_path / "run")
+    _npy_with_header(run / "data" / "tokens" / "val.text.npy", descr, shape, b"\0" * 16)
+    t0 = time.perf_counter()
+    code, err = in_process(capsys, "extract", run, "--subnet", "L2 E4 k1 W32", "--out", tmp_path / "c")
+    assert one_line(code, err) and needle in err, err
+    assert time.perf_counter() - t0 < 10 and not (tmp_path / "c").exists()
+
+
+def test_deeply_nested_json_is_one_line_and_a_damaged_ledger_line_in_the_report(two_runs, tmp_path, capsys):
+    a, _ = two_runs
+    run = _copy_run(a, tmp_path / "run")
+    deep = "[" * 100_000 + "]" * 100_000
+    with open(run / "ledger.jsonl", "a") as f:
+        f.write('{"event": "end", "x": ' + deep + "}\n")
+    code, err = in_process(capsys, "report", run)
+    assert code == 0, err
+    assert "damaged" in (run / "report.md").read_text().lower()
+    (run / "parent" / "manifest.json").write_text(deep)
+    code, err = in_process(capsys, "export", run / "parent", "--out", tmp_path / "hf")
+    assert one_line(code, err) and "nested too deeply" in err, err
+
+
+def test_a_data_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):
+    from elasticmoe.data import load_user_texts
+
+    f = tmp_path / "notes[1]*?.txt"
+    f.write_text("one paragraph\n\nanother paragraph\n")
+    assert "another paragraph" in " ".join(load_user_texts([str(f)]))
