@@ -13,6 +13,7 @@ answers, prompts), `app` (Starlette app, uvicorn). Only `app` needs the web pack
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from ..config import ConfigError
 
@@ -49,7 +50,7 @@ def run_arena(
     sock = bind(host, port)
     where = sock.getsockname()
     shown = f"[{where[0]}]" if ":" in where[0] else where[0]
-    url = f"http://{shown}:{where[1]}/" + (f"?token={token}" if token else "")
+    url = f"http://{shown}:{where[1]}/" + (f"?token={quote(token, safe='')}" if token else "")
 
     def ready():
         print(f"arena: {len(contestants.names)} models ({', '.join(contestants.names)}); votes in {store.path}")

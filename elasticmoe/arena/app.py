@@ -243,7 +243,6 @@ def create_app(contestants, store, token: str | None = None, n_boot: int = 200) 
             a, b = await in_thread(votes, store.vote, battle, voter, verdict)
         except (BadRequest, VoteError) as exc:
             return JSONResponse({"error": str(exc)}, exc.status)
-        board.latest()
         return JSONResponse({"a": a, "b": b, "verdict": verdict})
 
     async def api_leaderboard(request: Request):

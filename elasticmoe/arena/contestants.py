@@ -116,6 +116,7 @@ class Contestants:
         if not self.prompts:
             raise ConfigError("no prompt to draw fits the models' context; give shorter ones with --prompts")
         self.lock = threading.Lock()  # one generation at a time: the CPU is the bottleneck anyway
+        self.cache_lock = threading.Lock()  # held for dictionary work only, never during generation
         self.cache: OrderedDict[tuple[str, str], str] = OrderedDict()
         self.cache_size = cache_size
 
@@ -156,19 +157,20 @@ class Contestants:
 
     def cached(self, name: str, prompt: str) -> str | None:
         """`name`'s answer to `prompt` if already generated, else None (never generates)."""
-        with self.lock:
+        with self.cache_lock:
             return self.cache.get((name, prompt))
 
     def answer(self, name: str, prompt: str) -> str:
         """`name`'s greedy answer to `prompt` (checked with `check_prompt` first)."""
         key = (name, prompt)
         with self.lock:
-            if key in self.cache:
+            text = self.cached(name, prompt)
+            if text is None:
+                budget = self.settings(prompt)["max_new_tokens"]
+                text = greedy_continuations(self.models[name], self.tokenizer, [prompt], budget)[0]
+            with self.cache_lock:
+                self.cache[key] = text
                 self.cache.move_to_end(key)
-                return self.cache[key]
-            budget = self.settings(prompt)["max_new_tokens"]
-            text = greedy_continuations(self.models[name], self.tokenizer, [prompt], budget)[0]
-            self.cache[key] = text
-            if len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+                if len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
             return text
