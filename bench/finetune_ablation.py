@@ -105,9 +105,10 @@ def run_arm(run: Path, child: str, arm: str, budget: int) -> dict:
 
 
 def budget_of(run: Path) -> int:
-    state = json.loads((run / "pipeline.json").read_text())
-    outs = state["phases"]["finetune"]["outputs"]
-    return next(v["tokens"] for v in outs.values() if isinstance(v, dict) and "tokens" in v)
+    """What `run` gives each child: 10% of the parent's training tokens (at least one batch)."""
+    recipe = run_recipe(run)
+    seen = read_json(run / "parent" / "config.json")["meta"]["tokens_seen"]
+    return max(int(seen * 0.1), recipe.train.batch_size * recipe.data.seq_len)
 
 
 def table(path: Path) -> str:

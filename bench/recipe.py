@@ -52,6 +52,30 @@ RECIPES: dict[str, list[str]] = {
     "warm30-light": ["distill.subnet_weight=0.5", "distill.ce_weight=0", "sampling.full_fraction=0.3"],
     "warm50-kd": ["distill.subnet_weight=1", "distill.ce_weight=0", "sampling.full_fraction=0.5"],
     "warm50-light": ["distill.subnet_weight=0.5", "distill.ce_weight=0", "sampling.full_fraction=0.5"],
+    # issue 23: the cheap step (each sub-network on its own rows) and the switch point; on top of
+    # the preset (sandwich default: warm30-light), re-ordering at the switch as well
+    "rows25": ["sampling.mode=rows", "sampling.sub_rows=0.25", "reorder.at_switch=true"],
+    "rows50": ["sampling.mode=rows", "sampling.sub_rows=0.5", "reorder.at_switch=true"],
+    "split50": ["sampling.mode=rows", "sampling.full_rows=0.5", "sampling.sub_rows=0.5", "reorder.at_switch=true"],
+    "rows25-switch50": [
+        "sampling.mode=rows",
+        "sampling.sub_rows=0.25",
+        "reorder.at_switch=true",
+        "sampling.full_fraction=0.5",
+    ],
+    "rows25-switch70": [
+        "sampling.mode=rows",
+        "sampling.sub_rows=0.25",
+        "reorder.at_switch=true",
+        "sampling.full_fraction=0.7",
+    ],
+    "rows25-drop": ["sampling.mode=rows", "sampling.sub_rows=0.25", "reorder.at_switch=true", "sampling.depth=drop"],
+    "rows25-perlayer": [
+        "sampling.mode=rows",
+        "sampling.sub_rows=0.25",
+        "reorder.at_switch=true",
+        "sampling.per_layer=true",
+    ],
 }
 # Fixed child shapes, measured zero-shot in every elastic parent and trained alone as twins.
 CHILDREN = {
