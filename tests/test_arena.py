@@ -353,6 +353,23 @@ def test_cli_refusals(cli, one_line_error, arena_run):
     one_line_error(cli("arena", arena_run, "--host", "0.0.0.0", ok=False), "--token")
     one_line_error(cli("arena", arena_run, "--models", "parent", ok=False), "at least two")
     one_line_error(cli("arena", arena_run, "--models", "nope", "parent", ok=False), "nope")
+    one_line_error(cli("arena", arena_run, "--prompts", arena_run / "missing.txt", ok=False), "missing.txt")
+
+
+def test_prompts_from_a_file_and_cached_answers(arena_run, tmp_path):
+    from elasticmoe.arena.contestants import Contestants, choose_models
+
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text(json.dumps({"prompt": "sort: 3 1 2 -> "}) + "\n" + json.dumps({"prompt": "x " * 200}) + "\n")
+    models = choose_models(arena_run, ["parent", str(arena_run / "children" / "c0")])
+    assert list(models) == ["parent", "c0"]
+    c = Contestants(arena_run, models, prompts, max_new_tokens=6)
+    assert c.prompts == [("file", "sort: 3 1 2 -> ")]  # the one longer than the context is left out
+    with pytest.raises(PromptError, match="tokens"):
+        c.check_prompt("x " * 200)
+    first = c.answer("c0", "sort: 3 1 2 -> ")
+    assert c.cached("c0", "sort: 3 1 2 -> ") == first == c.answer("c0", "sort: 3 1 2 -> ")
+    assert c.settings("sort: 3 1 2 -> ")["max_new_tokens"] == 6
 
 
 # -- ratings, storage, report -------------------------------------------------------------------
