@@ -106,9 +106,76 @@ def recipe_fingerprint(run_dir: Path) -> str | None:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    """sha256 of a file, kept per (path, size, mtime) so that a checkpoint every N steps does not
+    hash the same token arrays again."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        from .checkpoint import sha256_file
+
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+def data_fingerprint(run_dir: Path) -> dict[str, str] | None:
+    """sha256 of what the run trains on, by part: the tokenizer, the prepared token arrays (names
+    and contents) and the list of memory-mapped shards; None without prepared data (a fine-tune
+    reads another run's). Every checkpoint records it, so a resume can tell that the data under it
+    was replaced or prepared again from a changed corpus."""
+    folder = Path(run_dir) / "data"
+    if not (folder / "ready").is_file():
+        return None
+    parts = {"tokenizer.json": [folder / "tokenizer.json"], "tokens": sorted((folder / "tokens").glob("*.npy"))}
+    parts["shards.json"] = [folder / "shards.json"]
+    out = {}
+    for part, files in parts.items():
+        h = hashlib.sha256()
+        for f in files:
+            if f.is_file():
+                h.update(f"{f.name}:{_sha256_cached(f)}\n".encode())
+        out[part] = h.hexdigest()
+    return out
+
+
+def _check_inputs_unchanged(run_dir: Path, path: Path, state: dict) -> None:
+    """Refuse a resume whose recipe or data differ from those `path` was trained with, naming what changed."""
+    saved, now = state.get("recipe_sha256"), recipe_fingerprint(run_dir)
+    if saved is not None and now is not None and saved != now:
+        raise ConfigError(
+            f"{run_dir / 'recipe.yaml'} is not the recipe {path.name} was trained with (it changed since): "
+            "an exact resume needs that recipe; restore it, or start a new run with another --out"
+        )
+    saved, now = state.get("data_sha256"), data_fingerprint(run_dir)
+    if isinstance(saved, dict) and now is not None:
+        changed = [f"data/{part}" for part in now if part in saved and saved[part] != now[part]]
+        if changed:
+            raise ConfigError(
+                f"--resume: {', '.join(changed)} changed since {path.name} was written (replaced, or prepared again "
+                "from changed data): an exact resume needs the data it trained on; restore it, or start a new run "
+                "with another --out"
+            )
+
+
+def _refuse_finished_without_checkpoints(run_dir: Path) -> None:
+    for name in ("parent", "model"):
+        if (Path(run_dir) / name / "manifest.json").is_file():
+            raise ConfigError(
+                f"--resume: {run_dir} holds a finished {name}/ and no checkpoint to resume from; --resume never "
+                "restarts from step 0 (that would replace it): start a new run with another --out"
+            )
+
+
 def save_checkpoint(run_dir: Path, step: int, model, opt, train_state: dict, keep_last: int) -> Path:
     path = run_dir / "checkpoints" / f"step-{step:06d}"
-    train_state = {**train_state, "recipe_sha256": recipe_fingerprint(run_dir)}
+    train_state = {
+        **train_state,
+        "recipe_sha256": recipe_fingerprint(run_dir),
+        "data_sha256": data_fingerprint(run_dir),
+    }
     with AtomicFolder(path, "checkpoint") as tmp:
         save_model_files(tmp, model, meta={"step": step})
         tensors, meta = _optimizer_tensors(opt, model)
@@ -131,6 +198,7 @@ def save_sharded_checkpoint(par, run_dir: Path, step: int, model, opt, train_sta
     }
     state = {**train_state, "step": step, "world_size": par.world_size, "parallel": par.mode, "rng_per_rank": rng}
     state["recipe_sha256"] = par.on_main(lambda: recipe_fingerprint(run_dir))
+    state["data_sha256"] = par.on_main(lambda: data_fingerprint(run_dir))
     distmod.save_sharded(par, path, model, opt, {"config.json": config, "train_state.json": state})
     par.on_main(lambda: _prune_checkpoints(run_dir, keep_last))
     return path
@@ -168,7 +236,9 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     the run has none yet. Checkpoints that fail are reported; those newer than the one chosen are
     moved to checkpoints/corrupted/ so later saves and pruning order by step among valid ones.
     If checkpoints exist and none verifies, raise naming each and why: a resume never silently
-    restarts from step 0. A checkpoint trained with another recipe than recipe.yaml is refused."""
+    restarts from step 0, nor does a run whose final model exists and whose checkpoints are gone. A
+    checkpoint trained with another recipe than recipe.yaml, or on other data (tokenizer, token
+    arrays, shards: `data_fingerprint`), is refused, naming what changed."""
     found = _checkpoints(run_dir)
     failed: list[tuple[Path, str]] = []
     for path in reversed(found):
@@ -179,12 +249,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
             log.warning("skipping checkpoint: %s", exc)
             failed.append((path, str(exc)))
             continue
-        saved, now = state.get("recipe_sha256"), recipe_fingerprint(run_dir)
-        if saved is not None and now is not None and saved != now:
-            raise ConfigError(
-                f"{run_dir / 'recipe.yaml'} is not the recipe {path.name} was trained with (it changed since): "
-                "an exact resume needs that recipe; restore it, or start a new run with another --out"
-            )
+        _check_inputs_unchanged(run_dir, path, state)
         for bad, _ in failed:
             log.warning("moved %s to %s", bad, _quarantine(bad))
         return path
@@ -194,6 +259,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
             f"--resume: no checkpoint in {run_dir / 'checkpoints'} verifies, refusing to restart from step 0 ({why}). "
             "Restore them, or move them away to train from scratch"
         )
+    _refuse_finished_without_checkpoints(run_dir)
     return None
 
 

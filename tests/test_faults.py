@@ -761,3 +761,34 @@ def test_a_data_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path)
     f = tmp_path / "notes[1]*?.txt"
     f.write_text("one paragraph\n\nanother paragraph\n")
     assert "another paragraph" in " ".join(load_user_texts([str(f)]))
+
+
+# -- item 3: a resume refuses inputs that changed under it, naming them ------------------------------
+def _replace_tokens(run: Path) -> None:
+    import numpy as np
+
+    path = run / "data" / "tokens" / "train.text.npy"
+    arr = np.load(path)
+    np.save(path, arr[::-1].copy())  # the same tokens, in another order: a corpus prepared again
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda run: (run / "data" / "tokenizer.json").write_text((run / "data" / "tokenizer.json").read_text() + " "),
+         "data/tokenizer.json changed"),
+        (_replace_tokens, "data/tokens changed"),
+        (lambda run: __import__("shutil").rmtree(run / "checkpoints"), "finished parent/"),
+    ],
+)  # fmt: skip
+def test_resume_refuses_changed_inputs_and_a_finished_run_without_checkpoints(
+    two_runs, tmp_path, capsys, damage, needle
+):
+    a, _ = two_runs
+    run = _copy_run(a, tmp_path / "run")
+    damage(run)
+    before = snapshot(run)
+    code, err = in_process(capsys, "train", "--out", run, "--resume", "--quiet")
+    assert one_line(code, err) and needle in err, err
+    mine = lambda files: {k: v for k, v in files.items() if k not in ("ledger.jsonl", ".elasticmoe.lock")}  # noqa: E731
+    assert mine(snapshot(run)) == mine(before)
