@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import numpy as np
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from jinja2 import Environment, FileSystemLoader
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -169,101 +169,111 @@ def public(board: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in board.items() if k != "boot"}
 
 
-def create_app(contestants, store, token: str | None = None, n_boot: int = 200) -> Any:
-    """The ASGI app over `contestants` (an `arena.contestants.Contestants`, or anything with
+def voter_of(request: Request) -> str | None:
+    """The anonymous voter id of the request's cookie (None when absent or malformed)."""
+    v = request.cookies.get(VOTER_COOKIE, "")
+    return v if VOTER_ID.fullmatch(v) else None
+
+
+async def in_thread(limiter: anyio.CapacityLimiter, fn, *args):
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter)
+
+
+class Arena:
+    """The endpoints over `contestants` (an `arena.contestants.Contestants`, or anything with
     `names`, `check_prompt`, `draw`, `settings`, `answer`) and `store` (an `arena.store.Store`)."""
-    templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True))
-    board = Board(store, contestants.names, n_boot)
-    sources = {p: s for s, p in getattr(contestants, "prompts", [])}
-    draws = random.Random()
-    # separate worker threads for generation (one at a time: it is CPU-bound), votes and other
-    # database work, so that a vote never queues behind battles waiting for the models
-    generation, database, votes = anyio.CapacityLimiter(1), anyio.CapacityLimiter(8), anyio.CapacityLimiter(8)
 
-    async def in_thread(limiter, fn, *args):
-        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter)
+    def __init__(self, contestants, store, n_boot: int = 200):
+        self.contestants, self.store = contestants, store
+        self.board = Board(store, contestants.names, n_boot)
+        self.templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True)
+        self.sources = {p: s for s, p in getattr(contestants, "prompts", [])}
+        self.cached = getattr(contestants, "cached", lambda name, prompt: None)
+        self.draws = random.Random()
+        # separate worker threads for generation (one at a time: it is CPU-bound), votes and other
+        # database work, so that a vote never queues behind battles waiting for the models
+        self.generation, self.database, self.votes = (anyio.CapacityLimiter(n) for n in (1, 8, 8))
 
-    def voter_of(request: Request) -> str | None:
-        v = request.cookies.get(VOTER_COOKIE, "")
-        return v if VOTER_ID.fullmatch(v) else None
+    def routes(self) -> list:
+        return [
+            Route("/", self.index),
+            Route("/leaderboard", self.leaderboard_page),
+            Route("/api/prompt", self.api_prompt),
+            Route("/api/battle", self.api_battle, methods=["POST"]),
+            Route("/api/vote", self.api_vote, methods=["POST"]),
+            Route("/api/leaderboard", self.api_leaderboard),
+            Route("/api/votes.jsonl", self.api_export),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        ]
 
-    def respond(data: Any, request: Request, status: int = 200, voter: str | None = None) -> JSONResponse:
-        response = JSONResponse(data, status)
-        if voter and voter != voter_of(request):
-            response.set_cookie(VOTER_COOKIE, voter, max_age=365 * 86400, httponly=True, samesite="strict")
-        return response
+    def page(self, name: str, **context) -> HTMLResponse:
+        return HTMLResponse(self.templates.get_template(name).render(**context))
 
-    def page(name: str, **context) -> HTMLResponse:
-        return HTMLResponse(templates.get_template(name).render(**context))
-
-    cached = getattr(contestants, "cached", lambda name, prompt: None)
-
-    async def new_battle(voter: str, prompt: str) -> dict[str, Any]:
-        contestants.check_prompt(prompt)
-        names, rng = contestants.names, np.random.default_rng()
-        pair = await in_thread(database, lambda: choose_pair(board.latest(), names, rng))
+    async def new_battle(self, voter: str, prompt: str) -> dict[str, Any]:
+        """Two models (the least certain pair), their answers, stored as a battle for `voter`."""
+        c = self.contestants
+        c.check_prompt(prompt)
+        rng = np.random.default_rng()
+        pair = await in_thread(self.database, lambda: choose_pair(self.board.latest(), c.names, rng))
         answers = []
         for name in pair:  # a cached answer does not wait for the models
-            text = cached(name, prompt)
-            answers.append(text if text is not None else await in_thread(generation, contestants.answer, name, prompt))
+            text = self.cached(name, prompt)
+            answers.append(text if text is not None else await in_thread(self.generation, c.answer, name, prompt))
         battle = secrets.token_hex(16)
-        source, settings = sources.get(prompt, "typed"), contestants.settings(prompt)
-        await in_thread(database, store.add_battle, battle, voter, prompt, source, pair, tuple(answers), settings)
+        source, settings = self.sources.get(prompt, "typed"), c.settings(prompt)
+        await in_thread(
+            self.database, self.store.add_battle, battle, voter, prompt, source, pair, tuple(answers), settings
+        )
         return {"battle": battle, "prompt": prompt, "a": answers[0], "b": answers[1]}
 
-    async def index(request: Request):
-        return page("index.html", models=len(contestants.names))
+    async def index(self, request: Request):
+        return self.page("index.html", models=len(self.contestants.names))
 
-    async def leaderboard_page(request: Request):
-        data = await in_thread(database, board.fresh)
-        return page("leaderboard.html", board=data)
+    async def leaderboard_page(self, request: Request):
+        return self.page("leaderboard.html", board=await in_thread(self.database, self.board.fresh))
 
-    async def api_prompt(request: Request):
-        source, prompt = contestants.draw(draws)
+    async def api_prompt(self, request: Request):
+        source, prompt = self.contestants.draw(self.draws)
         return JSONResponse({"prompt": prompt, "source": source})
 
-    async def api_battle(request: Request):
+    async def api_battle(self, request: Request):
         try:
             data = await read_json(request)
             voter = voter_of(request) or secrets.token_hex(16)
-            out = await new_battle(voter, _text(data, "prompt"))
+            out = await self.new_battle(voter, _text(data, "prompt"))
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, exc.status)
         except PromptError as exc:
             return JSONResponse({"error": str(exc)}, 422)
-        return respond(out, request, voter=voter)
+        response = JSONResponse(out)
+        if voter != voter_of(request):
+            response.set_cookie(VOTER_COOKIE, voter, max_age=365 * 86400, httponly=True, samesite="strict")
+        return response
 
-    async def api_vote(request: Request):
+    async def api_vote(self, request: Request):
         try:
             data = await read_json(request)
             battle, verdict = _text(data, "battle"), _text(data, "verdict")
             voter = voter_of(request)
             if voter is None:
                 raise BadRequest(404, "no such battle was shown to you")
-            a, b = await in_thread(votes, store.vote, battle, voter, verdict)
+            a, b = await in_thread(self.votes, self.store.vote, battle, voter, verdict)
         except (BadRequest, VoteError) as exc:
             return JSONResponse({"error": str(exc)}, exc.status)
         return JSONResponse({"a": a, "b": b, "verdict": verdict})
 
-    async def api_leaderboard(request: Request):
-        return JSONResponse(public(await in_thread(database, board.fresh)))
+    async def api_leaderboard(self, request: Request):
+        return JSONResponse(public(await in_thread(self.database, self.board.fresh)))
 
-    async def api_export(request: Request):
-        lines = await in_thread(database, lambda: list(export_jsonl(store)))
+    async def api_export(self, request: Request):
+        lines = await in_thread(self.database, lambda: list(export_jsonl(self.store)))
         headers = {"content-disposition": 'attachment; filename="votes.jsonl"'}
         return StreamingResponse(iter(lines), media_type="application/x-ndjson", headers=headers)
 
-    routes = [
-        Route("/", index),
-        Route("/leaderboard", leaderboard_page),
-        Route("/api/prompt", api_prompt),
-        Route("/api/battle", api_battle, methods=["POST"]),
-        Route("/api/vote", api_vote, methods=["POST"]),
-        Route("/api/leaderboard", api_leaderboard),
-        Route("/api/votes.jsonl", api_export),
-        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
-    ]
-    return Guard(Starlette(routes=routes), token)
+
+def create_app(contestants, store, token: str | None = None, n_boot: int = 200) -> Any:
+    """The ASGI app: the arena's routes behind the `Guard` (token, size cap, security headers)."""
+    return Guard(Starlette(routes=Arena(contestants, store, n_boot).routes()), token)
 
 
 def is_loopback(host: str) -> bool:
