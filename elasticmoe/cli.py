@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -765,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    previous = _stop_on_signals()
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -772,6 +774,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except UnicodeDecodeError as exc:  # only ever from reading an input file
         print(f"elasticmoe {args.command}: error: an input file is not UTF-8 text ({exc.reason})", file=sys.stderr)
+        return 2
+    except RecursionError:  # json/yaml parsers' depth limit on something read from disk
+        print(
+            f"elasticmoe {args.command}: error: an input file is nested too deeply to be one we wrote", file=sys.stderr
+        )
         return 2
     except RuntimeError as exc:
         from .dist import describe_failure
@@ -785,9 +792,35 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"elasticmoe {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (schedulers stop jobs with SIGTERM)
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print("interrupted" + (f" ({signal.Signals(signum).name})" if signum != signal.SIGINT else ""), file=sys.stderr)
+        return 128 + signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the process is, like Ctrl-C: every cleanup that runs on an
+    interrupt runs (the ledger closes the phase, temporaries are removed, locks released)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def _stop_on_signals() -> dict:
+    """Handle SIGTERM and SIGHUP as Ctrl-C for this command; returns the handlers to restore."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def _one_line(exc: BaseException) -> str:

@@ -792,3 +792,23 @@ def test_resume_refuses_changed_inputs_and_a_finished_run_without_checkpoints(
     assert one_line(code, err) and needle in err, err
     mine = lambda files: {k: v for k, v in files.items() if k not in ("ledger.jsonl", ".elasticmoe.lock")}  # noqa: E731
     assert mine(snapshot(run)) == mine(before)
+
+
+# -- item 6: SIGTERM and SIGHUP end a command as Ctrl-C does ----------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, sig):
+    run = tmp_path / "run"
+    args = ["train", "--config", "micro", "--out", run, "--quiet", "--set", "train.steps=100000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elasticmoe", *map(str, args)], stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "checkpoints").glob("step-*")):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"interrupted ({signal.Signals(sig).name})"
+    train = [r for r in read_records(run / "ledger.jsonl")[0] if r.get("phase") == "train"]
+    assert train[-1]["event"] == "end" and train[-1]["status"] == "crashed"
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
