@@ -374,24 +374,25 @@ def test_prompts_from_a_file_and_cached_answers(arena_run, tmp_path):
 
 # -- ratings, storage, report -------------------------------------------------------------------
 def test_ratings_reuse_bradley_terry_with_ties():
-    votes = [("x", "y", "a")] * 3 + [("y", "x", "a")] + [("x", "y", "tie"), ("z", "x", "both_bad")]
+    votes = ([("x", "y", "a")] * 3 + [("y", "x", "a")] + [("x", "y", "tie"), ("z", "x", "both_bad")]) * 2
+    assert leaderboard(votes[:6], n_boot=50)["ratings"]["x"]["ci"] is None  # too few votes for an interval
     board = leaderboard(votes, n_boot=50)
     names = ["x", "y", "z"]
-    wins = np.array([[0, 3.5, 0.5], [1.5, 0, 0], [0.5, 0, 0]])  # row beat column; ties half each
+    wins = 2 * np.array([[0, 3.5, 0.5], [1.5, 0, 0], [0.5, 0, 0]])  # row beat column; ties half each
     elo = 1000 + 400 * np.log10(bradley_terry(wins))
     for i, n in enumerate(names):
         r = board["ratings"][n]
         assert r["rating"] == pytest.approx(elo[i])
         assert r["ci"][0] <= r["rating"] + 1e-6 and r["ci"][1] >= r["rating"] - 1e-6
-    assert board["names"][0] == "x" and board["n_votes"] == 6
+    assert board["names"][0] == "x" and board["n_votes"] == 12
     assert board["ratings"]["x"] | {"rating": 0, "ci": 0} == {
         "rating": 0,
         "ci": 0,
-        "votes": 6,
-        "wins": 3,
-        "losses": 1,
-        "ties": 1,
-        "both_bad": 1,
+        "votes": 12,
+        "wins": 6,
+        "losses": 2,
+        "ties": 2,
+        "both_bad": 2,
     }
 
 
@@ -430,7 +431,7 @@ def test_report_carries_human_ratings_and_export(arena_run, cli, tmp_path):
         store.vote(f"r{i}", "v", verdict)
     store.close()
     md = (report_run(arena_run), (arena_run / "report.md").read_text())[1]
-    assert "People's blind votes (`elasticmoe arena`): 5 votes" in md
+    assert "People's blind votes (`elasticmoe arena`): 5 votes (intervals from 10 votes on)" in md
     assert "| c0 |" in md.split("People's blind votes")[1]
     out = tmp_path / "votes.jsonl"
     assert "wrote 5 votes" in cli("arena", arena_run, "--export", out).stdout

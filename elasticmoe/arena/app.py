@@ -40,7 +40,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .contestants import PromptError
-from .ratings import choose_pair, leaderboard
+from .ratings import MIN_VOTES_FOR_CI, choose_pair, leaderboard
 from .store import VoteError, export_jsonl
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,8 @@ class Arena:
         return self.page("index.html", models=len(self.contestants.names))
 
     async def leaderboard_page(self, request: Request):
-        return self.page("leaderboard.html", board=await in_thread(self.database, self.board.fresh))
+        board = await in_thread(self.database, self.board.fresh)
+        return self.page("leaderboard.html", board=board, min_votes=MIN_VOTES_FOR_CI)
 
     async def api_prompt(self, request: Request):
         source, prompt = self.contestants.draw(self.draws)
@@ -304,7 +305,13 @@ def serve(app, sock, ready=None) -> None:
     import uvicorn
 
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, server_header=False, timeout_graceful_shutdown=5, lifespan="off"
+        app,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=5,
+        lifespan="off",
+        limit_concurrency=512,  # connections and requests at once; beyond it uvicorn answers 503
     )
     server = uvicorn.Server(config)
     if ready is not None:

@@ -4,7 +4,9 @@ Ratings: each vote is one game between the two models shown; "a" or "b" is a win
 "tie" and "both bad" are half a win each (as Chatbot Arena counts both; Chiang et al. 2024).
 The win matrix goes to `evaluate.bradley_terry` (the automatic arena's Bradley-Terry fit, 0.5
 virtual wins per ordered pair) and is shown on the same Elo scale (1000 + 400 log10 strength).
-95% intervals: percentile bootstrap over votes (votes resampled with replacement, seeded).
+95% intervals: percentile bootstrap over votes (votes resampled with replacement, seeded), given
+from `MIN_VOTES_FOR_CI` votes on (a resample of one or two votes is the same votes again: a
+zero-width interval that would claim a certainty nobody has).
 
 Next pair: where one more vote shrinks the uncertainty most (Chatbot Arena's active sampling,
 Chiang et al. 2024, section 5): pair (i, j) is drawn with probability proportional to
@@ -22,6 +24,7 @@ import numpy as np
 from ..evaluate import bradley_terry
 
 WIN_SHARE = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}  # share of the game won by side A
+MIN_VOTES_FOR_CI = 10
 
 
 def _elo(wins: np.ndarray) -> np.ndarray:
@@ -50,7 +53,7 @@ def leaderboard(
     share = np.array([WIN_SHARE[o[2]] for o in outcomes], dtype=np.float64)
     elo = _elo(_wins(a, b, share, k)) if k else np.zeros(0)
     boot = None
-    if n and k > 1:
+    if n >= MIN_VOTES_FOR_CI and k > 1:
         rng = np.random.default_rng(seed)
         rows = [rng.integers(0, n, n) for _ in range(n_boot)]
         boot = np.stack([_elo(_wins(a[r], b[r], share[r], k)) for r in rows])
@@ -113,7 +116,8 @@ def choose_pair(board: dict[str, Any] | None, models: Sequence[str], rng: np.ran
 def markdown_table(board: dict[str, Any], title: str) -> list[str]:
     """The leaderboard as a Markdown table (for the report)."""
     lines = [
-        f"{title}: {board['n_votes']} votes",
+        f"{title}: {board['n_votes']} vote{'' if board['n_votes'] == 1 else 's'}"
+        + (f" (intervals from {MIN_VOTES_FOR_CI} votes on)" if board["n_votes"] < MIN_VOTES_FOR_CI else ""),
         "",
         "| model | rating | 95% CI | votes | wins | losses | ties | both bad |",
         "|---|---|---|---|---|---|---|---|",
