@@ -125,7 +125,8 @@ def _is_number(v: Any) -> bool:
 
 def work_key(record: dict[str, Any]) -> tuple | None:
     """The idempotent key of a unit of work, or None for work that is counted every time it is
-    recorded (a search, an evaluation the user asked for twice). A record's own `key` wins; a
+    recorded (an evaluation the user asked for twice). A record's own `key` wins (a search carries
+    one: the same search redone after a kill counts once); a
     training segment is (phase, run, first step, last step); a periodic evaluation or re-ordering
     (phase, run, step)."""
     if record.get("key") is not None:

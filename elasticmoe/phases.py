@@ -373,16 +373,19 @@ def search_run(
     seed = recipe.train.seed if seed is None else seed
     parent_cost = costmod.cost(parent.config, None, seq)
     ledger = Ledger(run_dir / "ledger.jsonl")
+    same = _search_identity(ledger, run_dir, out, str(dev), seq, batch)
     table = None
     if latency or any(c.needs_latency for c in parsed.values()):
-        with ledger.phase("search", device=str(dev), model="latency-table") as rec:
+        key = _search_key(same, "latency-table")
+        with ledger.phase("search", device=str(dev), model="latency-table", key=key) as rec:
             table = LatencyTable.measure(parent, seq, batch, dev, repeats=5, space=recipe.space)
             table.save(out / "latency_table.json")
             rec["seconds_measured"] = table.meta.get("seconds")
     results: dict[str, Any] = {}
     for name, cons in parsed.items():
         try:
-            with ledger.phase("search", device=str(dev), model=name, constraints=cons.given()) as rec:
+            key = _search_key(same, name, cons.given(), seed, per_layer, windows, (dests or {}).get(name))
+            with ledger.phase("search", device=str(dev), model=name, constraints=cons.given(), key=key) as rec:
                 result = search(
                     evaluator,
                     recipe.space,
@@ -402,6 +405,25 @@ def search_run(
         write_search_results(dest, result, seed=seed, constraints=cons, parent_cost=parent_cost)
         results[name] = result
     return results
+
+
+def _search_identity(ledger: Ledger, run_dir: Path, out: Path, *settings: Any) -> list:
+    """What makes two searches the same work: the parent (its manifest), where the results go, and
+    the measurement settings."""
+    from .checkpoint import sha256_file
+
+    manifest = model_folder(run_dir) / "manifest.json"
+    return [sha256_file(manifest) if manifest.is_file() else None, ledger.ref(out), *settings]
+
+
+def _search_key(identity: list, *what: Any) -> str:
+    """The ledger key of one search: the same search redone (a `run` killed mid-search and run
+    again, or the same command repeated into the same folder) is counted once, as a resumed training
+    segment is; a search with other constraints, seed or output counts on its own."""
+    import hashlib
+
+    blob = json.dumps([*identity, *what], sort_keys=True, default=str)
+    return "search:" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 BASELINE_METHODS = ("scratch", "dense-parent", "prune-distill", "expert-prune", "retrofit")

@@ -812,3 +812,53 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, sig):
     train = [r for r in read_records(run / "ledger.jsonl")[0] if r.get("phase") == "train"]
     assert train[-1]["event"] == "end" and train[-1]["status"] == "crashed"
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+
+
+# -- item 4: a search redone after a kill is counted once -------------------------------------------
+def test_a_search_redone_after_a_kill_is_counted_once(two_runs, tmp_path, capsys):
+    a, _ = two_runs
+    run = _copy_run(a, tmp_path / "run")
+    args = ("search", run, "--max-params-ratio", "1/2", "--windows", 1)
+    assert in_process(capsys, *args)[0] == 0
+    once = Ledger(run / "ledger.jsonl").totals("search")
+    assert once["flops"] > 0
+    with open(run / "ledger.jsonl", "a") as f:  # a second attempt killed mid-search: a start, no end
+        f.write(json.dumps({"event": "start", "phase": "search", "model": "cli"}) + "\n")
+    assert in_process(capsys, *args)[0] == 0
+    assert Ledger(run / "ledger.jsonl").totals("search")["flops"] == once["flops"]
+    assert in_process(capsys, *args[:3], "1/3", "--windows", 1)[0] == 0  # another search counts on its own
+    assert Ledger(run / "ledger.jsonl").totals("search")["flops"] > once["flops"]
+
+
+# -- item 7: a full disk during a tensor write is one line ------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KB tmpfs (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_disk_during_a_safetensors_write_is_one_line(two_runs, small_disk, capsys):
+    a, _ = two_runs
+    code, err = in_process(capsys, "extract", a, "--subnet", "L2 E4 k1 W32", "--out", small_disk / "c")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and "Traceback" not in err and len(lines) == 1, err
+    assert "No space left on device" in err and "model.safetensors needs" in err and "MiB" in err
+    assert list(small_disk.iterdir()) == []
+
+
+def test_safetensors_files_honour_the_umask(two_runs):
+    a, _ = two_runs
+    mode = (a / "children" / "c" / "model.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
