@@ -343,13 +343,40 @@ class AtomicFolder:
             raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, the one way tensors are written: the file gets the umask's mode
+    (save_file creates it 0600), and a full disk is an OSError (ENOSPC) saying how many bytes the
+    file needed, not safetensors' own error with its Rust debug text."""
+    import errno
+
+    path = Path(path)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as exc:
+        text = str(exc)
+        if "StorageFull" not in text and "os error 28" not in text and "code: 28" not in text:
+            raise
+        path.unlink(missing_ok=True)
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        raise OSError(
+            errno.ENOSPC, f"No space left on device: {path.name} needs {need / 2**20:,.1f} MiB", str(path.parent)
+        ) from None
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
 def save_model_files(folder: Path, model, meta: dict[str, Any] | None = None) -> None:
     """Write model.safetensors and config.json into an (already temporary) folder."""
-    save_file(state_dict_for_save(model), str(folder / "model.safetensors"))
+    save_tensors(state_dict_for_save(model), folder / "model.safetensors")
     write_json(
         folder / "config.json",
         {

@@ -298,8 +298,6 @@ def export_hf(
             "layer_order": list(model.layer_order),
         }
     )
-    from safetensors.torch import save_file
-
     from .model_card import model_card
 
     record.setdefault("name", Path(out_dir).name)
@@ -315,7 +313,7 @@ def export_hf(
         tokens_note = "random token ids (no run folder to take held-out tokens from)"
         log.warning("no held-out tokens for %s: checking the export against random token ids", out_dir)
     with checkpoint.AtomicFolder(out_dir) as tmp:
-        save_file(hf_state_dict(model, model_type), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        checkpoint.save_tensors(hf_state_dict(model, model_type), tmp / "model.safetensors", metadata={"format": "pt"})
         token_id = pad_id = None
         if tokenizer_path is not None:
             token_id, pad_id = _write_tokenizer(Path(tokenizer_path), tmp, model.config.max_seq_len)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import dist as distmod
 from .checkpoint import (
@@ -29,6 +29,7 @@ from .checkpoint import (
     clean_stale,
     read_json_object,
     save_model_files,
+    save_tensors,
     verify_manifest,
     write_json,
 )
@@ -180,7 +181,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, train_state: dict, kee
         save_model_files(tmp, model, meta={"step": step})
         tensors, meta = _optimizer_tensors(opt, model)
         tensors["rng::torch"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_tensors(tensors, tmp / "optimizer.safetensors")
         write_json(tmp / "train_state.json", {**train_state, "step": step, "optimizer": meta, "rng": _rng_state()})
     _prune_checkpoints(run_dir, keep_last)
     return path
