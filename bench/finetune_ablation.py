@@ -40,6 +40,7 @@ ARMS = {
     "lr-final": {"lr": "final", "ce_weight": 1.0, "kd_weight": 1.0, "temperature": 1.0},
     "kd": {"lr": 0.3, "ce_weight": 0.0, "kd_weight": 1.0, "temperature": 1.0},
     "lr-final-kd": {"lr": "final", "ce_weight": 0.0, "kd_weight": 1.0, "temperature": 1.0},
+    "lr-low": {"lr": 0.03, "ce_weight": 1.0, "kd_weight": 1.0, "temperature": 1.0},
     "lr-low-kd": {"lr": 0.03, "ce_weight": 0.0, "kd_weight": 1.0, "temperature": 1.0},
     "lr-final-T2": {"lr": "final", "ce_weight": 0.0, "kd_weight": 1.0, "temperature": 2.0},
     "default": {},  # whatever phases.finetune does by default today

@@ -40,6 +40,16 @@ def _work(records: list[dict], ref, folder: Path, phases: tuple[str, ...], key: 
     return {k: sum(p[k] for p in parts) for k in ("tokens", "flops", "seconds")}
 
 
+def _flops_per_token(records: list[dict], ref, run_dir: Path, dense_dir: Path) -> tuple[float, float] | None:
+    """Training FLOPs per training token of the elastic parent (its `train` segments) and of the
+    dense parent (its `baseline` segments); None when either trained no token."""
+    elastic = _work(records, ref, run_dir, ("train",))
+    dense = _work(records, ref, dense_dir, ("baseline",))
+    if not (elastic["tokens"] and dense["tokens"]):
+        return None
+    return elastic["flops"] / elastic["tokens"], dense["flops"] / dense["tokens"]
+
+
 def _score(ev: dict | None, task: str) -> str:
     t = (ev or {}).get("tasks", {}).get(task)
     if not t:
@@ -104,6 +114,15 @@ def compare(run_dir: Path, records: list[dict], ref, costs: list, evals: dict) -
             ]
             data["parent"]["text_vs_dense_equal_tokens"] = e / d - 1
             data["parent"]["text_diff_paired_ci"] = list(paired) if paired else None
+        per_token = _flops_per_token(records, ref, Path(run_dir), base / DENSE["equal tokens"])
+        if per_token:
+            elastic, dense = per_token
+            lines += [
+                "",
+                f"Training FLOPs per token: elastic parent {_fmt(elastic)}, dense parent {_fmt(dense)} "
+                f"({elastic / dense:.2f}x: what the sub-networks trained beside the full network cost).",
+            ]
+            data["parent"]["flops_per_token_vs_dense"] = elastic / dense
         lines.append("")
     dense_flops = dense_cost.get("equal tokens", {}).get("flops")
     for c in costs:

@@ -224,6 +224,9 @@ def test_pipeline_end_to_end_with_kill_and_rerun(tmp_path):
     assert "% of the baseline's FLOPs [measured:" in md and "device-s vs the baseline" in md
     # the alternatives: the dense parent beside the elastic one, one row per method, a verdict
     assert "| dense parent, equal tokens |" in md and "| prune-distill |" in md and "Verdict: " in md
+    ratio = report["methods"]["parent"]["flops_per_token_vs_dense"]  # micro: sandwich from the first step
+    assert ratio > 1.5 and "Training FLOPs per token: elastic parent" in md and f"({ratio:.2f}x" in md
+    assert "Fine-tuned row: kept " in md and "chosen on the validation split" in md  # which fine-tune state
     # each child's percentages name that child's own from-scratch baseline
     assert f"Percentages are of this child's from-scratch baseline: measured: {ernie['subnet']} trained" in md
     rows = report["methods"]["children"]["ernie51-shape"]["rows"]
