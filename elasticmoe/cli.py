@@ -449,15 +449,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_lm_eval_tasks(args) -> int:
-    from .lm_eval_tasks import GROUP, write_lm_eval_tasks
+    from .lm_eval_tasks import GROUP, MODEL_ARGS, write_lm_eval_tasks
 
     _require(args.examples is None or args.examples >= 1, f"--examples={args.examples} must be >= 1")
     _refuse_foreign_folder(Path(args.out), f"{GROUP}.yaml")
     written = write_lm_eval_tasks(Path(args.run_dir), Path(args.out), max_examples=args.examples)
     print(f"wrote {len(written)} lm-eval task(s) to {args.out}; run, offline:")
     print(
-        f"  HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf --model_args pretrained=HF_DIR,dtype=float32 "
-        f"--tasks elasticmoe --include_path {args.out} --device cpu --batch_size 8"
+        f"  HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf --model_args {MODEL_ARGS} "
+        f"--tasks {GROUP} --include_path {args.out} --device cpu --batch_size 8"
     )
     return 0
 
@@ -739,8 +739,16 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (`elasticmoe CMD: error: ...`, exit 2) like every
+    other input error, not the usage block; `--help` still prints it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elasticmoe", description="Train once, extract many: elastic MoE LMs.")
+    parser = OneLineParser(prog="elasticmoe", description="Train once, extract many: elastic MoE LMs.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args) in COMMANDS.items():
@@ -756,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stdout.isatty():
         os.environ.setdefault("COLUMNS", "160")  # rich tables stay one row per line in logs and pipes
     args = build_parser().parse_args(argv)
+    if getattr(args, "out", None) == "":
+        print(f"elasticmoe {args.command}: error: --out is empty: give a path", file=sys.stderr)
+        return 2
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":
         print(
             f"elasticmoe {args.command}: error: only `train` runs under torchrun (WORLD_SIZE > 1); "

@@ -271,7 +271,7 @@ def load_yaml(text: str, where: str) -> Any:
         return yaml.load(text, Loader=_no_alias_loader())
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    except (yaml.YAMLError, RecursionError) as exc:
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:  # ValueError: ints beyond Python's digit limit
         raise ConfigError(f"{where}: not valid YAML ({_first_line(exc)})") from None
 
 
@@ -344,7 +344,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = load_yaml(raw, f"override {item!r}")
+        where = f"override {item!r}" if len(item) <= 200 else f"override {key.strip()}=<{len(raw):,} characters>"
+        node[parts[-1]] = load_yaml(raw, where)
     return out
 
 

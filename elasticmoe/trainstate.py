@@ -161,6 +161,26 @@ def _check_inputs_unchanged(run_dir: Path, path: Path, state: dict) -> None:
             )
 
 
+_STATE_FIELDS = {"step": int, "bad_in_row": int, "tokens_seen": int, "data": dict}
+
+
+def _check_loadable(path: Path, state: dict) -> None:
+    """What a manifest cannot vouch for (it can be recomputed over damaged files): train_state.json
+    has the fields a resume reads, with their types, and every safetensors header parses. A
+    checkpoint failing this is skipped like a corrupted one (the previous one is used)."""
+    bad = [k for k, kind in _STATE_FIELDS.items() if not isinstance(state.get(k), kind) or isinstance(state[k], bool)]
+    if bad:
+        raise CheckpointError(f"{path / 'train_state.json'}: fields {bad} are missing or of the wrong type")
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as exc:  # safetensors' own header validation (JSON, offsets, sizes)
+            raise CheckpointError(f"{f} has an invalid safetensors header: {exc}") from None
+
+
 def _refuse_finished_without_checkpoints(run_dir: Path) -> None:
     for name in ("parent", "model"):
         if (Path(run_dir) / name / "manifest.json").is_file():
@@ -246,6 +266,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
         try:
             verify_manifest(path)
             state = read_json_object(path / "train_state.json")
+            _check_loadable(path, state)
         except CheckpointError as exc:
             log.warning("skipping checkpoint: %s", exc)
             failed.append((path, str(exc)))

@@ -194,9 +194,14 @@ def test_locking_a_run_removes_what_killed_runs_left(tmp_path):
 # -- item 3: resume never silently restarts ---------------------------------------------------------
 def _checkpoint(run: Path, step: int, recipe_sha: str | None = None) -> Path:
     path = run / "checkpoints" / f"step-{step:06d}"
+    import torch
+
+    from elasticmoe.checkpoint import save_tensors
+
+    state = {"step": step, "bad_in_row": 0, "tokens_seen": 0, "data": {}, "recipe_sha256": recipe_sha}
     with AtomicFolder(path, "checkpoint") as tmp:
-        (tmp / "model.safetensors").write_bytes(b"w" * 64)
-        write_json(tmp / "train_state.json", {"step": step, "recipe_sha256": recipe_sha})
+        save_tensors({"w": torch.zeros(16)}, tmp / "model.safetensors")
+        write_json(tmp / "train_state.json", state)
     return path
 
 
@@ -862,3 +867,53 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["finetune", "x", "--tokens", "nan", "--out", "y"], "invalid int value: 'nan'"),
+        (["finetune", "x", "--tokens", "1e30", "--out", "y"], "invalid int value: '1e30'"),
+        (["export", "x", "--out", ""], "--out is empty"),
+        (["info", "--config", "micro", "--set", "train.seed=" + "9" * 100_000], "train.seed=<100,000 characters>"),
+    ],
+)
+def test_bad_command_lines_are_one_line(args, needle):
+    res = run_cli(*args, timeout=120)
+    assert one_line(res.returncode, res.stderr) and needle in res.stderr, res.stderr[:500]
+
+
+def _bad_state(ckpt: Path) -> None:
+    (ckpt / "train_state.json").write_text(json.dumps({"step": "ten"}))
+
+
+def _bad_header(ckpt: Path) -> None:
+    with open(ckpt / "model.safetensors", "r+b") as f:
+        f.write((2**40).to_bytes(8, "little"))
+
+
+@pytest.mark.parametrize("damage", [_bad_state, _bad_header])
+def test_a_newest_checkpoint_that_verifies_but_cannot_load_falls_back_to_the_previous(
+    tmp_path, train_micro, capsys, damage
+):
+    from elasticmoe.checkpoint import write_manifest
+
+    run = train_micro(tmp_path / "run", "train.steps=10", "train.ckpt_every=5", "train.eval_every=10")
+    newest = run / "checkpoints" / "step-000010"
+    damage(newest)
+    (newest / "manifest.json").unlink()
+    write_manifest(newest)  # the manifest alone cannot tell
+    code, err = in_process(capsys, "train", "--out", run, "--resume", "--quiet")
+    assert code == 0 and "Traceback" not in err, err
+    assert (run / "checkpoints" / "corrupted" / "step-000010").is_dir()
+    assert json.loads((run / "checkpoints" / "step-000010" / "train_state.json").read_text())["step"] == 10
+
+
+# -- item 10: the printed lm-eval command is the one that reproduces `eval` -------------------------
+def test_lm_eval_tasks_prints_add_bos_token_false(two_runs, tmp_path, capsys):
+    a, _ = two_runs
+    capsys.readouterr()
+    assert cli.main(["lm-eval-tasks", str(a), "--out", str(tmp_path / "tasks"), "--examples", "3"]) == 0
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if "lm_eval --model hf" in ln]
+    assert len(printed) == 1 and "add_bos_token=False" in printed[0]
+    assert "add_bos_token=False" in (tmp_path / "tasks" / "README.md").read_text()

@@ -54,6 +54,9 @@ from ..evaluate import answer_budget, load_eval_data, select_examples
 from ..tokenizer import EOS_TOKEN
 
 GROUP = "elasticmoe"
+# the contexts already start with <|endoftext|>: without add_bos_token=False lm-eval adds another
+# one and scores text about 2% worse than `elasticmoe eval` (see the module docstring)
+MODEL_ARGS = "pretrained=HF_DIR,dtype=float32,add_bos_token=False"
 
 
 def _structured_config(name: str, data_file: Path, budget: int, examples: int) -> dict[str, Any]:
@@ -154,7 +157,7 @@ Run them offline on an exported model folder (`elasticmoe export CHILD --format 
 ```bash
 pip install 'elasticmoe[eval]'   # lm-eval[hf]: plain lm-eval lacks transformers
 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
-    --model_args pretrained=HF_DIR,dtype=float32,add_bos_token=False \\
+    --model_args {MODEL_ARGS} \\
     --tasks {GROUP} --include_path {out} --device cpu --batch_size 8
 ```
 
@@ -162,4 +165,4 @@ Prompt convention: {PROMPT_CONVENTION}
 """
 
 
-__all__ = ["GROUP", "write_lm_eval_tasks"]
+__all__ = ["GROUP", "MODEL_ARGS", "write_lm_eval_tasks"]
