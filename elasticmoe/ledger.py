@@ -15,6 +15,8 @@ last checkpoint and a crash, at most `ckpt_every` steps, is not recorded). Only 
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 import time
 import uuid
@@ -23,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .jsonl import append_record, read_records
+
+log = logging.getLogger(__name__)
+_READ_ONLY_WARNED: set[Path] = set()
 
 
 class Ledger:
@@ -41,7 +46,14 @@ class Ledger:
     def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """One line, one `write` on an O_APPEND descriptor, then fsync: lines never interleave."""
         record = {"time": time.time(), **record}
-        append_record(self.path, record)
+        try:
+            append_record(self.path, record)
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            if self.path not in _READ_ONLY_WARNED:  # a run on a read-only mount, read by eval or extract
+                _READ_ONLY_WARNED.add(self.path)
+                log.warning("%s is on a read-only file system: this command's work is not recorded there", self.path)
         return record
 
     def append_once(self, record: dict[str, Any]) -> bool:

@@ -7,7 +7,9 @@
 * The lock. `lock(run_dir)` holds an exclusive `fcntl.flock` on `RUN_DIR/.elasticmoe.lock` for as
   long as a command writes into the run; a second writer gets a one-line ConfigError naming the
   holder. The kernel drops the lock when its holder dies (kill -9 included): no stale lock files.
-  Reentrant within a process (the pipeline calls stages that lock the same run).
+  Reentrant within a process (the pipeline calls stages that lock the same run). A run on a
+  read-only mount needs no lock (nothing can write into it): commands that only read it (`eval`,
+  `extract` with `--out` elsewhere) run, and their ledger records are skipped with a warning.
 * Paths. `check_separate` refuses an output inside an input (or an input inside the output), so no
   command writes into a user's data folder or over what it reads.
 * Outputs inside a run belong to that run. `output_run` finds the run folder an output path lies in
@@ -19,6 +21,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import json
@@ -120,7 +123,8 @@ def lock(run_dir: Path | str, command: str = "elasticmoe") -> Iterator[Path]:
                 _held[key] = (fd, depth - 1)
             else:
                 del _held[key]
-                os.close(fd)  # releases the flock
+                if fd >= 0:
+                    os.close(fd)  # releases the flock
 
 
 def _acquire(run_dir: Path, key: str, command: str) -> None:
@@ -128,6 +132,10 @@ def _acquire(run_dir: Path, key: str, command: str) -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
+        if exc.errno == errno.EROFS:  # a read-only mount: nobody can write into it, so no lock is needed
+            with _held_guard:
+                _held[key] = (-1, 1)
+            return
         raise ConfigError(f"cannot lock {run_dir}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -917,3 +917,30 @@ def test_lm_eval_tasks_prints_add_bos_token_false(two_runs, tmp_path, capsys):
     printed = [ln for ln in capsys.readouterr().out.splitlines() if "lm_eval --model hf" in ln]
     assert len(printed) == 1 and "add_bos_token=False" in printed[0]
     assert "add_bos_token=False" in (tmp_path / "tasks" / "README.md").read_text()
+
+
+@pytest.fixture
+def read_only_run(two_runs, tmp_path):
+    """A copy of run A on a read-only bind mount (skipped where mounting is not allowed)."""
+    a, _ = two_runs
+    src, mnt = _copy_run(a, tmp_path / "src"), tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_run_on_a_read_only_mount_can_be_read_with_out_elsewhere(read_only_run, tmp_path, capsys):
+    ro = read_only_run
+    code, err = in_process(capsys, "extract", ro, "--subnet", "L2 E4 k1 W32", "--out", tmp_path / "c")
+    assert code == 0, err
+    code, err = in_process(
+        capsys, "eval", ro / "parent", tmp_path / "c", "--data", ro, "--examples", 2, "--out", tmp_path / "e.json"
+    )
+    assert code == 0, err
+    assert (tmp_path / "c" / "manifest.json").is_file() and (tmp_path / "e.json").is_file()
