@@ -734,7 +734,7 @@ COMMANDS = {
     "eval": ("per-task quality on the held-out test split, with retention vs a parent", _args_eval),
     "lm-eval-tasks": ("write the run's test tasks as local lm-evaluation-harness tasks", _args_lm_eval_tasks),
     "report": ("the cost report: marginal, all-in and amortized cost vs a named baseline", _args_report),
-    "run": ("the whole pipeline: train, search, extract, export, finetune, eval, baseline, report", _args_run),
+    "run": ("the whole pipeline: train, search, extract, finetune, eval, export, baseline, report", _args_run),
     "arena": ("people vote blind between the run's models in a local web app; ratings with intervals", _args_arena),
 }
 

@@ -298,9 +298,9 @@ def export_hf(
             "layer_order": list(model.layer_order),
         }
     )
-    from .model_card import model_card
+    from .model_card import model_card, model_name
 
-    record.setdefault("name", Path(out_dir).name)
+    record.setdefault("name", model_name(record, out_dir))
     record["out"] = str(out_dir)
     if verify and importlib.util.find_spec("transformers") is None:
         raise HFError("checking an export loads it in transformers: pip install 'elasticmoe[hf]' (or verify=False)")

@@ -26,7 +26,10 @@ from .model import ElasticMoE
 def run_folder(record: dict[str, Any]) -> Path | None:
     """The run folder (with its ledger) an exported model came from, when it is on this machine."""
     parent = record.get("parent") if isinstance(record.get("parent"), dict) else {}
-    candidates = [parent.get("run"), record.get("run")]
+    # first the run the model folder lies in (a fine-tune's RUN/finetuned/c/model, a copied run), then
+    # the run its meta names
+    source = Path(record["source"]).resolve() if record.get("source") else None
+    candidates = [*(source.parents if source is not None else ()), parent.get("run"), record.get("run")]
     if parent.get("path"):
         p = Path(parent["path"])
         candidates.append(p.parent if p.name == "parent" else p)
@@ -43,15 +46,54 @@ def _fmt(n: float) -> str:
     return f"{n:.3g}"
 
 
-def cost_rows(run: Path, subnet: str | None) -> list[tuple[str, dict[str, float]]]:
-    """(what, totals) from the run's ledger: parent training, search, this child's extraction and
-    fine-tuning (matched by the sub-network spec the ledger records as `model`)."""
+def cost_rows(run: Path, subnet: str | None, finetune_dir: Path | None = None) -> list[tuple[str, dict[str, float]]]:
+    """(what, totals) from the run's ledger: parent training, search, this child's extraction and,
+    for a fine-tuned child, its own fine-tune (the ledger records whose `out` is `finetune_dir`;
+    another fine-tune of the same shape, such as the prune-distill baseline's distillation, is
+    not this model's work)."""
     ledger = Ledger(run / "ledger.jsonl")
     rows = [("parent training (whole run)", ledger.totals("train")), ("search (all searches)", ledger.totals("search"))]
     if subnet:
         rows.append(("extraction of this sub-network", ledger.totals("extract", model=subnet)))
-        rows.append(("fine-tuning of this sub-network", ledger.totals("finetune", model=subnet)))
+    if finetune_dir is not None:
+        rows.append(("fine-tuning of this model", ledger.totals("finetune", out=ledger.ref(finetune_dir))))
     return [(what, t) for what, t in rows if t.get("tokens") or t.get("flops") or t.get("seconds")]
+
+
+def model_name(record: dict[str, Any], out_dir: Path | str) -> str:
+    """The name an export goes by (card title, GGUF `general.name`): run and child, and whether it
+    is fine-tuned (`default-ernie51-shape-finetuned`), from where the model folder lies in its run;
+    the output folder's name for a folder outside that layout."""
+    source = record.get("source")
+    if not source:
+        return Path(out_dir).name
+    p = Path(source).resolve()
+    if p.name == "model" and p.parent.parent.name == "finetuned":
+        return f"{p.parents[2].name}-{p.parent.name}-finetuned"
+    if p.parent.name == "children":
+        return f"{p.parents[1].name}-{p.name}"
+    if p.name == "parent":
+        return f"{p.parent.name}-parent"
+    return p.name
+
+
+def _finetune_dir(record: dict[str, Any]) -> Path | None:
+    """The fine-tune folder of a fine-tuned child (its model lies in FOLDER/model), else None."""
+    if not isinstance(record.get("finetune"), dict) or not record.get("source"):
+        return None
+    return Path(record["source"]).resolve().parent
+
+
+def _portable(value: Any) -> Any:
+    """`value` with every absolute path cut to its last three parts (`default/children/c`): a card
+    names models, not the folders of the machine that wrote it."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, str) and value.startswith("/") and "\n" not in value:
+        return "/".join(Path(value).parts[-3:])
+    return value
 
 
 def eval_rows(run: Path, names: list[str]) -> list[tuple[str, str, str, dict[str, Any]]]:
@@ -83,7 +125,8 @@ def _usage(folder_hint: str, gguf_file: str | None) -> list[str]:
             f'tok = AutoTokenizer.from_pretrained("{folder_hint}")',
             f'model = AutoModelForCausalLM.from_pretrained("{folder_hint}", dtype="float32")',
             'gen = pipeline("text-generation", model=model, tokenizer=tok)',
-            'print(gen("kv: a=12 b=7 ? b=7 ? a=", max_new_tokens=8, do_sample=False)[0]["generated_text"])',
+            'out = gen("kv: a=12 b=7 ? b=7 ? a=", max_new_tokens=8, do_sample=False, return_full_text=False)',
+            'print(out[0]["generated_text"].split("\\n")[0])  # an answer ends at a newline, as in eval',
             "```",
             "",
             "llama.cpp: `elasticmoe export CHILD --format gguf --out DIR` writes a GGUF of the same child, checked "
@@ -137,11 +180,18 @@ def model_card(
     parent = record.get("parent") if isinstance(record.get("parent"), dict) else {}
     if parent.get("path"):
         sha = f" (model sha256 `{parent['model_sha256']}`)" if parent.get("model_sha256") else ""
-        lines.append(f"- parent: `{parent['path']}`{sha}")
+        lines.append(f"- parent: `{_portable(str(Path(parent['path']).resolve()))}`{sha}")
     else:
         lines.append("- parent: none recorded (this folder is not a child extracted by elasticmoe)")
     subnet = record.get("subnet")
     lines.append(f"- sub-network: `{subnet}`" if subnet else "- sub-network: the whole model")
+    finetune_dir = _finetune_dir(record)
+    if finetune_dir is not None:
+        ft = record["finetune"]
+        teacher = "distilled from the parent" if ft.get("teacher") else "fine-tuned on the data"
+        lines.append(f"- this folder holds the **fine-tuned** child: {teacher} for {ft.get('tokens', 0):,} tokens")
+    elif subnet:
+        lines.append("- this folder holds the **zero-shot** child: extracted from the parent, not fine-tuned")
     v = record.get("verification") or {}
     if v:
         lines.append(
@@ -165,7 +215,7 @@ def model_card(
             )
     run = run_folder(record)
     lines += ["", "## Cost (from the run's ledger)", ""]
-    rows = cost_rows(run, subnet) if run else []
+    rows = cost_rows(run, subnet, finetune_dir) if run else []
     if rows:
         lines += ["| work | tokens | FLOPs | device-seconds |", "|---|---:|---:|---:|"]
         lines += [
@@ -174,11 +224,13 @@ def model_card(
         ]
         lines.append(
             f"\nTraining tokens of the parent: {int(rows[0][1].get('tokens', 0)):,}; `elasticmoe report "
-            f"{run}` puts these against a named baseline."
+            f"{run.name}` (the run folder) puts these against a named baseline."
         )
     else:
         lines.append("No ledger found (the model's run folder is not on this machine).")
     names = [n for n in (record.get("name"), Path(str(record.get("source", ""))).name) if n]
+    if finetune_dir is not None:
+        names.append(f"{finetune_dir.name}-ft")  # what `elasticmoe run` calls a fine-tuned child in eval/
     evals = eval_rows(run, names) if run else []
     lines += ["", "## Evaluation (test split of the run)", ""]
     if evals:
@@ -190,7 +242,7 @@ def model_card(
             )
     else:
         lines.append("No evaluation of this model yet: `elasticmoe eval RUN_DIR/parent THIS_CHILD`, then export again.")
-    lines += ["", *_usage(record.get("out", "THIS_FOLDER"), gguf_file), ""]
+    lines += ["", *_usage(Path(str(record.get("out") or "THIS_FOLDER")).name, gguf_file), ""]
     lines += [
         "## Conventions",
         "",
@@ -201,11 +253,11 @@ def model_card(
         "## Full provenance",
         "",
         "```json",
-        json.dumps(record, indent=2, default=str),
+        json.dumps(_portable(json.loads(json.dumps(record, default=str))), indent=2),
         "```",
         "",
     ]
     return "\n".join(lines)
 
 
-__all__ = ["cost_rows", "eval_rows", "model_card", "run_folder"]
+__all__ = ["cost_rows", "eval_rows", "model_card", "model_name", "run_folder"]

@@ -1,4 +1,4 @@
-"""`elasticmoe run`: train -> search -> extract -> export -> finetune -> eval -> baseline -> report.
+"""`elasticmoe run`: train -> search -> extract -> finetune -> eval -> export -> baseline -> report.
 
 One run folder holds everything; `RUN_DIR/pipeline.json` records which phases finished and what
 they produced, so a rerun skips finished phases and resumes an interrupted one (training resumes
@@ -41,7 +41,8 @@ DEFAULT_FAMILY: dict[str, dict[str, float]] = {
 RETROFIT_BUDGETS = {"retrofit": 1, "retrofit-4x": 4}
 FINETUNE_LR_SCALE = 0.3  # fine-tunes and distillations run at this fraction of the parent's learning rate
 # rough share of wall time per phase on the tiny preset, for the ETA
-PHASES = {"train": 40, "search": 10, "extract": 2, "export": 4, "finetune": 10, "eval": 12, "baseline": 40, "report": 4}
+# export follows eval, so that the model card of each export carries the child's evaluation
+PHASES = {"train": 40, "search": 10, "extract": 2, "finetune": 10, "eval": 12, "export": 4, "baseline": 40, "report": 4}
 # --baselines all trains every alternative for every child: measured 23 of 34 minutes (bench/FAMILY.md)
 BASELINE_WEIGHT_ALL = 170
 

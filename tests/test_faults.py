@@ -944,3 +944,27 @@ def test_a_run_on_a_read_only_mount_can_be_read_with_out_elsewhere(read_only_run
     )
     assert code == 0, err
     assert (tmp_path / "c" / "manifest.json").is_file() and (tmp_path / "e.json").is_file()
+
+
+# -- item 11: model cards name the model, say what it is, and count only its own work ----------------
+def test_cards_say_zero_shot_or_fine_tuned_and_count_only_their_own_fine_tune(two_runs, tmp_path, capsys):
+    a, _ = two_runs
+    run = _copy_run(a, tmp_path / "run")
+    ft = run / "finetuned" / "c"
+    code, err = in_process(capsys, "finetune", run / "children" / "c", "--teacher", run, "--steps", 2, "--out", ft)
+    assert code == 0, err
+    subnet = json.loads((run / "children" / "c" / "config.json").read_text())["meta"]["subnet"]
+    distill = {"event": "end", "status": "ok", "phase": "finetune", "model": subnet, "tokens": 7_777_777_777}
+    Ledger(run / "ledger.jsonl").append({**distill, "out": "baselines/c-prune-distill/distilled", "flops": 1})
+    result = {"tasks": {"kv": {"metric": "exact_match", "score": 0.5, "ci": [0.25, 0.75]}}}
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "results.json").write_text(json.dumps({"models": {"c": result, "c-ft": result}}))
+    for src, out in ((ft, tmp_path / "hf-ft"), (run / "children" / "c", tmp_path / "hf-zero")):
+        code, err = in_process(capsys, "export", src, "--out", out)
+        assert code == 0, err
+    tuned, zero = ((tmp_path / d / "README.md").read_text() for d in ("hf-ft", "hf-zero"))
+    assert "# run-c-finetuned" in tuned and "**fine-tuned** child" in tuned and "| fine-tuning of this model |" in tuned
+    assert "7.78G" not in tuned and "| results.json | c-ft | kv |" in tuned
+    assert "# run-c" in zero and "**zero-shot** child" in zero and "fine-tuning" not in zero
+    for card in (tuned, zero):
+        assert str(tmp_path) not in card and 'split("\\n")[0]' in card

@@ -384,7 +384,7 @@ def test_model_card_has_cost_eval_convention_and_usage(tiny_config, tmp_path, tr
     child = checkpoint.load_model(tmp_path / "child")[0]
     k = cost(child.config)
     assert f"{k.total_params:,} / {k.active_params:,}" in card
-    assert str(subnet) in card and str(run) in card
+    assert str(subnet) in card and "/run`" in card and str(tmp_path) not in card  # named, no absolute path
     assert "123,456" in card and "| parent training (whole run) | 123k |" in card
     assert "| extraction of this sub-network | 64 |" in card
     assert "| results.json | child | kv | exact_match | 0.250 [0.100, 0.400] |" in card

@@ -245,6 +245,7 @@ def test_pipeline_end_to_end_with_kill_and_rerun(tmp_path):
     ]
     hf = moved / "hf" / "ernie51-shape"
     assert (hf / "config.json").exists() and phases["export"]["outputs"]["_proof"]["new_tokens"] > 0
+    assert "| results.json | ernie51-shape |" in (hf / "README.md").read_text()  # export follows eval (#27)
 
 
 def test_baseline_denominator_counts_only_the_attempts_behind_its_model(trained_run):
