@@ -407,11 +407,13 @@ def save_model(
 def check_weights_fit(config: ModelConfig, held: int, where: str, unit: str = "bytes", error=CheckpointError) -> None:
     """The one check every loader makes before building a model from a config read from disk:
     the parameters `config` describes must fit in what the weight files hold (`held` values, or
-    bytes: every value takes at least one), so `layers: 1e9` is an error, not an allocation."""
+    bytes: every value takes at least one), so `layers: 1e9` is an error, not an allocation. A guard
+    against sizes, with slack (twice what is held): which tensor is missing or misshapen is for
+    the loader's own checks to name."""
     from .cost import config_params
 
     need = config_params(config)
-    if need > held:
+    if need > 2 * held:
         raise error(
             f"{where} describes {config.layers:,} layers and {need:,} parameters, but the weight files hold "
             f"{held:,} {unit}: config.json does not describe these weights"

@@ -176,3 +176,23 @@ def test_command_line(tiny_config, tmp_path, corpus_and_tokenizer, capsys):
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "h")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_q8_0_is_judged_against_the_weights_it_stores_not_the_float_tolerance(
+    tiny_config, tmp_path, corpus_and_tokenizer
+):
+    """#27 item 9: a trained model's q8_0 file moves unlikely tokens' logits further than the float
+    tolerance by rounding alone; the check compares llama.cpp with the weights as stored."""
+    tokenizer, tok_file, _ = corpus_and_tokenizer
+    model = make_model(config_for(tiny_config, tokenizer, qk_norm=False), sharpen=1.0)
+    with torch.no_grad():  # an outlier in each row's first q8_0 block, on a feature every norm zeroes:
+        for name, p in model.named_parameters():  # it changes no logit, but the block's other 31 round coarsely
+            if name.endswith("norm.weight"):
+                p[0] = 0.0
+            elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "w_gate", "w_up")):
+                p[..., 0] = 300 * p.abs().max()
+    record = export_gguf(model, tmp_path / "g", qtype="q8_0", tokenizer_path=tok_file)
+    check = record["gguf_verification"]
+    assert check["quantisation_logit_shift"] > 5e-2 * check["max_abs_logit"]  # the old check refused this file
+    assert check["max_abs_logit_diff"] <= 5e-2 * check["max_abs_logit"]
+    assert "as the file stores them" in check["compared_with"]
