@@ -68,12 +68,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 # -- temporaries: named after their writer's pid, so a dead writer's leftovers can be told apart ----
+TMP_NAME_CHARS = 200  # of the published name kept in a temporary's: room for the suffixes in NAME_MAX (255)
+
+
 def _tmp_file_name(name: str) -> str:
-    return f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    return f".{name[:TMP_NAME_CHARS]}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
 def _tmp_dir_name(name: str) -> str:
-    return f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    return f".{name[:TMP_NAME_CHARS]}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _is_temporary(name: str) -> bool:
@@ -106,7 +109,7 @@ def clean_stale(parent: Path, name: str | None = None) -> list[Path]:
         return removed
     for p in list(parent.iterdir()):
         m, legacy = _OURS_TMP.fullmatch(p.name), _LEGACY_TMP.fullmatch(p.name)
-        if m is not None and (name is None or m["name"] == name):
+        if m is not None and (name is None or m["name"] == name[:TMP_NAME_CHARS]):
             stale = not _pid_alive(int(m["pid"]))
         elif legacy is not None and (name is None or legacy["name"] == name):
             stale = time.time() - p.lstat().st_mtime > LEGACY_TMP_AGE_S

@@ -968,3 +968,13 @@ def test_cards_say_zero_shot_or_fine_tuned_and_count_only_their_own_fine_tune(tw
     assert "# run-c" in zero and "**zero-shot** child" in zero and "fine-tuning" not in zero
     for card in (tuned, zero):
         assert str(tmp_path) not in card and 'split("\\n")[0]' in card
+
+
+# -- item 8: smaller things --------------------------------------------------------------------------
+def test_a_legal_240_byte_output_name_is_written(tmp_path):
+    long = tmp_path / ("c" * 240)
+    with AtomicFolder(long, "child") as tmp:
+        (tmp / "a.txt").write_text("x")
+    atomic_write_text(long.with_name("d" * 250), "y")
+    verify_manifest(long)
+    assert (tmp_path / ("d" * 250)).read_text() == "y"
