@@ -248,6 +248,13 @@ def cmd_import_hf(args) -> int:
     model = import_hf(args.hf_dir, space)  # everything is checked before the output folder is made
     space = space or ElasticSpace.default_for(model.config)
     tok = Path(args.hf_dir) / "tokenizer.json"
+    if tok.is_file():  # copied into the run: it must load, and fit the embedding, before anything is written
+        from .tokenizer import read_tokenizer_file
+
+        n = read_tokenizer_file(tok).get_vocab_size()
+        _require(
+            n <= model.config.vocab_size, f"{tok} has {n} ids but the model's vocab_size is {model.config.vocab_size}"
+        )
     with writing(out, "import-hf"):
         parent = save_model(
             out / "parent",

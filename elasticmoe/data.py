@@ -523,11 +523,29 @@ def load_user_texts(paths: Sequence[str | Path], text_field: str = "text", doc_m
                 docs.extend(_load_jsonl(path, text_field))
             else:
                 text = path.read_text(encoding="utf-8", errors="replace")
+                _warn_if_binary(path, text)
                 docs.extend([text] if doc_mode == "file" else chunk_text(text))
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise ConfigError(f"user data {[str(p) for p in paths]} holds no non-empty document")
     return docs
+
+
+BINARY_SHARE = 0.01  # a text file with more undecodable bytes or control characters than this is flagged
+
+
+def _warn_if_binary(path: Path, text: str) -> None:
+    """Warn (not refuse: a corpus may hold a few damaged bytes) when a data file does not look like
+    text: more than BINARY_SHARE of its characters are not UTF-8 or are control characters."""
+    sample = text[: 1 << 20]  # the first MiB tells
+    bad = sample.count("\ufffd") + len(re.findall(r"[\x00-\x08\x0b\x0e-\x1f]", sample))
+    if sample and bad > BINARY_SHARE * len(sample):
+        logger.warning(
+            "%s does not look like text: %.0f%% of its characters are not UTF-8 or are control characters "
+            "(a binary file?); it is trained on as it is",
+            path,
+            100 * bad / len(sample),
+        )
 
 
 def _expand(raw: str, what: str = "data path") -> list[Path]:

@@ -274,6 +274,9 @@ def train_tokenizer(
     return tokenizer
 
 
+MAX_TOKENIZER_BYTES = 64 << 20
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a `tokenizer.json` file, or a folder holding one; ConfigError names what is wrong."""
     path = Path(path)
@@ -281,11 +284,20 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not file.is_file():
         where = f"folder {path} has no {TOKENIZER_FILE}" if path.is_dir() else f"{path} does not exist"
         raise ConfigError(f"cannot load tokenizer: {where}")
+    return Tokenizer(read_tokenizer_file(file))
+
+
+def read_tokenizer_file(file: Path) -> _HFTokenizer:
+    """A `tokenizer.json` parsed by the tokenizers library (any model's, ours or not), its size
+    checked first; ConfigError names what is wrong."""
+    if file.stat().st_size > MAX_TOKENIZER_BYTES:  # the largest public ones are a few tens of MB
+        raise ConfigError(
+            f"cannot load tokenizer: {file} is {file.stat().st_size:,} bytes, more than {MAX_TOKENIZER_BYTES:,}"
+        )
     try:
-        backend = _HFTokenizer.from_file(str(file))
+        return _HFTokenizer.from_file(str(file))
     except Exception as exc:  # the Rust side raises a bare Exception on malformed JSON
-        raise ConfigError(f"cannot load tokenizer from {file}: {exc}") from None
-    return Tokenizer(backend)
+        raise ConfigError(f"cannot load tokenizer from {file}: {' '.join(str(exc).split())}") from None
 
 
-__all__ = ["EOS_TOKEN", "PAD_TOKEN", "Tokenizer", "load_tokenizer", "train_tokenizer"]
+__all__ = ["EOS_TOKEN", "PAD_TOKEN", "Tokenizer", "load_tokenizer", "read_tokenizer_file", "train_tokenizer"]

@@ -419,9 +419,11 @@ def test_import_refuses_a_config_bigger_than_its_weights_before_allocating(hf_fo
 
 
 def test_imported_paths_do_not_depend_on_the_working_directory(hf_folder, tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
     from elasticmoe.recipe import load_recipe
 
-    (hf_folder / "tokenizer.json").write_text("{}")
+    Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(str(hf_folder / "tokenizer.json"))
     old = os.getcwd()
     os.chdir(tmp_path)
     try:
@@ -978,3 +980,32 @@ def test_a_legal_240_byte_output_name_is_written(tmp_path):
     atomic_write_text(long.with_name("d" * 250), "y")
     verify_manifest(long)
     assert (tmp_path / ("d" * 250)).read_text() == "y"
+
+
+@pytest.mark.parametrize(
+    "write, needle",
+    [
+        (lambda f: f.write_text('{"garbage": 1}'), "cannot load tokenizer"),
+        (lambda f: os.truncate(f, 200 << 20) if f.write_text("{}") is not None else None, "more than"),
+    ],
+)
+def test_import_checks_the_tokenizer_it_would_copy(hf_folder, tmp_path, capsys, write, needle):
+    write(hf_folder / "tokenizer.json")
+    code, err = in_process(capsys, "import-hf", hf_folder, "--out", tmp_path / "imported")
+    assert one_line(code, err) and needle in err, err
+    assert not (tmp_path / "imported").exists()
+
+
+def test_random_bytes_as_a_corpus_are_warned_about(tmp_path, caplog):
+    import logging
+
+    from elasticmoe.data import load_user_texts
+
+    noise, prose = tmp_path / "noise.txt", tmp_path / "prose.txt"
+    noise.write_bytes(os.urandom(64 << 10))
+    prose.write_text("Plain prose.\n\nAnother paragraph of it.\n")
+    with caplog.at_level(logging.WARNING, logger="elasticmoe.data"):
+        load_user_texts([str(prose)])
+        assert not caplog.records
+        load_user_texts([str(noise)])
+    assert any("does not look like text" in r.getMessage() for r in caplog.records)
