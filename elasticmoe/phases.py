@@ -138,6 +138,11 @@ def mean_kd(child, teacher, windows: dict[str, torch.Tensor], device, temperatur
     return total / max(n, 1)
 
 
+# validation windows per task of a fine-tune (at least): keep-best chooses on them, and 16 windows
+# left the choice to noise (bench/FINETUNE.md)
+FINETUNE_EVAL_WINDOWS = 32
+
+
 def _finetune_recipe(
     recipe: Recipe, child_config, distill, task_weights, lr, n_steps, bs, ckpt_every, device, eval_every=None
 ):
@@ -159,6 +164,7 @@ def _finetune_recipe(
             batch_size=bs,
             ckpt_every=ckpt_every,
             eval_every=eval_every or n_steps,
+            eval_windows=max(recipe.train.eval_windows, FINETUNE_EVAL_WINDOWS),
             keep_last=2,
             seed=recipe.train.seed + 1,
             device=device,
@@ -189,7 +195,8 @@ def finetune(
 ) -> FinetuneResult:
     """Distil (or, without `teacher_run`, plainly fine-tune) the child at `child_dir`. With
     `keep_best` (the default) the child is evaluated on the run's validation split at the start and
-    5 times during the fine-tune, and the state with the lowest mean validation loss is published
+    5 times during the fine-tune, and the state with the lowest validation loss (over all its
+    validation targets, at least 32 windows per task) is published
     (the zero-shot child when no step helped); its meta says which was kept and why."""
     child_dir = model_folder(child_dir)
     out_dir = Path(out_dir)
@@ -223,7 +230,7 @@ def finetune(
         eval_every=max(1, n_steps // 5) if keep_best else n_steps,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    windows = data.eval_windows("val", recipe.train.eval_windows, recipe.data.loss_on)
+    windows = data.eval_windows("val", ft_recipe.train.eval_windows, recipe.data.loss_on)
     if task_weights:
         windows = {t: w for t, w in windows.items() if task_weights.get(t, 0) > 0} or windows
     full = Subnet.full(child.config)

@@ -334,7 +334,7 @@ class Job:
     ledger_info: dict = field(default_factory=dict)  # fields added to every ledger record
     final_meta: Callable[[ElasticMoE, dict, dict | None], dict] | None = None  # (model, val, kept) -> meta
     extra_meta: dict = field(default_factory=dict)  # added to the default meta
-    # publish the evaluated state (the start included) with the lowest mean validation loss instead
+    # publish the evaluated state (the start included) with the lowest validation loss instead
     # of the last one; it waits in run_dir/best between evaluations, so a resume keeps it
     keep_best: bool = False
 
@@ -559,7 +559,8 @@ def run_job(
             save_sharded_checkpoint(par, run_dir, step, model, opt, state, t.keep_last)
         ledger.append(segment)
 
-    best = _Best(run_dir / "best") if job.keep_best else None
+    counts = {task: int(k.sum()) if k is not None else w[:, 1:].numel() for task, (w, k) in unpacked(windows)}
+    best = _Best(run_dir / "best", counts) if job.keep_best else None
     if best is not None and world > 1:
         raise ConfigError("keeping the best validated model is a one-process feature (fine-tuning)")
     result_eval = evaluate() if step == 0 else {}
@@ -663,31 +664,38 @@ def _publish(
     par.on_main(publish)
 
 
-def val_score(val: dict[str, float]) -> float:
-    """What keep-best minimises: the mean over tasks of the validation loss (nats/token; structured
-    tasks on the targets the data trains on), each task weighing the same."""
-    return sum(val.values()) / max(len(val), 1)
+def unpacked(windows: dict) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+    return [(task, unpack_windows(w)) for task, w in windows.items()]
+
+
+def val_score(val: dict[str, float], counts: dict[str, int]) -> float:
+    """What keep-best minimises: the validation loss over all the validation targets (nats/token;
+    structured tasks on the targets the data trains on), i.e. the per-task means weighted by their
+    target counts. (An equal weight per task let a few hundred noisy answer tokens outvote
+    thousands of text tokens: bench/FINETUNE.md.)"""
+    total = sum(counts[task] for task in val)
+    return sum(loss * counts[task] for task, loss in val.items()) / max(total, 1)
 
 
 class _Best:
     """The best evaluated state of a one-process run, as a model folder (atomic, so a kill leaves
     the previous best whole; a resume reads its score back)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, counts: dict[str, int]):
+        self.folder, self.counts = folder, counts
         self.meta = None
         if (folder / "config.json").is_file():
             self.meta = read_json(folder / "config.json")["meta"]
 
     def offer(self, model: ElasticMoE, step: int, val: dict[str, float]) -> None:
-        score = val_score(val)
+        score = val_score(val, self.counts)
         if self.meta is None or score < self.meta["score"]:
             self.meta = {"kind": "best-so-far", "step": step, "score": score, "val": dict(val)}
             save_model(self.folder, model, self.meta)
 
     def restore(self, model: ElasticMoE, step: int, last_val: dict[str, float]) -> dict:
         """Load the best state into `model` (when it is not the last) and say which was kept and why."""
-        last = val_score(last_val)
+        last = val_score(last_val, self.counts)
         if self.meta is None or self.meta["step"] == step or last <= self.meta["score"]:
             return {
                 "step": step,
@@ -695,7 +703,7 @@ class _Best:
                 "score": last,
                 "last_score": last,
                 "val": dict(last_val),
-                "reason": f"kept the last step ({step}): mean validation loss {last:.4f}, the lowest evaluated",
+                "reason": f"kept the last step ({step}): validation loss {last:.4f}, the lowest evaluated",
             }
         saved, _ = load_model(self.folder, next(model.parameters()).device)
         model.load_state_dict(saved.state_dict())
@@ -707,7 +715,7 @@ class _Best:
             "score": b["score"],
             "last_score": last,
             "val": dict(b["val"]),
-            "reason": f"kept {where}: mean validation loss {b['score']:.4f}, the last step's ({step}) was {last:.4f}",
+            "reason": f"kept {where}: validation loss {b['score']:.4f}, the last step's ({step}) was {last:.4f}",
         }
 
 

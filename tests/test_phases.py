@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from elasticmoe.checkpoint import load_model
 from elasticmoe.cost import cost
 from elasticmoe.ledger import Ledger
-from elasticmoe.phases import baseline, extract_child, finetune, mean_kd, run_recipe
+from elasticmoe.phases import FINETUNE_EVAL_WINDOWS, baseline, extract_child, finetune, mean_kd, run_recipe
 from elasticmoe.recipe import load_recipe
 from elasticmoe.rundata import load_run_data
 from elasticmoe.train import sample_step, train
@@ -64,7 +64,8 @@ def test_distillation_lowers_kl_and_validation_loss_of_a_zero_shot_child(trained
     # the reported numbers are real: recompute the KL of the saved model
     child, meta = load_model(tmp_path / "ft" / "model")
     data = load_run_data(trained_run, run_recipe(trained_run))
-    windows = {"text": data.eval_windows("val", run_recipe(trained_run).train.eval_windows)["text"]}
+    n = max(run_recipe(trained_run).train.eval_windows, FINETUNE_EVAL_WINDOWS)  # what the fine-tune validates on
+    windows = {"text": data.eval_windows("val", n)["text"]}
     assert mean_kd(child, parent, windows, torch.device("cpu")) == pytest.approx(res.kd_after, rel=1e-4)
     assert meta["finetune"]["tokens"] == res.tokens == 40 * 4 * 32
     led = Ledger(trained_run / "ledger.jsonl")
@@ -125,6 +126,14 @@ def test_finetune_publishes_the_best_validated_state(text_run, tmp_path, lr):
         zero, _ = load_model(tmp_path / "child")
         assert all(torch.equal(a, b) for a, b in zip(zero.state_dict().values(), model.state_dict().values()))
     assert not (tmp_path / "ft" / "best").exists()
+
+
+def test_keep_best_weighs_each_task_by_its_validation_targets():
+    from elasticmoe.train import val_score
+
+    # 3,000 text targets against 100 answer targets: a noisy answer loss cannot outvote the text
+    assert val_score({"text": 4.0, "kv": 1.0}, {"text": 3000, "kv": 100}) == pytest.approx((12000 + 100) / 3100)
+    assert val_score({"text": 4.0}, {"text": 3000, "kv": 100}) == 4.0  # only the tasks evaluated
 
 
 def test_baseline_trains_the_architecture_from_scratch_and_is_recorded(trained_run):
