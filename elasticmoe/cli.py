@@ -447,7 +447,7 @@ def cmd_eval(args) -> int:
     names, data_run = name_models(args.model_dirs, args.data)
     out = Path(args.out) if args.out else data_run / "eval" / "cli.json"
     check_separate(out, [*names.values(), data_run / "data", data_run / "ledger.jsonl"])
-    owner = output_run(out, [*names.values(), data_run])
+    owner = output_run(out, [data_run])  # models from elsewhere may be compared on this run's data
     with _lock_run(data_run, "eval"), _lock_output(owner, "eval"):
         res = evaluate_folders(names, data_run, out, max_examples=args.examples, device=args.device, parent=args.parent)
     print_results(res)
