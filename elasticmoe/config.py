@@ -97,6 +97,11 @@ def check_type(problems: list[str], name: str, value: Any, kind: type, of: type 
     return ok
 
 
+QK_NORM_SCOPES = ("head", "all")  # RMSNorm over each head (Qwen3-MoE) or the whole projection (OLMoE)
+# ModelConfig fields written only when they differ from their default (see ModelConfig).
+IMPORT_OPTIONS = ("qk_norm_scope", "qkv_bias", "renormalize_top_k", "shared_expert_gate", "source_architecture")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The parent (or a child) architecture.
@@ -104,8 +109,16 @@ class ModelConfig:
     The block follows Mixtral / Qwen3-MoE: pre-RMSNorm, RoPE (rotate-half convention),
     grouped-query attention, softmax router whose top-k probabilities are renormalised to sum
     to one, SwiGLU experts. `qk_norm=True` adds Qwen3's per-head RMSNorm on queries and keys;
-    `shared_expert_width > 0` adds an always-on SwiGLU expert (not elastic, not exportable to a
-    stock transformers architecture).
+    `shared_expert_width > 0` adds an always-on SwiGLU expert (never cut by a sub-network).
+
+    Options for imported architectures (their defaults are the block above, and `to_dict` leaves
+    them out while they hold their default, so existing config files stay byte-identical):
+    `qk_norm_scope="all"` normalises the whole query / key projection instead of each head
+    (OLMoE); `qkv_bias` adds biases to the query, key and value projections (Qwen2-MoE);
+    `renormalize_top_k=False` weights each chosen expert by its softmax probability as it is
+    (OLMoE, Qwen2-MoE: `norm_topk_prob: false`); `shared_expert_gate` scales the shared expert
+    by `sigmoid(g . x)` per token (Qwen2-MoE); `source_architecture` is the transformers class the
+    model was imported from (e.g. "OlmoeForCausalLM"), which its exports (children included) use.
     """
 
     vocab_size: int = 2048
@@ -123,6 +136,11 @@ class ModelConfig:
     max_seq_len: int = 512
     tie_embeddings: bool = False
     qk_norm: bool = False
+    qk_norm_scope: str = "head"
+    qkv_bias: bool = False
+    renormalize_top_k: bool = True
+    shared_expert_gate: bool = False
+    source_architecture: str = ""
     # Per-layer (experts, top_k, expert_width), only for children extracted from a per-layer
     # sub-network; empty means every layer has (experts, top_k, expert_width).
     layer_shapes: tuple[tuple[int, int, int], ...] = ()
@@ -161,9 +179,14 @@ class ModelConfig:
                 _int_in(p, f"layer_shapes[{i}] experts", e, 1, self.experts)
                 _int_in(p, f"layer_shapes[{i}] top_k", k, 1, min(e, self.experts) if isinstance(e, int) else None)
                 _int_in(p, f"layer_shapes[{i}] width", w, 1, self.expert_width)
-        for name in ("tie_embeddings", "qk_norm"):
+        for name in ("tie_embeddings", "qk_norm", "qkv_bias", "renormalize_top_k", "shared_expert_gate"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.qk_norm_scope not in QK_NORM_SCOPES:
+            p.append(f"qk_norm_scope={self.qk_norm_scope!r} must be one of {list(QK_NORM_SCOPES)}")
+        if self.shared_expert_gate is True and self.shared_expert_width == 0:
+            p.append("shared_expert_gate=true needs a shared expert (shared_expert_width > 0)")
+        check_type(p, "source_architecture", self.source_architecture, str)
         _check(p)
 
     def layer_shape(self, i: int) -> tuple[int, int, int]:
@@ -173,7 +196,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layer_shapes"] = [list(s) for s in self.layer_shapes]
-        return d
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in d.items() if k not in IMPORT_OPTIONS or v != defaults[k]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

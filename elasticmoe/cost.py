@@ -41,14 +41,22 @@ def _attn_params(c: ModelConfig) -> int:
     q = c.d_model * c.heads * c.head_dim
     kv = 2 * c.d_model * c.kv_heads * c.head_dim
     o = c.heads * c.head_dim * c.d_model
-    return q + kv + o + (2 * c.head_dim if c.qk_norm else 0)
+    bias = (c.heads + 2 * c.kv_heads) * c.head_dim if c.qkv_bias else 0
+    norms = 0
+    if c.qk_norm:  # per head: one Dh vector each for q and k; whole projection (OLMoE): its width
+        norms = 2 * c.head_dim if c.qk_norm_scope == "head" else (c.heads + c.kv_heads) * c.head_dim
+    return q + kv + o + bias + norms
+
+
+def _shared_params(c: ModelConfig) -> int:
+    """The shared expert (kept whole by every sub-network) and its sigmoid gate (Qwen2-MoE)."""
+    return 3 * c.d_model * c.shared_expert_width + (c.d_model if c.shared_expert_gate else 0)
 
 
 def layer_params(c: ModelConfig, experts: int, top_k: int, width: int) -> tuple[int, int]:
     """(total, active) parameters of one block with the given elastic choices."""
     per_expert = 3 * c.d_model * width
-    shared = 3 * c.d_model * c.shared_expert_width
-    fixed = _attn_params(c) + 2 * c.d_model + experts * c.d_model + shared  # + two norms + router
+    fixed = _attn_params(c) + 2 * c.d_model + experts * c.d_model + _shared_params(c)  # + two norms + router
     return fixed + experts * per_expert, fixed + top_k * per_expert
 
 
@@ -57,7 +65,7 @@ def layer_flops(c: ModelConfig, experts: int, top_k: int, width: int, seq_len: i
     proj = c.d_model * (c.heads + 2 * c.kv_heads) * c.head_dim + c.heads * c.head_dim * c.d_model
     attn = 2 * c.heads * c.head_dim * seq_len  # QK^T and AV, MACs per token
     router = c.d_model * experts
-    moe = top_k * 3 * c.d_model * width + 3 * c.d_model * c.shared_expert_width
+    moe = top_k * 3 * c.d_model * width + _shared_params(c)
     return 2 * (proj + attn + router + moe)
 
 

@@ -75,7 +75,15 @@ def _gguf():
     return gguf
 
 
-def _llama_arch(model_type: str) -> str:
+def _llama_arch(config: ModelConfig) -> str:
+    """llama.cpp's arch for `config`; HFError for what this writer does not cover yet (OLMoE,
+    Qwen2-MoE, top-k weights not renormalised), which `--format hf` exports."""
+    model_type = architecture_for(config)
+    if model_type not in ("mixtral", "qwen3_moe") or not config.renormalize_top_k:
+        raise HFError(
+            f"GGUF export covers Mixtral and Qwen3-MoE with renormalised top-k weights; this model is "
+            f"{ARCHITECTURES[model_type]} (renormalize_top_k={config.renormalize_top_k}): use --format hf"
+        )
     return "qwen3moe" if model_type == "qwen3_moe" else "llama"
 
 
@@ -91,7 +99,7 @@ def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
     gguf = _gguf()
     T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
     c = model.config
-    arch = _llama_arch(architecture_for(c))
+    arch = _llama_arch(c)
     ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out = {N[T.TOKEN_EMBD]: ours["embed.weight"], N[T.OUTPUT_NORM]: ours["norm.weight"]}
     if not c.tie_embeddings:  # llama.cpp falls back to token_embd when `output` is absent
@@ -209,7 +217,7 @@ def write_gguf(
     if qtype not in QTYPES:
         raise ConfigError(f"GGUF type {qtype!r} is not supported; choose one of {list(QTYPES)}")
     c: ModelConfig = model.config
-    arch = _llama_arch(architecture_for(c))
+    arch = _llama_arch(c)
     tok = tokenizer_fields(tokenizer_json, c.vocab_size)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
@@ -586,11 +594,11 @@ def export_gguf(
     model, meta, tokenizer_path = export_source(model_dir_or_model, tokenizer_path)
     if tokenizer_path is None:
         raise ConfigError("GGUF export needs the model's tokenizer.json (llama.cpp files carry the tokenizer)")
-    architecture_for(model.config)  # refuses what no stock architecture expresses, with the reason
+    _llama_arch(model.config)  # refuses what no stock architecture (or this writer) expresses
     record: dict[str, Any] = json.loads(json.dumps({**meta, **(provenance or {})}, default=str))
     record.setdefault("name", model_name(record, out_dir))
     record["out"] = str(out_dir)
-    record["gguf"] = {"arch": _llama_arch(architecture_for(model.config)), "qtype": qtype, "pre": PRE_TOKENIZER}
+    record["gguf"] = {"arch": _llama_arch(model.config), "qtype": qtype, "pre": PRE_TOKENIZER}
     source_of_tokens = "token ids given by the caller (held-out ones of the run from `elasticmoe export`)"
     if verify_tokens is None:
         g = torch.Generator().manual_seed(0)

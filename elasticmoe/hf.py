@@ -1,24 +1,40 @@
 """Hugging Face transformers export (stock architectures, no custom code); import is `hf_import`.
 
-Architecture mapping. Our block *is* a stock block, chosen by `qk_norm`:
+Architecture mapping. Our block *is* a stock block. A model imported from transformers carries
+its source class (`ModelConfig.source_architecture`) and exports back to it, children included;
+a model trained here exports by `qk_norm`:
 
-* `qk_norm=False` -> `MixtralForCausalLM` (model_type `mixtral`);
-* `qk_norm=True`  -> `Qwen3MoeForCausalLM` (model_type `qwen3_moe`) with `norm_topk_prob=True`,
-  every layer sparse (`decoder_sparse_step=1`, `mlp_only_layers=[]`).
+* `MixtralForCausalLM` (`mixtral`): no q/k norm, top-k always renormalised;
+* `Qwen3MoeForCausalLM` (`qwen3_moe`): `qk_norm` per head, `renormalize_top_k` as `norm_topk_prob`;
+* `OlmoeForCausalLM` (`olmoe`): `qk_norm_scope="all"`, `renormalize_top_k` as `norm_topk_prob`;
+* `Qwen2MoeForCausalLM` (`qwen2_moe`): a shared expert with `shared_expert_gate`, `qkv_bias`,
+  `renormalize_top_k` as `norm_topk_prob`.
+
+Elastic in all four: layers, experts, top-k, expert width; kept whole: attention, norms, and
+Qwen2-MoE's shared expert with its gate. Every layer is sparse (Qwen: `decoder_sparse_step=1`,
+`mlp_only_layers=[]`).
 
 Conventions fixed by this mapping (each is what both sides compute; the parity tests prove it):
 
 * router: softmax over the experts in float32, top-k of the probabilities, the k kept
-  probabilities renormalised to sum to one (Mixtral always; Qwen3-MoE via `norm_topk_prob=True`);
-  no router bias, no jitter at inference, no shared expert (a model with one is refused);
+  probabilities renormalised to sum to one when `renormalize_top_k` (Mixtral always; the others
+  by `norm_topk_prob`), else used as they are; no router bias, no jitter at inference;
+* shared expert (Qwen2-MoE only): a SwiGLU expert every token passes through, its output scaled
+  by `sigmoid(shared_expert_gate x)`, added to the routed experts' output; other architectures
+  have none, and a model with one is refused for them;
+* q/k norm: Qwen3-MoE's RMSNorm over each head (`head_dim` weights); OLMoE's over the whole
+  q and k projections (`heads * head_dim`, `kv_heads * head_dim` weights), which is why OLMoE and
+  Qwen2-MoE (which derive `head_dim = hidden_size / heads`) need `heads * head_dim = d_model`;
 * experts: SwiGLU `down(silu(gate x) * up x)`, no biases; Mixtral's on-disk names are
   w1 = gate, w3 = up, w2 = down;
 * RoPE: rotate-half (GPT-NeoX) convention, `rope_parameters = {"rope_type": "default",
   "rope_theta": theta}` (where transformers 5.x reads it) and the same theta as top-level
   `rope_theta` (where 4.x reads it: without it, 4.x silently takes Mixtral's default 1e6), applied
   to the whole head (`head_dim` stated explicitly), after Qwen3's per-head q/k RMSNorm;
-* attention: grouped-query, scale `head_dim ** -0.5`, no biases (`attention_bias=false`), full
-  causal attention (`sliding_window=null`, `use_sliding_window=false`), no dropout;
+* attention: grouped-query, scale `head_dim ** -0.5`, no output bias, q/k/v biases only in
+  Qwen2-MoE (`qkv_bias`; transformers 4.x always builds them, so a Qwen2-MoE export without them
+  loads only in 5.x), full causal attention (`sliding_window=null`, `use_sliding_window=false`),
+  no dropout, no `clip_qkv` (OLMoE);
 * RMSNorm: `weight * x * rsqrt(mean(x^2) + eps)` computed in float32, `rms_norm_eps = norm_eps`;
   pre-norm (`input_layernorm` before attention, `post_attention_layernorm` before the MoE);
 * embeddings: tied exactly when `tie_embeddings` (`tie_word_embeddings`); tied folders carry no
@@ -31,16 +47,18 @@ Conventions fixed by this mapping (each is what both sides compute; the parity t
   tokenizer class `PreTrainedTokenizerFast`, `model_max_length` = the model's context; the prompt
   convention is `tokenizer.PROMPT_CONVENTION`.
 
-What the stock architectures cannot express, we refuse to export (with the reason): a shared
-expert, and per-layer heterogeneous expert counts, top-k or widths (`layer_shapes`). The parent's
-`layer_order` (keep priority) has no transformers field; it goes into the provenance.
+What the target architecture cannot express, we refuse to export (with the reason): e.g. a shared
+expert outside Qwen2-MoE, a q/k norm other than its own, and per-layer heterogeneous expert
+counts, top-k or widths (`layer_shapes`). The parent's `layer_order` (keep priority) has no
+transformers field; it goes into the provenance.
 
 Import is defensive: only safetensors, parsed without running anything from the folder.
 Refused: pickle weight files (`.bin`, `.pt`, `.pth`, `.pkl`, ...) even beside safetensors, Python
 files, `auto_map` (remote code), unknown model types or architectures, quantized weights, RoPE
-scaling, sliding windows, attention biases, Qwen3-MoE dense layers or un-normalised top-k, and
-safetensors headers whose keys or shapes differ from what config.json implies (checked from the
-headers before any tensor is read or the model is allocated). Imported weights become float32.
+scaling, sliding windows, attention biases outside Qwen2-MoE's q/k/v, OLMoE's `clip_qkv`, dense
+(non-MoE) layers, a Qwen2-MoE without a shared expert, and safetensors headers whose keys or
+shapes differ from what config.json implies (checked from the headers before any tensor is read or
+the model is allocated). Imported weights become float32.
 """
 
 from __future__ import annotations
@@ -60,10 +78,15 @@ from .model import ElasticMoE
 
 log = logging.getLogger(__name__)
 
-MIXTRAL, QWEN3_MOE = "mixtral", "qwen3_moe"
-ARCHITECTURES = {MIXTRAL: "MixtralForCausalLM", QWEN3_MOE: "Qwen3MoeForCausalLM"}
-DEFAULT_THETA = {MIXTRAL: 1_000_000.0, QWEN3_MOE: 10_000.0}  # transformers' defaults when unstated
-DEFAULT_EPS = {MIXTRAL: 1e-5, QWEN3_MOE: 1e-6}
+MIXTRAL, QWEN3_MOE, OLMOE, QWEN2_MOE = "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"
+ARCHITECTURES = {
+    MIXTRAL: "MixtralForCausalLM",
+    QWEN3_MOE: "Qwen3MoeForCausalLM",
+    OLMOE: "OlmoeForCausalLM",
+    QWEN2_MOE: "Qwen2MoeForCausalLM",
+}
+MODEL_TYPES = {cls: model_type for model_type, cls in ARCHITECTURES.items()}
+QK_NORM_OF = {MIXTRAL: None, QWEN3_MOE: "head", OLMOE: "all", QWEN2_MOE: None}  # scope of its q/k RMSNorm
 SPECIAL_TOKEN = "<|endoftext|>"
 # The one statement of how prompts are fed, quoted by the model cards and the lm-eval adapter.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -80,11 +103,15 @@ LAYER_KEYS = {
     "attn.o_proj.weight": "self_attn.o_proj.weight",
 }
 QK_NORM_KEYS = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
+QKV_BIAS_KEYS = {f"attn.{n}_proj.bias": f"self_attn.{n}_proj.bias" for n in "qkv"}
+SHARED_KEYS = {f"moe.shared.{n}.weight": f"mlp.shared_expert.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
+SHARED_GATE_KEYS = {"moe.shared_gate.weight": "mlp.shared_expert_gate.weight"}
 GLOBAL_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
 HEAD_KEY = ("lm_head.weight", "lm_head.weight")
 # MoE module prefix and per-expert (gate, up, down) names as `save_pretrained` writes them.
-MOE_PREFIX = {MIXTRAL: "block_sparse_moe", QWEN3_MOE: "mlp"}
-EXPERT_NAMES = {MIXTRAL: ("w1", "w3", "w2"), QWEN3_MOE: ("gate_proj", "up_proj", "down_proj")}
+MOE_PREFIX = {MIXTRAL: "block_sparse_moe", QWEN3_MOE: "mlp", OLMOE: "mlp", QWEN2_MOE: "mlp"}
+EXPERT_NAMES = {MIXTRAL: ("w1", "w3", "w2")}
+EXPERT_NAMES.update({t: ("gate_proj", "up_proj", "down_proj") for t in (QWEN3_MOE, OLMOE, QWEN2_MOE)})
 # Keys some older checkpoints carry that hold no weights (recomputed buffers).
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -95,21 +122,46 @@ class HFError(ConfigError):
 
 # -- shared: which architecture, which keys ---------------------------------------------------
 def architecture_for(config: ModelConfig) -> str:
-    """model_type for `config`, or HFError saying why no stock architecture can express it."""
-    problems = []
-    if config.shared_expert_width > 0:
-        problems.append(
-            f"shared_expert_width={config.shared_expert_width}: Mixtral and Qwen3-MoE have no shared "
-            "(always-on) expert, so its output would be silently lost"
+    """model_type for `config`: its source architecture if it has one, else Mixtral or Qwen3-MoE by
+    `qk_norm`; HFError saying why when that architecture cannot express it."""
+    c = config
+    if c.source_architecture and c.source_architecture not in MODEL_TYPES:
+        raise HFError(
+            f"source_architecture={c.source_architecture!r} is not one we export to; supported: {sorted(MODEL_TYPES)}"
         )
-    if len(set(config.layer_shapes)) > 1:
+    model_type = MODEL_TYPES.get(c.source_architecture) or (QWEN3_MOE if c.qk_norm else MIXTRAL)
+    problems = _inexpressible(c, model_type)
+    if len(set(c.layer_shapes)) > 1:
         problems.append(
-            f"per-layer shapes {[list(s) for s in config.layer_shapes]}: the stock config states one expert "
+            f"per-layer shapes {[list(s) for s in c.layer_shapes]}: the stock config states one expert "
             "count, one top-k and one expert width for every layer; extract a uniform sub-network instead"
         )
     if problems:
-        raise HFError("cannot export to a stock transformers architecture: " + "; ".join(problems))
-    return QWEN3_MOE if config.qk_norm else MIXTRAL
+        raise HFError(f"cannot export to {ARCHITECTURES[model_type]}: " + "; ".join(problems))
+    return model_type
+
+
+def _inexpressible(c: ModelConfig, model_type: str) -> list[str]:
+    """What of `c` the architecture `model_type` has no field or module for (each silently lost)."""
+    name, p = ARCHITECTURES[model_type], []
+    ours, theirs = (c.qk_norm_scope if c.qk_norm else None), QK_NORM_OF[model_type]
+    scope = {None: "no", "head": "a per-head", "all": "a whole-projection"}
+    if ours != theirs:
+        p.append(f"{name} has {scope[theirs]} q/k RMSNorm, this model {scope[ours]} one")
+    if c.qkv_bias and model_type != QWEN2_MOE:
+        p.append(f"qkv_bias=true: {name} has no q/k/v biases")
+    if model_type == QWEN2_MOE and not (c.shared_expert_width > 0 and c.shared_expert_gate):
+        p.append(f"{name} needs a shared expert with its sigmoid gate (shared_expert_width > 0, shared_expert_gate)")
+    if model_type != QWEN2_MOE and c.shared_expert_width > 0:
+        p.append(
+            f"shared_expert_width={c.shared_expert_width}: {name} has no shared (always-on) expert, "
+            "so its output would be silently lost"
+        )
+    if model_type == MIXTRAL and not c.renormalize_top_k:
+        p.append(f"renormalize_top_k=false: {name} always renormalises the top-k probabilities")
+    if model_type in (OLMOE, QWEN2_MOE) and c.heads * c.head_dim != c.d_model:
+        p.append(f"heads * head_dim = {c.heads * c.head_dim} != d_model={c.d_model}: {name} derives head_dim")
+    return p
 
 
 def _expert_keys(model_type: str, layer: int, expert: int) -> tuple[str, str, str]:
@@ -117,56 +169,48 @@ def _expert_keys(model_type: str, layer: int, expert: int) -> tuple[str, str, st
     return tuple(f"{prefix}.{name}.weight" for name in EXPERT_NAMES[model_type])  # type: ignore[return-value]
 
 
-def _router_key(model_type: str, layer: int) -> str:
-    return f"model.layers.{layer}.{MOE_PREFIX[model_type]}.gate.weight"
-
-
-def expected_shapes(config: ModelConfig, model_type: str) -> dict[str, tuple[int, ...]]:
-    """Every transformers key (on-disk names, as `save_pretrained` writes them) and its shape."""
-    c = config
-    D, V = c.d_model, c.vocab_size
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    if not c.tie_embeddings:
-        out["lm_head.weight"] = (V, D)
-    attn = {
-        "input_layernorm.weight": (D,),
-        "post_attention_layernorm.weight": (D,),
-        "self_attn.q_proj.weight": (c.heads * c.head_dim, D),
-        "self_attn.k_proj.weight": (c.kv_heads * c.head_dim, D),
-        "self_attn.v_proj.weight": (c.kv_heads * c.head_dim, D),
-        "self_attn.o_proj.weight": (D, c.heads * c.head_dim),
-    }
-    if model_type == QWEN3_MOE:
-        attn["self_attn.q_norm.weight"] = (c.head_dim,)
-        attn["self_attn.k_norm.weight"] = (c.head_dim,)
-    for i in range(c.layers):
-        E, _, W = c.layer_shape(i)
-        out.update({f"model.layers.{i}.{k}": s for k, s in attn.items()})
-        out[_router_key(model_type, i)] = (E, D)
-        for e in range(E):
-            gate, up, down = _expert_keys(model_type, i, e)
-            out.update({gate: (W, D), up: (W, D), down: (D, W)})
+def layer_keys(config: ModelConfig, model_type: str) -> dict[str, str]:
+    """Per-layer non-expert keys: ours after `blocks.{i}.` -> transformers' after `model.layers.{i}.`."""
+    c, prefix = config, MOE_PREFIX[model_type]
+    out = dict(LAYER_KEYS, **{"moe.router.weight": f"{prefix}.gate.weight"})
+    out.update(QK_NORM_KEYS if c.qk_norm else {})
+    out.update(QKV_BIAS_KEYS if c.qkv_bias else {})
+    out.update(SHARED_KEYS if c.shared_expert_width else {})
+    out.update(SHARED_GATE_KEYS if c.shared_expert_gate else {})
     return out
 
 
-# -- export -----------------------------------------------------------------------------------
-def hf_state_dict(model: ElasticMoE, model_type: str) -> dict[str, torch.Tensor]:
-    """Our tensors under transformers' on-disk names (contiguous copies, one per expert)."""
+def _hf_tensors(model: ElasticMoE, model_type: str) -> dict[str, torch.Tensor]:
+    """Our tensors (views) under transformers' on-disk names, one entry per expert."""
     c = model.config
     ours = model.state_dict()
     out = {hf: ours[k] for k, hf in GLOBAL_KEYS.items()}
     if not c.tie_embeddings:
         out[HEAD_KEY[1]] = ours[HEAD_KEY[0]]
-    per_layer = dict(LAYER_KEYS, **(QK_NORM_KEYS if model_type == QWEN3_MOE else {}))
+    per_layer = layer_keys(c, model_type)
     for i in range(c.layers):
         out.update({f"model.layers.{i}.{hf}": ours[f"blocks.{i}.{k}"] for k, hf in per_layer.items()})
-        out[_router_key(model_type, i)] = ours[f"blocks.{i}.moe.router.weight"]
         w_gate, w_up, w_down = (ours[f"blocks.{i}.moe.{n}"] for n in ("w_gate", "w_up", "w_down"))
         for e in range(w_gate.shape[0]):
             gate, up, down = _expert_keys(model_type, i, e)
             out.update({gate: w_gate[e], up: w_up[e], down: w_down[e]})
+    return out
+
+
+def expected_shapes(config: ModelConfig, model_type: str) -> dict[str, tuple[int, ...]]:
+    """Every transformers key (on-disk names, as `save_pretrained` writes them) and its shape,
+    read off our model built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = ElasticMoE(config)
+    return {k: tuple(v.shape) for k, v in _hf_tensors(model, model_type).items()}
+
+
+# -- export -----------------------------------------------------------------------------------
+def hf_state_dict(model: ElasticMoE, model_type: str) -> dict[str, torch.Tensor]:
+    """Our tensors under transformers' on-disk names (contiguous copies, one per expert)."""
     # Clones: safetensors refuses tensors that share storage (expert slices of one stacked tensor).
-    return {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in out.items()}
+    tensors = _hf_tensors(model, model_type)
+    return {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -227,17 +271,33 @@ def hf_config(
     }
     if model_type == MIXTRAL:
         out.update(intermediate_size=c.expert_width, num_local_experts=c.experts, router_jitter_noise=0.0)
+    elif model_type == OLMOE:
+        out.update(
+            intermediate_size=c.expert_width,
+            num_experts=c.experts,
+            norm_topk_prob=c.renormalize_top_k,
+            attention_bias=False,
+            clip_qkv=None,
+        )
     else:
         out.update(
             moe_intermediate_size=c.expert_width,
             intermediate_size=c.expert_width,  # dense-MLP width; unused with no dense layers
             num_experts=c.experts,
-            norm_topk_prob=True,
+            norm_topk_prob=c.renormalize_top_k,
             decoder_sparse_step=1,
             mlp_only_layers=[],
-            attention_bias=False,
             use_sliding_window=False,
         )
+        if model_type == QWEN3_MOE:
+            out.update(attention_bias=False)
+        else:
+            out.update(
+                shared_expert_intermediate_size=c.shared_expert_width,
+                qkv_bias=c.qkv_bias,
+                max_window_layers=c.layers,
+                layer_types=["full_attention"] * c.layers,
+            )
     if provenance:
         out["elasticmoe_provenance"] = provenance
     return out
@@ -367,6 +427,7 @@ def _verify_folder(model: ElasticMoE, folder: Path, tokens: torch.Tensor, tolera
 
 __all__ = [
     "ARCHITECTURES",
+    "MODEL_TYPES",
     "HFError",
     "architecture_for",
     "expected_shapes",

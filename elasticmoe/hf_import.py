@@ -1,6 +1,7 @@
-"""Import of a local Hugging Face Mixtral / Qwen3-MoE folder as an elastic parent: safetensors
-only, every header checked against config.json before a tensor is read, nothing from the folder
-executed (conventions and key names: `elasticmoe.hf`)."""
+"""Import of a local Hugging Face Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE folder as an elastic
+parent: safetensors only, every header checked against config.json before a tensor is read,
+nothing from the folder executed (conventions and key names: `elasticmoe.hf`). The model records
+its source class (`ModelConfig.source_architecture`), so it and its children export back to it."""
 
 from __future__ import annotations
 
@@ -16,25 +17,87 @@ from .checkpoint import check_weights_fit
 from .config import ConfigError, ElasticSpace, ModelConfig
 from .hf import (
     ARCHITECTURES,
-    DEFAULT_EPS,
-    DEFAULT_THETA,
     FLOAT_DTYPES,
     GLOBAL_KEYS,
     HEAD_KEY,
     IGNORABLE_SUFFIXES,
-    LAYER_KEYS,
     MIXTRAL,
+    OLMOE,
     PICKLE_SUFFIXES,
-    QK_NORM_KEYS,
+    QK_NORM_OF,
+    QWEN2_MOE,
     QWEN3_MOE,
     HFError,
     _expert_keys,
-    _router_key,
     expected_shapes,
+    layer_keys,
 )
 from .model import ElasticMoE
 
 log = logging.getLogger(__name__)
+
+# transformers' config defaults (5.x dataclasses) for the fields a config.json may leave out
+_COMMON = {"rope_theta": 10_000.0, "use_sliding_window": False}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    MIXTRAL: {
+        **_COMMON,
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1_000_000.0,
+        "use_sliding_window": True,  # Mixtral has no switch: a sliding_window below the context applies
+        "num_experts": 8,  # named num_local_experts in Mixtral
+        "num_experts_per_tok": 2,
+        "intermediate_size": 14336,
+        "norm_topk_prob": True,  # not a Mixtral field: it always renormalises
+    },
+    QWEN3_MOE: {
+        **_COMMON,
+        "hidden_size": 2048,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+        "norm_topk_prob": False,
+    },
+    OLMOE: {
+        **_COMMON,
+        "hidden_size": 2048,
+        "num_attention_heads": 16,
+        "num_key_value_heads": None,  # = heads
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "num_experts": 64,
+        "num_experts_per_tok": 8,
+        "intermediate_size": 2048,
+        "norm_topk_prob": False,
+    },
+    QWEN2_MOE: {
+        **_COMMON,
+        "hidden_size": 2048,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "qkv_bias": True,  # transformers 4.x has no switch: q/k/v always have biases
+        "norm_topk_prob": False,
+    },
+}
+WIDTH_KEY = {
+    MIXTRAL: "intermediate_size",
+    QWEN3_MOE: "moe_intermediate_size",
+    OLMOE: "intermediate_size",
+    QWEN2_MOE: "moe_intermediate_size",
+}
 
 
 def _refuse_unsafe_files(folder: Path) -> None:
@@ -63,7 +126,7 @@ def _refuse_unsafe_files(folder: Path) -> None:
         )
 
 
-def _rope_theta(raw: dict[str, Any], model_type: str, p: list[str]) -> float:
+def _rope_theta(raw: dict[str, Any], default: float, p: list[str]) -> float:
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
         p.append(f"rope_parameters={params!r} must be a mapping")
@@ -73,16 +136,11 @@ def _rope_theta(raw: dict[str, Any], model_type: str, p: list[str]) -> float:
         p.append(f"rope_type={rope_type!r}: only plain RoPE ('default') is supported, no scaling")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         p.append(f"partial_rotary_factor={params['partial_rotary_factor']}: only full-head RoPE is supported")
-    theta = params.get("rope_theta", raw.get("rope_theta", DEFAULT_THETA[model_type]))
+    theta = params.get("rope_theta", raw.get("rope_theta", default))
     return float(theta) if isinstance(theta, (int, float)) else theta
 
 
-def read_hf_config(folder: str | Path) -> tuple[str, ModelConfig]:
-    """(model_type, ModelConfig) from a transformers config.json, read as plain JSON.
-
-    Raises HFError listing every setting our block cannot reproduce exactly.
-    """
-    path = Path(folder) / "config.json"
+def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise HFError(f"{path} does not exist")
     try:
@@ -91,14 +149,26 @@ def read_hf_config(folder: str | Path) -> tuple[str, ModelConfig]:
         raise HFError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise HFError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def _model_type(raw: dict[str, Any], path: Path) -> str:
+    """The architecture of a config.json, or one line naming it and the supported ones."""
+    supported = ", ".join(f"{cls} ({t})" for t, cls in ARCHITECTURES.items())
     if "auto_map" in raw or raw.get("trust_remote_code"):
         raise HFError(
             f"{path} has auto_map / trust_remote_code: the folder asks to run its own Python code. "
-            "Only stock Mixtral and Qwen3-MoE folders are imported, and no code from a folder is run"
+            f"Only stock architectures are imported ({supported}), and no code from a folder is run"
         )
     model_type = raw.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise HFError(f"{path}: model_type={model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+        named = f" ({', '.join(map(str, raw['architectures']))})" if isinstance(raw.get("architectures"), list) else ""
+        raise HFError(f"{path}: model_type={model_type!r}{named} is not supported; supported: {supported}")
+    return model_type
+
+
+def _refusals(raw: dict[str, Any], model_type: str, get) -> list[str]:
+    """Every setting of config.json that our block cannot reproduce exactly."""
     p: list[str] = []
     arch = raw.get("architectures") or [ARCHITECTURES[model_type]]
     if arch != [ARCHITECTURES[model_type]]:
@@ -108,53 +178,86 @@ def read_hf_config(folder: str | Path) -> tuple[str, ModelConfig]:
     if raw.get("hidden_act", "silu") not in ("silu", "swish"):
         p.append(f"hidden_act={raw.get('hidden_act')!r}: experts must be SwiGLU (silu)")
     if raw.get("attention_bias") or raw.get("mlp_bias"):
-        p.append("attention_bias / mlp_bias is true: our projections have no biases")
-    window = raw.get("sliding_window")
-    use_window = raw.get("use_sliding_window", model_type == MIXTRAL)
-    max_len = raw.get("max_position_embeddings", 4096 * 32 if model_type == MIXTRAL else 32768)
-    if use_window and window is not None and isinstance(max_len, int) and window < max_len:
+        p.append("attention_bias / mlp_bias is true: our projections have no biases (only Qwen2-MoE's q/k/v)")
+    if model_type != QWEN2_MOE and raw.get("qkv_bias"):
+        p.append(f"qkv_bias is true: {ARCHITECTURES[model_type]} has no q/k/v biases")
+    if raw.get("clip_qkv") is not None:
+        p.append(f"clip_qkv={raw['clip_qkv']}: clamped q/k/v are not supported")
+    window, max_len = raw.get("sliding_window"), get("max_position_embeddings")
+    if get("use_sliding_window") and window and isinstance(max_len, int) and window < max_len:
         p.append(
             f"sliding_window={window} < max_position_embeddings={max_len}: only full causal attention is supported"
         )
-    experts = raw.get("num_local_experts", raw.get("num_experts", 8 if model_type == MIXTRAL else 128))
+    if any(t != "full_attention" for t in raw.get("layer_types") or []):
+        p.append(f"layer_types={raw['layer_types']}: only full causal attention is supported")
     if "num_local_experts" in raw and "num_experts" in raw and raw["num_local_experts"] != raw["num_experts"]:
         p.append(f"num_local_experts={raw['num_local_experts']} and num_experts={raw['num_experts']} disagree")
-    if model_type == MIXTRAL:
-        width = raw.get("intermediate_size", 14336)
-    else:
-        width = raw.get("moe_intermediate_size", 768)
-        if raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers"):
-            p.append(
-                f"decoder_sparse_step={raw.get('decoder_sparse_step', 1)}, mlp_only_layers="
-                f"{raw.get('mlp_only_layers')}: this model has dense (non-MoE) layers, which our block lacks"
-            )
-        if not raw.get("norm_topk_prob", False):
-            p.append("norm_topk_prob is false: our router always renormalises the top-k probabilities")
-        if raw.get("shared_expert_intermediate_size"):
-            p.append("shared_expert_intermediate_size is set: shared experts cannot be imported")
-    theta = _rope_theta(raw, model_type, p)
+    if raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers"):
+        p.append(
+            f"decoder_sparse_step={raw.get('decoder_sparse_step', 1)}, mlp_only_layers="
+            f"{raw.get('mlp_only_layers')}: this model has dense (non-MoE) layers, which our block lacks"
+        )
+    shared = get("shared_expert_intermediate_size")
+    if model_type == QWEN2_MOE and not (isinstance(shared, int) and shared > 0):
+        p.append(f"shared_expert_intermediate_size={shared!r}: a Qwen2-MoE layer without a shared expert")
+    if model_type != QWEN2_MOE and shared:
+        p.append("shared_expert_intermediate_size is set: this architecture has no shared expert")
+    return p
+
+
+def _head_dim(raw: dict[str, Any], model_type: str, get, p: list[str]) -> Any:
+    """head_dim as transformers reads it: stated (Mixtral, Qwen3-MoE) or hidden_size / heads."""
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    derived = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+    if model_type in (MIXTRAL, QWEN3_MOE):
+        return raw.get("head_dim") or derived
+    if derived is not None and hidden % heads:
+        p.append(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    if raw.get("head_dim") not in (None, derived):
+        p.append(f"head_dim={raw['head_dim']}: {ARCHITECTURES[model_type]} derives hidden_size / heads = {derived}")
+    return derived
+
+
+def read_hf_config(folder: str | Path) -> tuple[str, ModelConfig]:
+    """(model_type, ModelConfig) from a transformers config.json, read as plain JSON.
+
+    Raises HFError listing every setting our block cannot reproduce exactly.
+    """
+    path = Path(folder) / "config.json"
+    raw = _read_json(path)
+    model_type = _model_type(raw, path)
+    defaults = DEFAULTS[model_type]
+
+    def get(key: str) -> Any:
+        return raw.get(key, defaults.get(key))
+
+    p = _refusals(raw, model_type, get)
+    head_dim = _head_dim(raw, model_type, get, p)
+    theta = _rope_theta(raw, defaults["rope_theta"], p)
     if p:
         raise HFError(f"{path} cannot be imported exactly: " + "; ".join(p))
-    hidden = raw.get("hidden_size", 4096 if model_type == MIXTRAL else 2048)
-    heads = raw.get("num_attention_heads", 32)
-    head_dim = raw.get("head_dim")
-    if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
-        head_dim = hidden // heads  # transformers' rule when head_dim is not stated
+    heads = get("num_attention_heads")
     fields = dict(
         vocab_size=raw.get("vocab_size"),
-        d_model=hidden,
+        d_model=get("hidden_size"),
         layers=raw.get("num_hidden_layers"),
         heads=heads,
-        kv_heads=raw.get("num_key_value_heads") or heads,
+        kv_heads=get("num_key_value_heads") or heads,
         head_dim=head_dim,
-        experts=experts,
-        top_k=raw.get("num_experts_per_tok", 2 if model_type == MIXTRAL else 8),
-        expert_width=width,
+        experts=raw.get("num_local_experts", get("num_experts")),  # 5.x writes the former for all four
+        top_k=get("num_experts_per_tok"),
+        expert_width=get(WIDTH_KEY[model_type]),
         rope_theta=theta,
-        norm_eps=raw.get("rms_norm_eps", DEFAULT_EPS[model_type]),
-        max_seq_len=max_len,
+        norm_eps=get("rms_norm_eps"),
+        max_seq_len=get("max_position_embeddings"),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        qk_norm=model_type == QWEN3_MOE,
+        qk_norm=QK_NORM_OF[model_type] is not None,
+        qk_norm_scope=QK_NORM_OF[model_type] or "head",
+        qkv_bias=model_type == QWEN2_MOE and bool(get("qkv_bias")),
+        renormalize_top_k=bool(get("norm_topk_prob")),
+        shared_expert_width=get("shared_expert_intermediate_size") if model_type == QWEN2_MOE else 0,
+        shared_expert_gate=model_type == QWEN2_MOE,
+        source_architecture=ARCHITECTURES[model_type],
     )
     try:
         return model_type, ModelConfig(**fields)
@@ -255,10 +358,9 @@ def _our_state(model_type: str, config: ModelConfig, load) -> dict[str, torch.Te
     state = {k: load(hf) for k, hf in GLOBAL_KEYS.items()}
     if not c.tie_embeddings:
         state[HEAD_KEY[0]] = load(HEAD_KEY[1])
-    per_layer = dict(LAYER_KEYS, **(QK_NORM_KEYS if model_type == QWEN3_MOE else {}))
+    per_layer = layer_keys(c, model_type)
     for i in range(c.layers):
         state.update({f"blocks.{i}.{k}": load(f"model.layers.{i}.{hf}") for k, hf in per_layer.items()})
-        state[f"blocks.{i}.moe.router.weight"] = load(_router_key(model_type, i))
         keys = [_expert_keys(model_type, i, e) for e in range(c.layer_shape(i)[0])]
         for n, name in enumerate(("w_gate", "w_up", "w_down")):
             state[f"blocks.{i}.moe.{name}"] = torch.stack([load(k[n]) for k in keys])
@@ -266,7 +368,7 @@ def _our_state(model_type: str, config: ModelConfig, load) -> dict[str, torch.Te
 
 
 def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None) -> ElasticMoE:
-    """Read a local Mixtral or Qwen3-MoE folder (safetensors only) into an ElasticMoE (float32).
+    """Read a local Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder (safetensors) into an ElasticMoE (float32).
 
     Nothing from the folder is executed: config.json is parsed as JSON and weights are read with
     safetensors after every key and shape has been checked against the config. `space`, if given,

@@ -9,7 +9,10 @@ Math follows Mixtral / Qwen3-MoE so an exporter can write a stock transformers c
 pre-RMSNorm (computed in float32), rotate-half RoPE, grouped-query attention through
 `scaled_dot_product_attention`, softmax router over the kept experts in float32 whose top-k
 probabilities are renormalised to sum to one (for top-1 the weight is 1 with a straight-through
-gradient, see MoE.forward), SwiGLU experts `down(silu(gate x) * up x)`.
+gradient, see MoE.forward), SwiGLU experts `down(silu(gate x) * up x)`. The options imported
+architectures need (ModelConfig) change only what they name: q/k RMSNorm over the whole
+projection (OLMoE), q/k/v biases, top-k weights not renormalised, and a shared expert scaled by a
+sigmoid gate (Qwen2-MoE). A shared expert is never cut by a sub-network.
 
 Shape legend (suffixes on tensor names): B batch, T time (new tokens), S keys (cached + new),
 D d_model, H query heads, G kv heads, Dh head dim, V vocab, E experts kept, K top-k,
@@ -78,19 +81,25 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.d_model, c.heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=False)
+        self.q_proj = nn.Linear(c.d_model, c.heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.heads * c.head_dim, c.d_model, bias=False)
-        self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
-        self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        # q/k RMSNorm over each head (Qwen3-MoE) or over the whole projection (OLMoE)
+        self.qk_norm_scope = c.qk_norm_scope if c.qk_norm else None
+        per_head = c.qk_norm_scope == "head"
+        self.q_norm = RMSNorm(c.head_dim if per_head else c.heads * c.head_dim, c.norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim if per_head else c.kv_heads * c.head_dim, c.norm_eps) if c.qk_norm else None
 
     def forward(self, x_BTD, cos_TDh, sin_TDh, cache: KVCache | None = None, slot: int = 0):
         B, T, _ = x_BTD.shape
-        q_BTHDh = self.q_proj(x_BTD).view(B, T, self.heads, self.head_dim)
-        k_BTGDh = self.k_proj(x_BTD).view(B, T, self.kv_heads, self.head_dim)
+        q_BTX, k_BTX = self.q_proj(x_BTD), self.k_proj(x_BTD)
+        if self.qk_norm_scope == "all":
+            q_BTX, k_BTX = self.q_norm(q_BTX), self.k_norm(k_BTX)
+        q_BTHDh = q_BTX.view(B, T, self.heads, self.head_dim)
+        k_BTGDh = k_BTX.view(B, T, self.kv_heads, self.head_dim)
         v_BGTDh = self.v_proj(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.qk_norm_scope == "head":
             q_BTHDh, k_BTGDh = self.q_norm(q_BTHDh), self.k_norm(k_BTGDh)
         q_BHTDh = apply_rope(q_BTHDh.transpose(1, 2), cos_TDh, sin_TDh)
         k_BGTDh = apply_rope(k_BTGDh.transpose(1, 2), cos_TDh, sin_TDh)
@@ -214,15 +223,29 @@ class SwiGLU(nn.Module):
 
 class MoE(nn.Module):
     """Router + stacked experts (+ optional shared expert). Expert tensors are (E, W, D) for
-    gate/up and (E, D, W) for down, so an expert-prefix and a width-prefix are plain slices."""
+    gate/up and (E, D, W) for down, so an expert-prefix and a width-prefix are plain slices.
 
-    def __init__(self, d_model: int, experts: int, width: int, shared_width: int):
+    `renormalize`: the top-k probabilities are renormalised to sum to one (Mixtral, Qwen3-MoE),
+    else used as they are (`norm_topk_prob: false` in OLMoE and Qwen2-MoE). `shared_gate`: the
+    shared expert's output is scaled by `sigmoid(shared_gate(x))` per token (Qwen2-MoE)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        experts: int,
+        width: int,
+        shared_width: int,
+        shared_gate: bool = False,
+        renormalize: bool = True,
+    ):
         super().__init__()
+        self.renormalize = renormalize
         self.router = nn.Linear(d_model, experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(experts, width, d_model))
         self.w_up = nn.Parameter(torch.empty(experts, width, d_model))
         self.w_down = nn.Parameter(torch.empty(experts, d_model, width))
         self.shared = SwiGLU(d_model, shared_width) if shared_width > 0 else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
 
     def forward(self, x_ND: torch.Tensor, spec: LayerSpec, dispatch: str = "auto"):
         """`dispatch`: "auto" (grouped GEMM on CUDA, the loop elsewhere), "loop" or "grouped"."""
@@ -230,13 +253,14 @@ class MoE(nn.Module):
         logits_NE = F.linear(x_ND, self.router.weight[:E])
         probs_NE = logits_NE.float().softmax(dim=-1)
         top_p_NK, top_i_NK = probs_NE.topk(K, dim=-1)
-        if K == 1:
+        # Without renormalisation each chosen expert weighs its softmax probability (OLMoE, Qwen2-MoE).
+        if self.renormalize and K == 1:
             # Renormalising one probability gives exactly 1 and no gradient, so a k=1 router would
             # learn from the auxiliary losses alone. p / stop_grad(p) keeps the value exactly 1.0
             # (what Mixtral-style runtimes compute, so exports stay exact) with gradient d log p:
             # a straight-through gate that tells the router whether its choice helped the loss.
             top_p_NK = top_p_NK / top_p_NK.detach()
-        else:
+        elif self.renormalize:
             top_p_NK = top_p_NK / top_p_NK.sum(dim=-1, keepdim=True)
         method = dispatch
         if method == "auto":
@@ -245,7 +269,10 @@ class MoE(nn.Module):
             x_ND, top_p_NK, top_i_NK, self.w_gate[:E, :W], self.w_up[:E, :W], self.w_down[:E, :, :W], method
         )
         if self.shared is not None:
-            y_ND = y_ND + self.shared(x_ND)
+            shared_ND = self.shared(x_ND)
+            if self.shared_gate is not None:
+                shared_ND = torch.sigmoid(self.shared_gate(x_ND)) * shared_ND
+            y_ND = y_ND + shared_ND
         if not torch.is_grad_enabled():  # inference: the auxiliary losses are never used, skip their ops
             zero = logits_NE.new_zeros((), dtype=torch.float32)
             return y_ND, zero, zero
@@ -266,7 +293,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
         self.attn = Attention(c)
         self.moe_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.moe = MoE(c.d_model, experts, width, c.shared_expert_width)
+        self.moe = MoE(c.d_model, experts, width, c.shared_expert_width, c.shared_expert_gate, c.renormalize_top_k)
 
     def forward(self, x_BTD, cos, sin, spec: LayerSpec, cache=None, slot=0, dispatch: str = "auto"):
         return self.moe_half(self.attention_half(x_BTD, cos, sin, cache, slot), spec, dispatch)
@@ -308,6 +335,8 @@ class ElasticMoE(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             elif name.endswith(("o_proj.weight", "w_down", "down_proj.weight")):
                 p.normal_(0.0, out_std)
             else:

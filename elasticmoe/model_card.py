@@ -167,7 +167,7 @@ def model_card(
         "",
         "| field | value |",
         "|---|---|",
-        f"| architecture | {arch} math ({'Qwen3-MoE' if c.qk_norm else 'Mixtral'}) |",
+        f"| architecture | {arch} |",
         f"| params / active params per token | {k.total_params:,} / {k.active_params:,} |",
         f"| layers / d_model / vocab | {c.layers} / {c.d_model} / {c.vocab_size} |",
         f"| heads / kv heads / head dim | {c.heads} / {c.kv_heads} / {c.head_dim} |",

@@ -27,6 +27,11 @@ def rich_config() -> ModelConfig:
         max_seq_len=77,
         tie_embeddings=True,
         qk_norm=True,
+        qk_norm_scope="all",
+        qkv_bias=True,
+        renormalize_top_k=False,
+        shared_expert_gate=True,
+        source_architecture="Qwen2MoeForCausalLM",
         layer_shapes=((6, 3, 40), (4, 2, 24), (2, 1, 8)),
     )
 
@@ -38,6 +43,16 @@ def test_model_config_json_round_trip(rich_config, tmp_path):
     back = ModelConfig.from_dict(load_mapping(path))
     assert back == rich_config
     assert back.layer_shape(1) == (4, 2, 24)
+
+
+def test_import_options_left_out_at_their_defaults():
+    """Options added for imported architectures are written only when set: the config files of
+    every model without them stay byte-identical to what older versions wrote."""
+    plain = ModelConfig().to_dict()
+    for name in ("qk_norm_scope", "qkv_bias", "renormalize_top_k", "shared_expert_gate", "source_architecture"):
+        assert name not in plain
+    assert ModelConfig(qkv_bias=True).to_dict()["qkv_bias"] is True
+    assert ModelConfig.from_dict(plain) == ModelConfig()
 
 
 def test_model_config_yaml_round_trip(rich_config, tmp_path):
@@ -91,6 +106,9 @@ OUT = "is out of range; allowed"
         ({"d_model": "big"}, r"d_model='big' must be an integer"),
         ({"norm_eps": 2.0}, r"norm_eps=2.0 is out of range; allowed \(0, 1\)"),
         ({"qk_norm": "yes"}, r"qk_norm='yes' must be true or false"),
+        ({"qk_norm_scope": "rows"}, r"qk_norm_scope='rows' must be one of \['head', 'all'\]"),
+        ({"shared_expert_gate": True}, r"shared_expert_gate=true needs a shared expert"),
+        ({"source_architecture": 3}, r"source_architecture=3 must be a string"),
         ({"layers": 2, "layer_shapes": [[8, 2, 256]]}, r"layer_shapes has 1 entries; expected layers=2"),
         ({**ONE_LAYER, "layer_shapes": [[8, 2, 300]]}, rf"layer_shapes\[0\] width=300 {OUT} \[1, 256\]"),
         ({**ONE_LAYER, "layer_shapes": [[2, 3, 256]]}, r"layer_shapes\[0\] top_k=3 is out of range; allowed \[1, 2\]"),

@@ -16,6 +16,8 @@ VARIANTS = {
     "plain": {},
     "shared+qknorm": {"shared_expert_width": 16, "qk_norm": True},
     "tied": {"tie_embeddings": True},
+    "olmoe": {"qk_norm": True, "qk_norm_scope": "all", "renormalize_top_k": False},
+    "qwen2_moe": {"shared_expert_width": 16, "shared_expert_gate": True, "qkv_bias": True, "renormalize_top_k": False},
 }
 SUBNETS = {
     "uniform": Subnet.uniform((0, 2), 2, 1, 12),
@@ -52,6 +54,8 @@ def touched_params(model: ElasticMoE, subnet: Subnet) -> tuple[int, int]:
         total += kept
         if moe.shared is not None:
             total += sum(p.numel() for p in moe.shared.parameters())
+        if moe.shared_gate is not None:
+            total += moe.shared_gate.weight.numel()
         inactive += (s.experts - s.top_k) * one_expert
     return total, total - inactive
 

@@ -78,6 +78,19 @@ def test_tensor_names_are_llama_cpps(tiny_config):
         assert ("blk.0.attn_q_norm.weight" in names) == qk_norm
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"qk_norm": True, "qk_norm_scope": "all", "source_architecture": "OlmoeForCausalLM"},
+        {"qk_norm": True, "renormalize_top_k": False},
+    ],
+)
+def test_what_this_writer_does_not_cover_is_refused(tiny_config, options):
+    """OLMoE, Qwen2-MoE and un-renormalised top-k go to `--format hf` until the GGUF writer has them."""
+    with pytest.raises(HFError, match="use --format hf"):
+        gguf_tensors(make_model(replace(tiny_config, **options)))
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_llama_cpp_tokenises_like_us(tiny_config, tmp_path, corpus_and_tokenizer, qk_norm):
     tokenizer, tok_file, samples = corpus_and_tokenizer

@@ -138,8 +138,19 @@ def random_hf_model(kind: str, tied: bool):
     )
     if kind == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=20, num_local_experts=4, **common)
-    else:
+    elif kind == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=20, num_experts=4, norm_topk_prob=True, **common)
+    elif kind == "olmoe":  # q/k norm over the whole projection, top-k weights not renormalised
+        cfg = transformers.OlmoeConfig(intermediate_size=20, num_experts=4, norm_topk_prob=False, **common)
+    else:  # qwen2_moe: a shared expert with its sigmoid gate, q/k/v biases, top-k not renormalised
+        cfg = transformers.Qwen2MoeConfig(
+            moe_intermediate_size=20,
+            shared_expert_intermediate_size=12,
+            num_experts=4,
+            norm_topk_prob=False,
+            qkv_bias=True,
+            **common,
+        )
     torch.manual_seed(6)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # transformers' init leaves norms at 1 and may zero routers
@@ -148,19 +159,99 @@ def random_hf_model(kind: str, tied: bool):
     return model.eval()
 
 
-@pytest.mark.parametrize("kind,tied", [("mixtral", False), ("qwen3_moe", True)])
+KINDS = [("mixtral", False), ("qwen3_moe", True), ("olmoe", False), ("qwen2_moe", False), ("qwen2_moe", True)]
+
+
+@pytest.mark.parametrize("kind,tied", KINDS)
 def test_import_export_round_trip(tmp_path, kind, tied):
+    """Import, the unchanged parent's logits, its export back to the source class and re-import."""
     hf = random_hf_model(kind, tied)
     hf.save_pretrained(tmp_path / "src")
     model = import_hf(tmp_path / "src", space=ElasticSpace((1, 2), (2, 4), (1, 2), (10, 20)))
-    assert model.config.qk_norm == (kind == "qwen3_moe") and model.config.tie_embeddings == tied
-    assert model.config.rope_theta == 1000.0 and model.config.norm_eps == 1e-5
+    c = model.config
+    assert c.source_architecture == type(hf).__name__ and c.tie_embeddings == tied
+    assert c.qk_norm == (kind in ("qwen3_moe", "olmoe")) and c.qk_norm_scope == ("all" if kind == "olmoe" else "head")
+    assert c.renormalize_top_k == (kind in ("mixtral", "qwen3_moe")) and c.qkv_bias == (kind == "qwen2_moe")
+    assert (c.shared_expert_width, c.shared_expert_gate) == ((12, True) if kind == "qwen2_moe" else (0, False))
+    assert c.rope_theta == 1000.0 and c.norm_eps == 1e-5
     tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(7))
     assert max_logit_diff_hf(model, hf, tokens) <= TOL
     export_hf(model, tmp_path / "out")
-    assert max_logit_diff_hf(model, load_hf(tmp_path / "out"), tokens) <= TOL
+    out = load_hf(tmp_path / "out")
+    assert type(out) is type(hf)
+    assert (out(tokens).logits - hf(tokens).logits).abs().max() <= TOL  # transformers vs transformers
     again = import_hf(tmp_path / "out")
+    assert again.config == c
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("kind", ["olmoe", "qwen2_moe"])
+def test_child_exports_to_source_class(tmp_path, kind):
+    """A child of an imported parent is its source's class in transformers, with the logits of the
+    parent running that sub-network; a shared expert and its gate come through whole."""
+    random_hf_model(kind, False).save_pretrained(tmp_path / "src")
+    parent = import_hf(tmp_path / "src")
+    tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(8))
+    for n, subnet in enumerate([Subnet.uniform([1], 3, 1, 16), Subnet.uniform([0, 1], 2, 2, 8)]):
+        extract_to_folder(parent, subnet, tmp_path / f"child{n}", tokens)
+        export_hf(tmp_path / f"child{n}", tmp_path / f"hf{n}", verify_tokens=tokens)
+        hf = load_hf(tmp_path / f"hf{n}")
+        assert type(hf).__name__ == parent.config.source_architecture
+        assert hf.config.num_experts == subnet.specs[0].experts
+        assert (hf(tokens).logits - parent(tokens, subnet).logits).abs().max() <= TOL
+        child = checkpoint.load_model(tmp_path / f"child{n}")[0]
+        assert child.config.shared_expert_width == parent.config.shared_expert_width
+        if kind == "qwen2_moe":
+            kept = dict(child.named_parameters())
+            for name, w in parent.blocks[subnet.layers[-1]].moe.named_parameters():
+                if name.startswith("shared"):
+                    assert torch.equal(kept[f"blocks.{subnet.depth - 1}.moe.{name}"], w)
+
+
+def test_unsupported_architecture_is_one_line(tmp_path, cli_main, capsys, one_line_error):
+    """A folder of an architecture we do not import: one line naming it and the supported ones."""
+    (tmp_path / "ds").mkdir()
+    config = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 32}
+    (tmp_path / "ds" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFError) as err:
+        import_hf(tmp_path / "ds")
+    message = str(err.value)
+    assert "\n" not in message and "'deepseek_v3' (DeepseekV3ForCausalLM) is not supported" in message
+    for name in ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM"):
+        assert name in message
+    code = cli_main("import-hf", tmp_path / "ds", "--out", tmp_path / "run")
+    res = type("Res", (), {"returncode": code, "stderr": capsys.readouterr().err})
+    one_line_error(res, "DeepseekV3ForCausalLM")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "kind,patch,match",
+    [
+        ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
+        ("olmoe", {"head_dim": 4}, "head_dim"),
+        ("qwen2_moe", {"shared_expert_intermediate_size": 0}, "shared expert"),
+        ("qwen2_moe", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+        ("qwen2_moe", {"decoder_sparse_step": 2}, "dense"),
+    ],
+)
+def test_new_architectures_refuse_what_they_cannot_reproduce(tmp_path, kind, patch, match):
+    random_hf_model(kind, False).save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **patch}))
+    with pytest.raises(HFError, match=match):
+        import_hf(tmp_path / "src")
+
+
+def test_export_refuses_what_the_source_class_lacks(tiny_config, tmp_path):
+    olmoe = replace(tiny_config, qk_norm=True, source_architecture="OlmoeForCausalLM")
+    with pytest.raises(HFError, match="OlmoeForCausalLM has a whole-projection q/k RMSNorm"):
+        export_hf(make_model(olmoe), tmp_path / "a")
+    with pytest.raises(HFError, match="needs a shared expert"):
+        export_hf(make_model(replace(tiny_config, source_architecture="Qwen2MoeForCausalLM")), tmp_path / "b")
+    with pytest.raises(HFError, match="always renormalises"):
+        export_hf(make_model(replace(tiny_config, renormalize_top_k=False)), tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_import_space_validated(tmp_path):
@@ -221,9 +312,8 @@ def test_qwen3_dense_layers_refused(tiny_config, tmp_path):
         path.write_text(json.dumps({**base, **patch}))
         with pytest.raises(HFError, match="dense"):
             import_hf(tmp_path / "q")
-    path.write_text(json.dumps({**base, "norm_topk_prob": False}))
-    with pytest.raises(HFError, match="norm_topk_prob"):
-        import_hf(tmp_path / "q")
+    path.write_text(json.dumps({**base, "norm_topk_prob": False}))  # imported as its router computes
+    assert import_hf(tmp_path / "q").config.renormalize_top_k is False
 
 
 def test_header_lying_about_shapes_refused(good_folder):

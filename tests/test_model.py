@@ -20,6 +20,8 @@ VARIANTS = {
     "qk_norm": {"qk_norm": True},
     "tied": {"tie_embeddings": True},
     "all": {"shared_expert_width": 8, "qk_norm": True, "tie_embeddings": True},
+    "olmoe": {"qk_norm": True, "qk_norm_scope": "all", "renormalize_top_k": False},
+    "qwen2_moe": {"shared_expert_width": 8, "shared_expert_gate": True, "qkv_bias": True, "renormalize_top_k": False},
 }
 
 
@@ -72,6 +74,8 @@ def copy_kept_weights(parent: ElasticMoE, child: ElasticMoE, subnet: Subnet) -> 
         if src.moe.shared is not None:
             for a, b in zip(dst.moe.shared.parameters(), src.moe.shared.parameters()):
                 n += _put(a, b)
+        if src.moe.shared_gate is not None:
+            n += _put(dst.moe.shared_gate.weight, src.moe.shared_gate.weight)
     assert n == child.num_params()  # every child weight was written: none left at its random init
 
 
