@@ -221,8 +221,9 @@ def _zero(t: torch.Tensor | None) -> bool:
     [Subnet.uniform((0, 2), 2, 1, 12), Subnet((1, 2), (LayerSpec(3, 2, 8), LayerSpec(1, 1, 20)))],
     ids=["uniform", "per-layer"],
 )
-def test_backward_touches_only_kept_parts(tiny_config, method, subnet):
-    config = replace(tiny_config, shared_expert_width=8, qk_norm=True)
+@pytest.mark.parametrize("variant", ["qk_norm", "olmoe", "qwen2_moe"])
+def test_backward_touches_only_kept_parts(tiny_config, method, subnet, variant):
+    config = replace(tiny_config, **{"shared_expert_width": 8, **VARIANTS[variant]})
     model = make_model(config).train()
     x = tokens(config, B=4, T=16)
     out = model(x[:, :-1], subnet, dispatch=method)
@@ -238,7 +239,8 @@ def test_backward_touches_only_kept_parts(tiny_config, method, subnet):
         E, W = s.experts, s.width
         moe = block.moe
         assert all(_nonzero(p.grad) for p in block.attn.parameters())
-        assert all(_nonzero(p.grad) for p in moe.shared.parameters())
+        assert all(_nonzero(p.grad) for p in moe.shared.parameters())  # kept whole, gate included
+        assert moe.shared_gate is None or _nonzero(moe.shared_gate.weight.grad)
         assert _zero(moe.router.weight.grad[E:]) and all(_nonzero(moe.router.weight.grad[e]) for e in range(E))
         for p in (moe.w_gate, moe.w_up):
             assert _zero(p.grad[E:]) and _zero(p.grad[:, W:])  # dropped experts, dropped neurons
@@ -338,12 +340,13 @@ def test_bf16_autocast_runs_forward_and_backward_with_either_dispatch(method):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
-def test_router_learns_from_the_language_model_loss_at_every_top_k(tiny_config, top_k):
+def test_router_learns_from_the_language_model_loss_at_every_top_k(tiny_config, top_k, renormalize):
     """The router's gradient from the LM loss alone (no balance or z-loss) is of the same order at
     every k. Renormalising a single probability (k=1) gave exactly 0: the router of every top-1
     sub-network learned only from the auxiliary losses."""
-    model = make_model(tiny_config).train()
+    model = make_model(replace(tiny_config, renormalize_top_k=renormalize)).train()
     E = tiny_config.experts  # 4: every k of the parametrisation is possible
     subnet = Subnet.uniform(range(tiny_config.layers), E, top_k, tiny_config.expert_width)
     x = tokens(tiny_config, B=4, T=16)
