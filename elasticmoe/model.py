@@ -16,7 +16,8 @@ sigmoid gate (Qwen2-MoE). A shared expert is never cut by a sub-network.
 
 Shape legend (suffixes on tensor names): B batch, T time (new tokens), S keys (cached + new),
 D d_model, H query heads, G kv heads, Dh head dim, V vocab, E experts kept, K top-k,
-W expert width kept, N tokens (B*T), A token-expert assignments (N*K).
+W expert width kept, N tokens (B*T), A token-expert assignments (N*K), X a whole q or k projection
+(heads x head dim).
 """
 
 from __future__ import annotations
