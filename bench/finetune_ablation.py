@@ -6,7 +6,8 @@ child and every arm, fine-tune the zero-shot child with the run's own fine-tune 
 held-out windows of the validation and the test split: per task the loss in nats/token (text on
 every token, structured tasks on their answers), and for text the paired 95% bootstrap interval of
 (fine-tuned - zero-shot) over the same windows. Arms measure the *last* step (no best-checkpoint
-selection), so the table shows what the recipe itself does.
+selection), so the table shows what the recipe itself does, except the `-best` arms, which publish
+the best validated state as `finetune` does by default.
 
 One JSON line per (run, child, arm) in --out; a rerun skips the lines already there (--resume is
 the default behaviour: delete the file to start over).
@@ -44,6 +45,9 @@ ARMS = {
     "lr-low-kd": {"lr": 0.03, "ce_weight": 0.0, "kd_weight": 1.0, "temperature": 1.0},
     "lr-final-T2": {"lr": "final", "ce_weight": 0.0, "kd_weight": 1.0, "temperature": 2.0},
     "default": {},  # whatever phases.finetune does by default today
+    # the same recipes publishing their best validated state (the safety net) instead of the last step
+    "old-best": {"lr": 0.3, "ce_weight": 1.0, "kd_weight": 1.0, "temperature": 1.0, "keep_best": True},
+    "lr-final-best": {"lr": "final", "ce_weight": 1.0, "kd_weight": 1.0, "temperature": 1.0, "keep_best": True},
 }
 WINDOWS = 64  # per task and split
 
@@ -81,6 +85,7 @@ def measure(zero, tuned, data, loss_on: str) -> dict:
 def run_arm(run: Path, child: str, arm: str, budget: int) -> dict:
     recipe = run_recipe(run)
     kw = dict(ARMS[arm])
+    keep_best = kw.pop("keep_best", False)
     lr = kw.pop("lr", None)
     if lr == "final":
         kw["lr"] = recipe.train.lr * recipe.train.min_lr_ratio
@@ -89,12 +94,12 @@ def run_arm(run: Path, child: str, arm: str, budget: int) -> dict:
     out = run / "ft-ablation" / arm / child
     if out.exists():
         shutil.rmtree(out)  # an arm interrupted before its line was written starts over
-    res = finetune(run / "children" / child, out, teacher_run=run, tokens=budget, keep_best=False, **kw)
+    res = finetune(run / "children" / child, out, teacher_run=run, tokens=budget, keep_best=keep_best, **kw)
     data = load_run_data(run, recipe)
     zero, _ = load_model(run / "children" / child)
     tuned, _ = load_model(out / "model")
     meta = read_json(out / "model" / "config.json")["meta"]["finetune"]
-    settings = {k: meta.get(k) for k in ("lr", "ce_weight", "kd_weight", "temperature", "warmup", "min_lr_ratio")}
+    settings = {k: meta.get(k) for k in ("lr", "ce_weight", "kd_weight", "temperature", "kept")}
     return {
         "run": str(run),
         "child": child,
