@@ -225,6 +225,26 @@ def report(results: list[dict], out_md: Path | None, command: str) -> str:
     lines.append("| twin alone (loss) | " + " | ".join(twin) + " |")
     for arm in arms:
         lines.append(f"| {arm} | " + " | ".join(fmt(ratio(arm, c, c, "text"), True) for c in children) + " |")
+    if any(("warm30-light", s) in by for s in seeds):  # the preset's sandwich: what a cheaper step must match
+        lines += [
+            "",
+            "## Children and parent, zero-shot, text loss vs the preset's sandwich (`warm30-light`), same seed",
+            "",
+            "| arm | parent | " + " | ".join(f"`{c}`" for c in children) + " |",
+            "|---|---|" + "---|" * len(children),
+        ]
+        for arm in arms:
+            if arm == "warm30-light":
+                continue
+            cells = []
+            for sub in ["parent", *children]:
+                vals = [
+                    by[(arm, s)]["losses"][sub]["text"] / by[("warm30-light", s)]["losses"][sub]["text"] - 1
+                    for s in seeds
+                    if (arm, s) in by and ("warm30-light", s) in by
+                ]
+                cells.append(fmt(vals, True))
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "Recipes (overrides of the preset):", ""]
     lines += [f"- `{a}`: `{' '.join(RECIPES[a])}`" for a in arms]
     text = "\n".join(lines) + "\n"
