@@ -70,6 +70,9 @@ RECIPES: dict[str, list[str]] = {
         "sampling.full_fraction=0.7",
     ],
     "rows25-drop": ["sampling.mode=rows", "sampling.sub_rows=0.25", "reorder.at_switch=true", "sampling.depth=drop"],
+    # the sandwich kept, but switched on late: most of the run trains the full network alone
+    "warm70-light": ["sampling.full_fraction=0.7", "reorder.at_switch=true", "reorder.at_steps=[]"],
+    "warm80-light": ["sampling.full_fraction=0.8", "reorder.at_switch=true", "reorder.at_steps=[]"],
     "rows25-perlayer": [
         "sampling.mode=rows",
         "sampling.sub_rows=0.25",
