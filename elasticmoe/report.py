@@ -106,9 +106,10 @@ def family_costs(
     search = sum_work(records, phase="search")
     out = []
     for ch in children:
-        ft = (
-            sum_work(records, phase="finetune", out=ref(ch["finetune_out"])) if ch.get("finetune_out") else sum_work([])
-        )
+        ft = sum_work([])
+        if ch.get("finetune_out"):  # its training and its validation passes (keep-best chooses on them)
+            parts = [sum_work(records, phase=p, out=ref(ch["finetune_out"])) for p in ("finetune", "finetune-eval")]
+            ft = {k: sum(part[k] for part in parts) for k in parts[0]}
         out.append(
             ChildCost(
                 name=ch["name"],
