@@ -172,15 +172,18 @@ def report(results: list[dict], out_md: Path | None, command: str) -> str:
             return f"{100 * m:+.1f}% ± {100 * spread:.1f}"
         return f"{m:.3f} ± {spread:.3f}"
 
-    def ratio(arm: str, sub: str, alone: str, task: str | None) -> list[float]:
+    def relative(arm: str, sub: str, ref: str, ref_sub: str, task: str | None) -> list[float]:
+        """Per seed: loss of `sub` in `arm` / loss of `ref_sub` in `ref` - 1 (task None: all-task mean)."""
         vals = []
         for s in seeds:
-            if (arm, s) in by and (f"alone:{alone}", s) in by:
-                a = by[(arm, s)]["losses"][sub]
-                b = by[(f"alone:{alone}", s)]["losses"][alone]
+            if (arm, s) in by and (ref, s) in by:
+                a, b = by[(arm, s)]["losses"][sub], by[(ref, s)]["losses"][ref_sub]
                 va, vb = (a[task], b[task]) if task else (_mean_loss(a), _mean_loss(b))
                 vals.append(va / vb - 1)
         return vals
+
+    def ratio(arm: str, sub: str, alone: str, task: str | None) -> list[float]:
+        return relative(arm, sub, f"alone:{alone}", alone, task)
 
     lines = [
         "# Recipe ablation",
@@ -239,14 +242,7 @@ def report(results: list[dict], out_md: Path | None, command: str) -> str:
         for arm in arms:
             if arm == "warm30-light":
                 continue
-            cells = []
-            for sub in ["parent", *children]:
-                vals = [
-                    by[(arm, s)]["losses"][sub]["text"] / by[("warm30-light", s)]["losses"][sub]["text"] - 1
-                    for s in seeds
-                    if (arm, s) in by and ("warm30-light", s) in by
-                ]
-                cells.append(fmt(vals, True))
+            cells = [fmt(relative(arm, sub, "warm30-light", sub, "text"), True) for sub in ["parent", *children]]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "Recipes (overrides of the preset):", ""]
     lines += [f"- `{a}`: `{' '.join(RECIPES[a])}`" for a in arms]

@@ -151,17 +151,21 @@ def work_key(record: dict[str, Any]) -> tuple | None:
     return None
 
 
-def sum_work(records: list[dict[str, Any]], **match: Any) -> dict[str, float]:
+# a fine-tune's work: its training and the validation passes its best-state choice needs
+FINETUNE_PHASES = ("finetune", "finetune-eval")
+
+
+def sum_work(records: list[dict[str, Any]], phases: tuple[str, ...] | None = None, **match: Any) -> dict[str, float]:
     """Tokens, FLOPs and device-seconds (wall seconds x world size) of the `progress` and `end`
-    records whose fields equal `match`, each `work_key` counted once (its first record). An `end`
-    record that only states a phase's wall time (`phase_seconds`, its work being in `progress`
-    records) adds nothing."""
+    records whose fields equal `match` (and whose phase is one of `phases`, when given), each
+    `work_key` counted once (its first record). An `end` record that only states a phase's wall
+    time (`phase_seconds`, its work being in `progress` records) adds nothing."""
     tot = {"tokens": 0, "flops": 0, "seconds": 0.0}
     seen: set[tuple] = set()
     for r in records:
         if r.get("event") not in ("progress", "end") or "phase_seconds" in r:
             continue
-        if all(r.get(k) == v for k, v in match.items()):
+        if (phases is None or r.get("phase") in phases) and all(r.get(k) == v for k, v in match.items()):
             key = work_key(r)
             if key is not None:
                 if key in seen:

@@ -30,16 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from .evaluate import paired_ratio_diff_ci
-from .ledger import sum_work
+from .ledger import FINETUNE_PHASES, sum_work
 
 DENSE = {"equal tokens": "dense-parent", "equal FLOPs": "dense-parent-flops"}
-# a fine-tune's cost: its training and the validation passes its best-state selection needs
-FINETUNE_WORK = ("finetune", "finetune-eval")
 
 
 def _work(records: list[dict], ref, folder: Path, phases: tuple[str, ...], key: str = "run") -> dict[str, float]:
-    parts = [sum_work(records, phase=p, **{key: ref(folder)}) for p in phases]
-    return {k: sum(p[k] for p in parts) for k in ("tokens", "flops", "seconds")}
+    return sum_work(records, phases=phases, **{key: ref(folder)})
 
 
 def _flops_per_token(records: list[dict], ref, run_dir: Path, dense_dir: Path) -> tuple[float, float] | None:
@@ -188,7 +185,7 @@ def _child_rows(c, records, ref, base: Path, evals: dict, dense_flops: float | N
         folder = base / f"{c.name}-{method}"
         m = _work(records, ref, folder / "pruned", ("prune",), key="out")["flops"]
         if method == "prune-distill":
-            m += _work(records, ref, folder / "distilled", FINETUNE_WORK, key="out")["flops"]
+            m += _work(records, ref, folder / "distilled", FINETUNE_PHASES, key="out")["flops"]
         cost = {"marginal": m}
         if dense_flops is not None:
             cost.update({"all-in": dense_flops + m, "amortized": dense_flops / k + m})
@@ -229,7 +226,7 @@ def _retrofit_rows(c, records, ref, folder: Path, evals: dict, dense_flops: floa
     """The retrofit rows of child c: zero-shot and after the fine-tune, when evaluated."""
     r = retrofit_work(records, ref, folder)["flops"]
     x = _work(records, ref, folder / "children" / c.name, ("extract",), key="out")["flops"]
-    f = _work(records, ref, folder / "finetuned" / c.name, FINETUNE_WORK, key="out")["flops"]
+    f = _work(records, ref, folder / "finetuned" / c.name, FINETUNE_PHASES, key="out")["flops"]
     rows = []
     for label, rest in ((f"{folder.name}, zero-shot", x), (f"{folder.name} + fine-tune", x + f)):
         ev = evals.get(f"{c.name} ({label})")

@@ -251,11 +251,12 @@ def finetune(
         "out": ledger.ref(out_dir),
     }
     after: dict[str, float] = {}
-    kd_after: list[float | None] = [None]
+    late: dict[str, Any] = {"kd": None, "kept": None}  # set when the model is published
 
     def final_meta(model, _val, kept) -> dict:
         after.update(eval_losses(model, windows, {"child": full}, dev)["child"])
-        kd_after[0] = mean_kd(model, teacher, windows, dev, temperature) if teacher is not None else None
+        late["kd"] = mean_kd(model, teacher, windows, dev, temperature) if teacher is not None else None
+        late["kept"] = kept
         return {
             **child_meta,
             "kind": "finetuned-child",
@@ -271,7 +272,7 @@ def finetune(
                 "val_before": before,
                 "val_after": dict(after),
                 "kd_before": kd_before,
-                "kd_after": kd_after[0],
+                "kd_after": late["kd"],
                 "kept": kept,
             },
         }
@@ -295,14 +296,11 @@ def finetune(
         res = run_job(job, par, resume, progress=False, stop_at=stop_at, ledger_path=ledger.path)
     finally:
         par.close()
-    kept = None
     if not after:  # stopped early, or resumed a finished fine-tune: measure the model as it is
         after = eval_losses(child, windows, {"child": full}, dev)["child"]
-        kd_after[0] = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
-    elif (out_dir / "model" / "config.json").is_file():
-        kept = read_json(out_dir / "model" / "config.json")["meta"]["finetune"].get("kept")
+        late["kd"] = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
     tokens = res.step * bs * recipe.data.seq_len
-    return FinetuneResult(out_dir, res.step, tokens, before, after, kd_before, kd_after[0], kept)
+    return FinetuneResult(out_dir, res.step, tokens, before, after, kd_before, late["kd"], late["kept"])
 
 
 def extract_child(run_dir: Path | str, parent, spec: str, out: Path, n_windows: int = 4) -> dict:

@@ -36,7 +36,7 @@ from typing import Any
 
 from .checkpoint import atomic_write_text
 from .config import ConfigError
-from .ledger import Ledger, sum_work
+from .ledger import FINETUNE_PHASES, Ledger, sum_work
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,11 @@ def family_costs(
     search = sum_work(records, phase="search")
     out = []
     for ch in children:
-        ft = sum_work([])
-        if ch.get("finetune_out"):  # its training and its validation passes (keep-best chooses on them)
-            parts = [sum_work(records, phase=p, out=ref(ch["finetune_out"])) for p in ("finetune", "finetune-eval")]
-            ft = {k: sum(part[k] for part in parts) for k in parts[0]}
+        ft = (
+            sum_work(records, phases=FINETUNE_PHASES, out=ref(ch["finetune_out"]))
+            if ch.get("finetune_out")
+            else sum_work([])
+        )
         out.append(
             ChildCost(
                 name=ch["name"],

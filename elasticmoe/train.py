@@ -559,7 +559,9 @@ def run_job(
             save_sharded_checkpoint(par, run_dir, step, model, opt, state, t.keep_last)
         ledger.append(segment)
 
-    counts = {task: int(k.sum()) if k is not None else w[:, 1:].numel() for task, (w, k) in unpacked(windows)}
+    counts = {}  # validation targets per task: keep-best weighs the tasks' losses by them
+    for task, (w, keep) in zip(windows, map(unpack_windows, windows.values())):
+        counts[task] = int(keep.sum()) if keep is not None else w[:, 1:].numel()
     best = _Best(run_dir / "best", counts) if job.keep_best else None
     if best is not None and world > 1:
         raise ConfigError("keeping the best validated model is a one-process feature (fine-tuning)")
@@ -662,10 +664,6 @@ def _publish(
         _plot_losses(metrics_path, job.run_dir / "loss.png")
 
     par.on_main(publish)
-
-
-def unpacked(windows: dict) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor | None]]]:
-    return [(task, unpack_windows(w)) for task, w in windows.items()]
 
 
 def val_score(val: dict[str, float], counts: dict[str, int]) -> float:
