@@ -5,19 +5,23 @@ one "high-entropy" natural-language task with four structured tasks whose answer
 checked by exact match, so retention of a sub-network is measurable per skill:
 
     text    English prose from the Python installation (pydoc topics + stdlib docstrings)
-    kv      key-value retrieval from context: 4-8 single-letter keys, 2-3 digit values, then
+    kv      key-value retrieval from context: n single-letter keys with 2-digit values, then
             every key queried once in random order; the graded answer is the last query's
-            kv: q=382 a=97 m=115 ? a=97 ? m=115 ? q=382
-    arith   addition / subtraction of operands in [0, 1000), never negative, written with a
-            fixed width (operands zero-padded to 3 digits, answers to 4) and the answer
+            kv: q=38 a=97 m=15 ? a=97 ? m=15 ? q=38
+    arith   addition / subtraction of operands in [0, 10^d), never negative, written with a
+            fixed width (operands zero-padded to d digits, answers to d + 1) and the answer
             REVERSED, least-significant digit first (the order in which carries and borrows are
             computed): 482+39 = 521 is written
             arith: 482+039 = 1250
-    sort    sorting 4-10 single-digit numbers
+    sort    sorting n single-digit numbers
             sort: 7 2 9 4 -> 2 4 7 9
-    find    longer-context retrieval: 6-10 records "id tag value", then 3 queries: an id, and
+    find    longer-context retrieval: n records "id tag value", then up to 3 queries: an id, and
             the value of the record with that id (the last is graded)
             find: 417 k 52; 803 b 96; 155 k 17 ? 155 -> 17 ? 417 -> 52 ? 803 -> 96
+
+Each task is graded by difficulty (`TaskSpec`: kv pairs 1/2/4/8, arith digits 1-4, sort length
+3/5/7/9, find records 1/2/4/8 by default); every held-out split holds the same number of examples
+of each level, so exact match is scored per level (`example_level`).
 
 Digits are single tokens (see tokenizer.py), keys single letters, so a prompt is short and a
 retrieval is a one-token match.
@@ -34,10 +38,11 @@ newline and no EOS, so this delimiter is unambiguous.
 Splits: "train"; "val" (importance / model selection); "search" (sub-network search); "test"
 (final evaluation only). Text documents go to a split by a hash of their content. Structured
 examples: every split samples the SAME generator (disjoint seeded RNG streams); the held-out splits
-hold distinct examples (test, then search, then val, each excluding the earlier ones) and train
-drops every exact duplicate of a held-out example (never the other way round, which would skew
-the held-out splits towards small buckets). So no string is in two splits and train and test
-follow one distribution (checked per bucket, `example_bucket`, in tests/test_data.py).
+hold distinct examples of every level (test, then search, then val, each excluding the earlier
+ones) and train drops every exact duplicate of a held-out example (never the other way round,
+which would skew the held-out splits towards small buckets). So no string is in two splits and
+train and test follow one distribution within every level (checked per level and bucket,
+`example_bucket`, in tests/test_data.py); train's level mix is `TaskSpec.level_weights`.
 
 Training reads far more structured examples than before (`TaskSpec.train`, repeats allowed as in
 an endless stream), so the default run sees each about once.
@@ -50,8 +55,10 @@ import glob
 import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import logging
+import math
 import random
 import re
 import warnings
@@ -172,36 +179,63 @@ def _task_order(task: str) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Shape of the structured tasks and how many examples each split gets at scale 1.0.
+    """The structured tasks: difficulty levels, formats, and example counts at scale 1.0.
 
-    Counts are (kv, arith, sort, find). At scale 1.0 the train split holds more examples than the
-    default `tiny` run reads (about 1M tokens, a quarter of them text), so each is seen about once.
+    One difficulty knob per task, graded in levels so that every model, however small, is measured
+    at a level it can reach (a model at 0% everywhere says nothing about what a child retains):
+
+        kv_levels      key-value pairs in the context (every key is then queried once)
+        arith_levels   operand digits (operands uniform in [0, 10^d), zero-padded to d digits)
+        sort_levels    numbers to sort
+        find_levels    records in the table
+
+    Training draws each example's level from `level_weights` (one weight per position in a task's
+    levels, the same for every task; empty: uniform): the level mix of the training stream is a
+    recipe knob (`data.task_spec.level_weights`). Every held-out split holds `held_out` examples
+    of *every* level (val, search, test), so each level is scored on its own. A level with few
+    possible examples (arith with 1 digit: 155) gives at most half of them to the held-out splits.
+    Counts `train` are per task (kv, arith, sort, find), over all levels; at scale 1.0 the train
+    split holds more examples than the default `tiny` run reads, so each is seen about once.
     """
 
-    kv_pairs: tuple[int, int] = (4, 8)
-    kv_value_digits: tuple[int, int] = (2, 3)
-    arith_digits: int = 3
+    kv_levels: tuple[int, ...] = (1, 2, 4, 8)
+    arith_levels: tuple[int, ...] = (1, 2, 3, 4)
+    sort_levels: tuple[int, ...] = (3, 5, 7, 9)
+    find_levels: tuple[int, ...] = (1, 2, 4, 8)
+    level_weights: tuple[float, ...] = ()
+    kv_value_digits: tuple[int, int] = (2, 2)  # fixed width: a value's digits sit at fixed offsets
     arith_ops: str = "+-"
     arith_reversed: bool = True  # answers least-significant digit first (482+39 = 125 means 521)
-    sort_length: tuple[int, int] = (4, 10)
     sort_value_max: int = 9
-    find_records: tuple[int, int] = (6, 10)
     find_queries: int = 3
     train: tuple[int, ...] = (12000, 30000, 12000, 6000)  # kv, arith, sort, find
-    held_out: tuple[int, int, int] = (200, 200, 400)  # val, search, test (each task)
+    held_out: tuple[int, int, int] = (50, 50, 100)  # val, search, test: per level of each task
 
     def __post_init__(self) -> None:
-        for name in ("kv_pairs", "kv_value_digits", "sort_length", "find_records", "train", "held_out"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))  # lists from YAML -> tuples
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), list):  # lists from YAML -> tuples
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         p = []
-        for name in ("kv_pairs", "kv_value_digits", "sort_length", "find_records"):
-            lo, hi = getattr(self, name)
-            if not 1 <= lo <= hi:
-                p.append(f"{name}={[lo, hi]} must be [min, max] with 1 <= min <= max")
-        if self.kv_pairs[1] > len(_KV_KEYS):
-            p.append(f"kv_pairs={list(self.kv_pairs)}: at most {len(_KV_KEYS)} pairs (single-letter keys)")
-        if not 1 <= self.arith_digits <= 18:
-            p.append(f"arith_digits={self.arith_digits} is out of range; allowed [1, 18]")
+        top = {"kv": len(_KV_KEYS), "arith": 18, "sort": 64, "find": 900}  # single-letter keys, 3-digit ids
+        for task in STRUCTURED_TASKS:
+            name, levels = f"{task}_levels", getattr(self, f"{task}_levels")
+            ok = isinstance(levels, tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in levels)
+            if (
+                not ok
+                or not levels
+                or list(levels) != sorted(set(levels))
+                or not 1 <= levels[0] <= levels[-1] <= top[task]
+            ):
+                p.append(f"{name}={list(levels) if ok else levels!r} must be increasing integers in [1, {top[task]}]")
+        counts = {len(self.levels(t)) for t in STRUCTURED_TASKS}
+        if self.level_weights:
+            if len(counts) > 1 or len(self.level_weights) not in counts:
+                p.append(f"level_weights={list(self.level_weights)} needs one weight per level of every task")
+            elif any(not w >= 0 for w in self.level_weights) or not sum(self.level_weights) > 0:
+                p.append(f"level_weights={list(self.level_weights)} must be >= 0 and not all 0")
+        lo, hi = self.kv_value_digits
+        if not 1 <= lo <= hi:
+            p.append(f"kv_value_digits={[lo, hi]} must be [min, max] with 1 <= min <= max")
         if not self.arith_ops or set(self.arith_ops) - set("+-"):
             p.append(f"arith_ops={self.arith_ops!r} must be a non-empty mix of '+' and '-'")
         if self.find_queries < 1:
@@ -217,20 +251,40 @@ class TaskSpec:
         if p:
             raise ConfigError("; ".join(p))
 
-    def counts(self, scale: float) -> dict[str, dict[str, int]]:
-        """{task: {split: n}}; every non-zero count stays at least 1 however small the scale."""
+    def levels(self, task: str) -> tuple[int, ...]:
+        if task not in STRUCTURED_TASKS:
+            raise ConfigError(f"unknown structured task {task!r}; allowed: {list(STRUCTURED_TASKS)}")
+        return getattr(self, f"{task}_levels")
+
+    def counts(self, scale: float) -> dict[str, dict[str, Any]]:
+        """{task: {"train": n, "val" / "search" / "test": {level: n}}}; a non-zero count stays at
+        least 1 however small the scale, and a level's held-out splits together take at most half
+        of its possible examples (`level_space`), shared in proportion to `held_out`."""
 
         def scaled(n: int) -> int:
             return max(1, round(n * scale)) if n else 0
 
-        val, search, test = self.held_out
-        return {
-            task: {"train": scaled(self.train[i]), "val": scaled(val), "search": scaled(search), "test": scaled(test)}
-            for i, task in enumerate(STRUCTURED_TASKS)
-        }
+        out: dict[str, dict[str, Any]] = {}
+        for i, task in enumerate(STRUCTURED_TASKS):
+            out[task] = {"train": scaled(self.train[i]), "val": {}, "search": {}, "test": {}}
+            for level in self.levels(task):
+                want = [scaled(n) for n in self.held_out]
+                fit = min(1.0, level_space(task, level, self) // 2 / max(1, sum(want)))
+                for split, n in zip(("val", "search", "test"), want):
+                    out[task][split][level] = int(n * fit) if fit < 1 else n
+        return out
 
 
 _KV_KEYS = "abcdefghijklmnopqrstuvwxyz"  # single letters: one token each
+
+
+def task_spec_from(fields: dict[str, Any]) -> TaskSpec:
+    """A TaskSpec with `fields` changed (a recipe's `data.task_spec`); unknown names are an error."""
+    allowed = [f.name for f in dataclasses.fields(TaskSpec)]
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown}; allowed: {allowed}")
+    return TaskSpec(**fields)
 
 
 def _number(rng: random.Random, digits: tuple[int, int]) -> int:
@@ -239,55 +293,92 @@ def _number(rng: random.Random, digits: tuple[int, int]) -> int:
     return rng.randint(10 ** (d - 1) if d > 1 else 0, 10**d - 1)
 
 
-def make_example(task: str, rng: random.Random, spec: TaskSpec | None = None) -> str:
-    """One structured example line (no trailing newline) drawn from `rng`."""
+def level_space(task: str, level: int, spec: TaskSpec) -> int:
+    """How many distinct examples a level can produce (a lower bound where the query order adds more)."""
+    if task == "kv":
+        lo, hi = spec.kv_value_digits
+        values = sum(10**d - (10 ** (d - 1) if d > 1 else 0) for d in range(lo, hi + 1))
+        return math.perm(len(_KV_KEYS), level) * values**level
+    if task == "arith":
+        n = 10**level
+        return ("+" in spec.arith_ops) * n * n + ("-" in spec.arith_ops) * n * (n + 1) // 2
+    if task == "sort":
+        return (spec.sort_value_max + 1) ** level
+    if task == "find":
+        return math.perm(900, level) * (26 * 90) ** level
+    raise ConfigError(f"unknown structured task {task!r}; allowed: {list(STRUCTURED_TASKS)}")
+
+
+def draw_level(task: str, rng: random.Random, spec: TaskSpec) -> int:
+    """A training example's level, drawn from `spec.level_weights` (uniform when empty)."""
+    levels = spec.levels(task)
+    return rng.choices(levels, weights=spec.level_weights or None)[0]
+
+
+def make_example(task: str, rng: random.Random, spec: TaskSpec | None = None, level: int | None = None) -> str:
+    """One structured example line (no trailing newline) drawn from `rng`, at `level` (default: drawn
+    from the spec's training mix). The held-out splits and train call this same generator."""
     spec = spec or TaskSpec()
+    level = draw_level(task, rng, spec) if level is None else level
     if task == "kv":
         # Every key is queried once, in a random order: each query is a retrieval the model learns
         # from (dense supervision); the graded answer is the last one.
-        keys = rng.sample(_KV_KEYS, rng.randint(*spec.kv_pairs))
+        keys = rng.sample(_KV_KEYS, level)
         values = dict(zip(keys, (_number(rng, spec.kv_value_digits) for _ in keys)))
         pairs = " ".join(f"{k}={v}" for k, v in values.items())
         queries = " ".join(f"? {k}={values[k]}" for k in rng.sample(keys, len(keys)))
         return f"kv: {pairs} {queries}"
     if task == "arith":
-        # Operands uniform in [0, 10^digits): most have `arith_digits` digits, as in "3-digit arithmetic".
-        # Fixed width: operands zero-padded to arith_digits, the answer to arith_digits + 1 digits.
-        d = spec.arith_digits
-        a, b = (rng.randrange(10**d) for _ in range(2))
+        # Operands uniform in [0, 10^level), zero-padded to `level` digits, the answer to level + 1.
+        a, b = (rng.randrange(10**level) for _ in range(2))
         op = rng.choice(spec.arith_ops)
         if op == "-" and a < b:
             a, b = b, a  # answers stay non-negative
-        answer = str(a + b if op == "+" else a - b).zfill(d + 1)
-        return f"arith: {a:0{d}d}{op}{b:0{d}d} = {answer[::-1] if spec.arith_reversed else answer}"
+        answer = str(a + b if op == "+" else a - b).zfill(level + 1)
+        return f"arith: {a:0{level}d}{op}{b:0{level}d} = {answer[::-1] if spec.arith_reversed else answer}"
     if task == "sort":
-        values = [rng.randint(0, spec.sort_value_max) for _ in range(rng.randint(*spec.sort_length))]
+        values = [rng.randint(0, spec.sort_value_max) for _ in range(level)]
         return f"sort: {' '.join(map(str, values))} -> {' '.join(map(str, sorted(values)))}"
     if task == "find":
         # Records "id tag value"; each query names an id, the answer is that record's value.
-        n = rng.randint(*spec.find_records)
-        ids = rng.sample(range(100, 1000), n)
+        ids = rng.sample(range(100, 1000), level)
         records = [(i, rng.choice(_KV_KEYS), rng.randint(10, 99)) for i in ids]
         table = "; ".join(f"{i} {tag} {v}" for i, tag, v in records)
-        queries = " ".join(f"? {i} -> {v}" for i, _, v in rng.sample(records, min(n, spec.find_queries)))
+        queries = " ".join(f"? {i} -> {v}" for i, _, v in rng.sample(records, min(level, spec.find_queries)))
         return f"find: {table} {queries}"
     raise ConfigError(f"unknown structured task {task!r}; allowed: {list(STRUCTURED_TASKS)}")
 
 
-def example_bucket(task: str, example: str) -> str:
-    """The difficulty bucket of an example, for checking that splits share one distribution:
-    kv pairs, sort length, find records, arith operand digit counts and operator ("3+2")."""
+def _context(task: str, example: str) -> str:
     prompt, _ = split_prompt_answer(task, example)
-    body = prompt[len(task) + 2 : -len(SEPARATORS[task])].split(" ? ")[0]  # the context, before any query
+    return prompt[len(task) + 2 : -len(SEPARATORS[task])].split(" ? ")[0]  # the context, before any query
+
+
+def example_level(task: str, example: str) -> int:
+    """The level of an example, read from its text: kv pairs, arith operand digits (the padded
+    width), sort length, find records."""
+    body = _context(task, example)
     if task == "kv":
-        return str(body.count("="))
+        return body.count("=")
     if task == "sort":
-        return str(len(body.split()))
+        return len(body.split())
     if task == "find":
-        return str(body.count(";") + 1)
+        return body.count(";") + 1
     if task == "arith":
-        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", body).groups()
+        return len(re.match(r"\d+", body).group())
+    raise ConfigError(f"unknown structured task {task!r}; allowed: {list(STRUCTURED_TASKS)}")
+
+
+def example_bucket(task: str, example: str) -> str:
+    """A feature of an example *within* its level, for checking that splits share one distribution
+    at every level: arith operand significant digits and operator ("3+2"), the smallest number of
+    a sort, the leading digit of the graded answer of kv and find."""
+    _, answer = split_prompt_answer(task, example)
+    if task == "arith":
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", _context(task, example)).groups()
         return f"{len(str(int(a)))}{op}{len(str(int(b)))}"  # significant digits
+    if task in ("sort", "kv", "find"):
+        return answer[0]
     raise ConfigError(f"unknown structured task {task!r}; allowed: {list(STRUCTURED_TASKS)}")
 
 
@@ -321,14 +412,16 @@ def answer_spans(task: str, example: str) -> list[tuple[int, int]]:
     return []
 
 
-def generate_examples(task: str, n: int, rng: random.Random, exclude: set[str], spec: TaskSpec) -> list[str]:
-    """Up to `n` distinct examples not in `exclude` (a held-out split). A small task space yields
-    fewer (logged)."""
+def generate_examples(
+    task: str, n: int, rng: random.Random, exclude: set[str], spec: TaskSpec, level: int | None = None
+) -> list[str]:
+    """Up to `n` distinct examples (at `level`, else drawn) not in `exclude` (a held-out split). A
+    small task space yields fewer (logged)."""
     out: dict[str, None] = {}
     attempts = 0
     while len(out) < n and attempts < 20 * n + 1000:
         attempts += 1
-        example = make_example(task, rng, spec)
+        example = make_example(task, rng, spec, level)
         if example not in exclude:
             out[example] = None
     if len(out) < n:
@@ -340,8 +433,8 @@ def sample_examples(task: str, n: int, rng: random.Random, exclude: set[str], sp
     """`n` independent draws (repeats allowed, as in an endless stream) minus those in `exclude`.
 
     Dropping only the exact duplicates of held-out items, and not repeats within the sample, keeps
-    the sample's distribution that of the generator: only buckets with few possible examples lose
-    a share, in proportion to how much of them the held-out splits hold."""
+    the sample's distribution that of the generator within every level: only levels with few
+    possible examples lose a share, in proportion to how much of them the held-out splits hold."""
     out = []
     for _ in range(n):
         example = make_example(task, rng, spec)
@@ -350,23 +443,28 @@ def sample_examples(task: str, n: int, rng: random.Random, exclude: set[str], sp
     return out
 
 
-def _rng(seed: int, task: str, split: str) -> random.Random:
+def _rng(seed: int, task: str, split: str, level: int | None = None) -> random.Random:
     # String seeds hash with SHA-512 inside `random`: stable across processes and PYTHONHASHSEED.
-    return random.Random(f"elasticmoe/{seed}/{task}/{split}")
+    return random.Random(f"elasticmoe/{seed}/{task}/{split}" + (f"/{level}" if level is not None else ""))
 
 
 def build_structured(seed: int = 0, scale: float = 1.0, spec: TaskSpec | None = None) -> Corpus:
     """The structured tasks. Every split samples the same generator (its own seeded stream); the
-    held-out splits hold distinct examples (test, then search, then val, each excluding the
-    earlier ones) and train drops every exact duplicate of a held-out example."""
+    held-out splits hold distinct examples of every level (test, then search, then val, each
+    excluding the earlier ones), interleaved level by level so that any evenly spaced subset keeps
+    the levels balanced, and train drops every exact duplicate of a held-out example."""
     spec = spec or TaskSpec()
     docs: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
     for task, counts in spec.counts(scale).items():
         held: set[str] = set()
         for split in ("test", "search", "val"):
-            examples = generate_examples(task, counts[split], _rng(seed, task, split), held, spec)
-            held.update(examples)
-            docs[split][task] = examples
+            by_level = []
+            for level in spec.levels(task):
+                rng = _rng(seed, task, split, level)
+                examples = generate_examples(task, counts[split][level], rng, held, spec, level)
+                held.update(examples)
+                by_level.append(examples)
+            docs[split][task] = [ex for row in itertools.zip_longest(*by_level) for ex in row if ex is not None]
         docs["train"][task] = sample_examples(task, counts["train"], _rng(seed, task, "train"), held, spec)
     return Corpus(docs, {"seed": seed, "scale": scale, "task_spec": dataclasses.asdict(spec)})
 

@@ -31,6 +31,9 @@ class DataConfig:
     seq_len: int = 128
     task_weights: dict[str, float] = field(default_factory=dict)  # training mix; empty = natural
     loss_on: str = "all"  # "answers": structured tasks' rows train on their answers only; text on every token
+    # the embedded corpus's structured tasks: data.TaskSpec fields to change (levels, level_weights
+    # = the training mix over levels, formats, counts), e.g. task_spec.level_weights=[4,3,2,1]
+    task_spec: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,13 @@ class Recipe:
         check_number(p, "data.seq_len", d.seq_len, 2, self.model.max_seq_len, integer=True)
         if not d.tokenizer and d.vocab_size != self.model.vocab_size:
             p.append(f"data.vocab_size={d.vocab_size!r} must equal model.vocab_size={self.model.vocab_size}")
+        if check_type(p, "data.task_spec", d.task_spec, dict) and d.task_spec:
+            from .data import task_spec_from
+
+            try:
+                task_spec_from(d.task_spec)
+            except ConfigError as exc:
+                p.append(f"data.task_spec: {exc}")
         if d.loss_on not in ("all", "answers"):
             p.append(f"data.loss_on={d.loss_on!r}; allowed ['all', 'answers']")
         if s.mode not in SAMPLING_MODES:

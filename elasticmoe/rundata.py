@@ -28,6 +28,7 @@ from .data import (
     build_default_corpus,
     corpus_from_texts,
     load_user_texts,
+    task_spec_from,
 )
 from .recipe import Recipe
 from .tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -131,7 +132,7 @@ class RunData:
 def _build_corpus(recipe: Recipe) -> Corpus:
     d = recipe.data
     if d.source == "default":
-        return build_default_corpus(recipe.train.seed, d.scale)
+        return build_default_corpus(recipe.train.seed, d.scale, spec=task_spec_from(d.task_spec))
     texts = load_user_texts(list(d.paths), d.text_field)
     if not texts:
         raise ConfigError(f"data.paths {list(d.paths)} gave an empty corpus")
@@ -225,8 +226,10 @@ def _data_identity(recipe: Recipe) -> str:
         "seed": recipe.train.seed,
         "model_vocab_size": recipe.model.vocab_size,
     }
-    if d.source == "default":  # the embedded corpus's task formats and sizes (data.py) changed with version 2
-        ident["corpus_version"] = 2
+    if d.source == "default":  # the embedded corpus's task formats and sizes (data.py): version 3 has levels
+        ident["corpus_version"] = 3
+        if d.task_spec:
+            ident["task_spec"] = d.task_spec
     return json.dumps(ident, sort_keys=True) + "\n"
 
 

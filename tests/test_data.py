@@ -24,10 +24,13 @@ from elasticmoe.data import (
     build_structured,
     corpus_from_texts,
     example_bucket,
+    example_level,
     generate_examples,
     hash_split,
+    level_space,
     load_user_texts,
     split_prompt_answer,
+    task_spec_from,
 )
 from elasticmoe.tokens import (
     BatchIterator,
@@ -65,16 +68,17 @@ def test_corpus_sizes_follow_scale(corpus: Corpus) -> None:
         for task in STRUCTURED_TASKS:
             n = counts[task][split]
             if split == "train":  # exact duplicates of held-out examples are dropped: a few at most
-                assert 0.99 * n <= len(corpus.docs[split][task]) <= n
-            else:
-                assert len(corpus.docs[split][task]) == n > 0
+                assert 0.95 * n <= len(corpus.docs[split][task]) <= n
+            else:  # every level held out on its own, at its count
+                levels = Counter(example_level(task, e) for e in corpus.docs[split][task])
+                assert levels == n and min(n.values()) > 0, (task, split)
     text = {split: corpus.docs[split]["text"] for split in SPLITS}
     assert sum(map(len, text["train"])) > 500_000  # pydoc topics alone are ~465k characters
     assert all(len(text[s]) >= 20 for s in ("val", "search", "test"))
     assert max(len(d) for d in text["train"]) <= 3000
 
 
-SMALL_SPACE = TaskSpec(arith_digits=1, sort_length=(1, 3), kv_pairs=(1, 1), kv_value_digits=(1, 1), find_records=(1, 1))
+SMALL_SPACE = TaskSpec(arith_levels=(1,), sort_levels=(1, 3), kv_levels=(1,), kv_value_digits=(1, 1), find_levels=(1,))
 
 
 @pytest.mark.parametrize("spec", [TaskSpec(), SMALL_SPACE])
@@ -111,27 +115,56 @@ CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7:
 
 
 def test_train_and_test_share_one_distribution() -> None:
-    """Per task, the difficulty buckets (kv pairs, sort length, find records, arith operand digits and
-    operator) of train and test agree by a chi-square test at the 0.1% level."""
-    corpus = build_structured(seed=0, scale=1.0)
+    """Per task and level, a feature of the examples (arith operand digits and operator, the smallest
+    number of a sort, the leading answer digit of kv and find) has one distribution in train and
+    test, by a chi-square test at the 0.1% level; train's level mix follows level_weights."""
+    spec = TaskSpec(level_weights=(1, 2, 3, 4))
+    corpus = build_structured(seed=0, scale=1.0, spec=spec)
     for task in STRUCTURED_TASKS:
-        train = [example_bucket(task, e) for e in corpus.docs["train"][task]]
-        test = [example_bucket(task, e) for e in corpus.docs["test"][task]]
-        stat, df = _chi2_two_sample(train, test)
-        assert df >= 3 and stat < CHI2_999[df], (task, stat, df)
+        levels = spec.levels(task)
+        train = Counter(example_level(task, e) for e in corpus.docs["train"][task])
+        for level, weight in zip(levels, spec.level_weights):
+            expected = weight / 10 * spec.counts(1.0)[task]["train"]
+            held = sum(spec.counts(1.0)[task][s][level] for s in ("val", "search", "test"))
+            expected *= 1 - held / level_space(task, level, spec)  # held-out duplicates dropped
+            assert abs(train[level] - expected) < 4 * expected**0.5 + 1, (task, level, train[level], expected)
+        for level in levels:
+            tr = [example_bucket(task, e) for e in corpus.docs["train"][task] if example_level(task, e) == level]
+            te = [example_bucket(task, e) for e in corpus.docs["test"][task] if example_level(task, e) == level]
+            stat, df = _chi2_two_sample(tr, te)
+            assert df >= 1 and stat < CHI2_999[df], (task, level, stat, df)
+
+
+def test_levels_are_held_out_apart_and_parse_back() -> None:
+    """Each level's held-out examples are distinct and at that level (read back from the text), the
+    held-out splits share no example, and a level with a small space gives at most half of it to
+    the held-out splits (arith with 1 digit: 155 possible examples)."""
+    spec = TaskSpec()
+    corpus = build_structured(seed=1, scale=1.0, spec=spec)
+    for task in STRUCTURED_TASKS:
+        for level in spec.levels(task):
+            held = [
+                e for s in ("val", "search", "test") for e in corpus.docs[s][task] if example_level(task, e) == level
+            ]
+            assert len(held) == len(set(held)) <= level_space(task, level, spec) // 2
+            assert len(held) == sum(spec.counts(1.0)[task][s][level] for s in ("val", "search", "test")) > 0
+    assert level_space("arith", 1, spec) == 100 + 55
+    assert level_space("sort", 3, spec) == 1000
+    small = spec.counts(1.0)["arith"]
+    assert small["test"][1] < small["test"][2] == 100
 
 
 def test_old_split_scheme_fails_the_distribution_check() -> None:
     """The scheme this replaced (held-out drawn first, then a distinct-only train set excluding it)
     starves train of the small buckets: sort of length 3 (1000 possible lists) and test disagree."""
-    spec = TaskSpec(sort_length=(3, 8))
+    spec = TaskSpec(sort_levels=(3, 4, 5, 6, 7, 8), held_out=(20, 20, 60))
     new = build_structured(seed=0, scale=1.0, spec=spec)
     held = {e for split in ("val", "search", "test") for e in new.docs[split]["sort"]}
     old_train = generate_examples("sort", len(new.docs["train"]["sort"]), _rng(0, "sort", "train"), held, spec)
-    test = [example_bucket("sort", e) for e in new.docs["test"]["sort"]]
-    stat, df = _chi2_two_sample([example_bucket("sort", e) for e in old_train], test)
+    test = [str(example_level("sort", e)) for e in new.docs["test"]["sort"]]
+    stat, df = _chi2_two_sample([str(example_level("sort", e)) for e in old_train], test)
     assert stat > CHI2_999[df], stat
-    stat, df = _chi2_two_sample([example_bucket("sort", e) for e in new.docs["train"]["sort"]], test)
+    stat, df = _chi2_two_sample([str(example_level("sort", e)) for e in new.docs["train"]["sort"]], test)
     assert stat < CHI2_999[df], stat
 
 
@@ -152,9 +185,10 @@ def _solve(task: str, prompt: str) -> str:
         assert sorted(q.split("=")[0] for q in asked) == sorted(values)  # every key queried once
         assert all(values[k] == v for k, v in (q.split("=") for q in asked[:-1]))
         return values[asked[-1][:-1]]
-    if task == "arith":  # fixed width: 3-digit operands, 4-digit answers least-significant digit first
-        a, op, b = re.fullmatch(r"(\d{3})([+-])(\d{3}) = ", body).groups()
-        return str(int(a) + int(b) if op == "+" else int(a) - int(b)).zfill(4)[::-1]
+    if task == "arith":  # fixed width: d-digit operands, (d+1)-digit answers least-significant digit first
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+) = ", body).groups()
+        assert len(a) == len(b)
+        return str(int(a) + int(b) if op == "+" else int(a) - int(b)).zfill(len(a) + 1)[::-1]
     if task == "find":
         records, *asked = body.split(" ? ")
         query = asked[-1][: -len(" -> ")]
@@ -190,13 +224,15 @@ def test_split_prompt_answer_convention_and_errors() -> None:
 
 def test_task_spec_validation() -> None:
     with pytest.raises(ConfigError) as err:
-        TaskSpec(kv_pairs=(3, 1), arith_ops="*")
-    assert "kv_pairs" in str(err.value) and "arith_ops" in str(err.value)
+        TaskSpec(kv_levels=(3, 1), arith_ops="*")
+    assert "kv_levels" in str(err.value) and "arith_ops" in str(err.value)
+    with pytest.raises(ConfigError, match="one weight per level"):
+        TaskSpec(level_weights=(1, 2))
     assert TaskSpec(train=[1, 2, 3, 4]).train == (1, 2, 3, 4)
     with pytest.raises(ConfigError, match="train needs 4"):
         TaskSpec(train=[1, 2, 3])
-    with pytest.raises(ConfigError, match="single-letter"):
-        TaskSpec(kv_pairs=(4, 30))
+    with pytest.raises(ConfigError, match=r"kv_levels=\[4, 30\] must be increasing integers in \[1, 26\]"):
+        TaskSpec(kv_levels=(4, 30))
     with pytest.raises(ConfigError):
         build_default_corpus(tasks=("text", "poetry"))
 
@@ -507,3 +543,20 @@ def test_stratified_errors() -> None:
         it.load_state_dict(StratifiedBatches(small, {"text": 1, "kv": 1}, 16, 4, 0, eos_id=EOS).state_dict())
     with pytest.raises(ConfigError):  # an old single-stream state
         it.load_state_dict({"epoch": 0, "position": 0, "seed": 0, "windows": 10})
+
+
+def test_recipe_task_spec_knob() -> None:
+    """data.task_spec changes the TaskSpec the embedded corpus is built with (levels, the training
+    mix over levels); a bad field is named at load time, and the prepared data's identity changes."""
+    from elasticmoe.recipe import load_recipe
+    from elasticmoe.rundata import _data_identity
+
+    with pytest.raises(ConfigError, match="data.task_spec: .*level_weights"):  # the other tasks have 4 levels
+        load_recipe("micro", ["data.task_spec.kv_levels=[1,2]", "data.task_spec.level_weights=[3,1]"])
+    recipe = load_recipe("micro", ["data.task_spec.level_weights=[4,3,2,1]"])
+    assert task_spec_from(recipe.data.task_spec).level_weights == (4, 3, 2, 1)
+    assert _data_identity(recipe) != _data_identity(load_recipe("micro"))
+    with pytest.raises(ConfigError, match="data.task_spec: unknown field"):
+        load_recipe("micro", ["data.task_spec.kv_pairs=[1,2]"])
+    with pytest.raises(ConfigError, match="data.task_spec: .*sort_levels"):
+        load_recipe("micro", ["data.task_spec.sort_levels=[5,3]"])

@@ -53,7 +53,7 @@ LONG_TEXT = " ".join(f"Paragraph {i} says that the value of item {i * 7} is stor
 @pytest.fixture(scope="module")
 def corpus() -> Corpus:
     # test split: 40 examples of each task; few kv pairs and find records, so prompts fit MAX_LEN
-    spec = TaskSpec(kv_pairs=(4, 5), kv_value_digits=(2, 2), find_records=(3, 5), find_queries=1)
+    spec = TaskSpec(kv_levels=(2, 4), find_levels=(1, 3), find_queries=1)
     structured = build_structured(seed=3, scale=0.1, spec=spec)
     docs = {"train": dict(structured.docs["train"]), "test": dict(structured.docs["test"])}
     docs["train"]["text"] = SHORT_TEXTS * 3 + [LONG_TEXT]
