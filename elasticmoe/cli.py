@@ -233,7 +233,7 @@ def cmd_export(args) -> int:
 def cmd_import_hf(args) -> int:
     from .checkpoint import atomic_write_text, save_model
     from .config import ElasticSpace, dump_yaml
-    from .hf_import import import_hf
+    from .hf_import import import_hf, source_tokenizer
     from .recipe import DataConfig
 
     space = None
@@ -247,20 +247,13 @@ def cmd_import_hf(args) -> int:
         raise ConfigError(f"{out} already holds a parent")
     model = import_hf(args.hf_dir, space)  # everything is checked before the output folder is made
     space = space or ElasticSpace.default_for(model.config)
-    tok = Path(args.hf_dir) / "tokenizer.json"
-    if tok.is_file():  # copied into the run: it must load, and fit the embedding, before anything is written
-        from .tokenizer import read_tokenizer_file
-
-        n = read_tokenizer_file(tok).get_vocab_size()
-        _require(
-            n <= model.config.vocab_size, f"{tok} has {n} ids but the model's vocab_size is {model.config.vocab_size}"
-        )
+    tok = source_tokenizer(args.hf_dir, model.config.vocab_size)  # copied into the run: checked first
     with writing(out, "import-hf"):
         parent = save_model(
             out / "parent",
             model,
             {"kind": "imported", "source": str(Path(args.hf_dir).resolve())},
-            extra_files={"tokenizer.json": tok} if tok.is_file() else None,
+            extra_files={"tokenizer.json": tok} if tok else None,
         ).resolve()
         # paths point into the run's own copy, never at the source folder or the working directory
         recipe = {
@@ -268,7 +261,7 @@ def cmd_import_hf(args) -> int:
             "space": space.to_dict(),
             "data": {
                 "vocab_size": model.config.vocab_size,
-                "tokenizer": str(parent / "tokenizer.json") if tok.is_file() else "",
+                "tokenizer": str(parent / "tokenizer.json") if tok else "",
                 "seq_len": min(DataConfig.seq_len, model.config.max_seq_len),
             },
             "train": {"init_from": str(parent)},
@@ -277,6 +270,33 @@ def cmd_import_hf(args) -> int:
     print(
         f"imported {args.hf_dir} -> {out / 'parent'} ({model.num_params():,} params); continue elastic training "
         f"with: elasticmoe train --config {out / 'recipe.yaml'} --out NEW_RUN"
+    )
+    return 0
+
+
+def cmd_elastify(args) -> int:
+    from .elastify import elastify, plan
+
+    _require(args.tokens is None or args.tokens >= 1, f"--tokens={args.tokens} must be >= 1")
+    _finite(args.lr, 0, "--lr")
+    if args.parent_flops is not None:
+        _finite(args.parent_flops, 0, "--parent-flops")
+    out = Path(args.out)
+    check_separate(out, [args.hf_dir, args.space, *args.data])
+    p = None
+    if not args.resume:  # import and check everything before the run folder is made
+        from .config import ElasticSpace, load_mapping
+
+        space = ElasticSpace.from_dict(load_mapping(args.space)) if args.space else None
+        p = plan(args.hf_dir, args.config, args.set, space, args.tokens, args.lr, args.data, args.parent_flops)
+        check_separate(out, recipe_inputs(p.recipe))
+    with writing(out, "elastify", create=not args.resume):
+        res = elastify(p, out, resume=args.resume, progress=not args.quiet)
+    val = res.final_eval.get("largest", {})
+    print(
+        f"elastic parent written to {out / 'parent'} ({res.step} steps; validation "
+        + ", ".join(f"{t} {v:.3f}" for t, v in val.items())
+        + f" nats/token), the original kept as {out / 'original'}; next: elasticmoe search {out} ..."
     )
     return 0
 
@@ -606,6 +626,25 @@ def _args_import_hf(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", help="ElasticSpace file (YAML/JSON); default: a space derived from the config")
 
 
+def _args_elastify(p: argparse.ArgumentParser) -> None:
+    _add_recipe_args(p)
+    p.add_argument("hf_dir", help="a local transformers MoE folder (safetensors)")
+    p.add_argument("--out", required=True, help="new run folder")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="text, .jsonl or HF dataset files (globs; repeatable); default: the recipe's source (the embedded corpus)",
+    )
+    p.add_argument("--tokens", type=int, default=None, help="elastic training budget (default: the recipe's steps)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the elastic training")
+    p.add_argument("--parent-flops", type=float, default=None, metavar="F", help="FLOPs of the original's training")
+    p.add_argument("--space", help="ElasticSpace file (YAML/JSON); default: a space derived from the config")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_budget(p: argparse.ArgumentParser, required: bool) -> None:
     budget = p.add_mutually_exclusive_group(required=required)
     budget.add_argument("--tokens", type=int)
@@ -736,6 +775,7 @@ COMMANDS = {
     "extract": ("materialise a sub-network as a standalone, verified child", _args_extract),
     "export": ("write a model folder in another tool's format", _args_export),
     "import-hf": ("turn a local Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder into an elastic parent", _args_import_hf),
+    "elastify": ("make a local transformers MoE elastic, the original frozen as its teacher", _args_elastify),
     "finetune": ("distil a child from its parent (or plain fine-tune without --teacher)", _args_finetune),
     "baseline": ("a measured alternative to an elastic child (scratch is the denominator)", _args_baseline),
     "eval": ("per-task quality on the held-out test split, with retention vs a parent", _args_eval),

@@ -367,6 +367,20 @@ def _our_state(model_type: str, config: ModelConfig, load) -> dict[str, torch.Te
     return state
 
 
+def source_tokenizer(hf_dir: str | Path, vocab_size: int) -> Path | None:
+    """The folder's tokenizer.json, checked before anything is written (it parses, is at most
+    64 MiB and its ids fit the embedding), or None when the folder has none."""
+    from .tokenizer import read_tokenizer_file
+
+    tok = Path(hf_dir) / "tokenizer.json"
+    if not tok.is_file():
+        return None
+    n = read_tokenizer_file(tok).get_vocab_size()
+    if n > vocab_size:
+        raise HFError(f"{tok} has {n} ids but the model's vocab_size is {vocab_size}")
+    return tok
+
+
 def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None) -> ElasticMoE:
     """Read a local Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder (safetensors) into an ElasticMoE (float32).
 
@@ -412,4 +426,4 @@ def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None) -> ElasticM
     return model
 
 
-__all__ = ["import_hf", "read_hf_config"]
+__all__ = ["import_hf", "read_hf_config", "source_tokenizer"]

@@ -665,7 +665,7 @@ def retrofit_child_dirs(out: Path | str, child: str) -> tuple[Path, Path]:
     return Path(out) / "children" / child, Path(out) / "finetuned" / child / "model"
 
 
-def _retrofit_recipe(recipe: Recipe, n_steps: int, lr: float) -> Recipe:
+def retrofit_recipe(recipe: Recipe, n_steps: int, lr: float) -> Recipe:
     """The run's elastic recipe for a short retrofit: its space, sampling and in-place
     distillation; its re-orderings at the same fractions of training; no full-network warm-up (the
     dense parent is that network, trained); the given learning rate; a batch order of its own."""
@@ -718,7 +718,7 @@ def _retrofit_parent(run_dir: Path, recipe: Recipe, data, out: Path, n_steps: in
     tokens = n_steps * recipe.train.batch_size * seq
     info = {"steps": n_steps, "tokens": tokens, "lr": lr, "dense": str(dense_dir / "parent")}
     extra = {"method": "retrofit", "retrofit": info}
-    job = Job(_retrofit_recipe(recipe, n_steps, lr), out, data, phase="retrofit", model=model, extra_meta=extra)
+    job = Job(retrofit_recipe(recipe, n_steps, lr), out, data, phase="retrofit", model=model, extra_meta=extra)
     par = distmod.setup(resolve_device(recipe.train.device), "auto")
     try:
         run_job(job, par, resuming, progress=progress, ledger_path=ledger.path)
@@ -742,7 +742,7 @@ def retrofit_baseline(
     """Retrofit: the normally trained (dense) parent made elastic after the fact, as NVIDIA's
     Nemotron Elastic does with a trained model. The dense parent (RUN/baselines/`dense`) is
     re-ordered by importance (reorder.py, on the calibration batches prune-distill uses), then
-    trained elastically for `tokens`/`steps` with the run's elastic recipe (`_retrofit_recipe`),
+    trained elastically for `tokens`/`steps` with the run's elastic recipe (`retrofit_recipe`),
     then the shape of `arch` is extracted zero-shot and fine-tuned (distilled from the retrofitted
     parent) for `finetune_tokens` (default: the retrofit's own token budget).
 

@@ -352,6 +352,9 @@ def write_report(
 
     methods_md, methods = compare(run_dir, records, ledger.ref, costs, evals or {})
     md += "\n" + methods_md if methods_md else ""
+    from .reference import reference_section  # an elastified run: the children against the original
+
+    md += reference_section(run_dir, costs, evals or {})
     md += arena_section(run_dir)
     if problems:
         shown = "; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
