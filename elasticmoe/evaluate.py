@@ -18,7 +18,10 @@ What `evaluate` measures (every number has a unit and a formula):
   compared with the answer as strings. Training documents are `prompt + answer + EOS` and answers
   hold no newline or EOS, so the answer's end is unambiguous (tests/test_evaluate.py checks it).
   Prompts of equal token length are batched (exact: no padding).
-  CI: Wilson score interval (Wilson 1927) at 95%.
+  CI: Wilson score interval (Wilson 1927) at 95%. Scored per difficulty level too (`levels`:
+  {level: {exact_match, lo, hi, n}}, `data.example_level`); `max_examples` is shared equally
+  between the levels (`select_by_level`), and `per_example` (0/1, in order) lets two models be
+  compared on the same examples.
 * `<task>/answer-loss` for each structured task: teacher-forced nats per token of the reference
   answer given `[EOS] + prompt` (mean over examples, bootstrap CI). Exact match stays at 0 until a
   model gets whole answers right; this graded companion shows what a child retains before that.
@@ -48,6 +51,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +62,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import ConfigError
 from .cost import cost
-from .data import STRUCTURED_TASKS, Corpus, split_prompt_answer
+from .data import STRUCTURED_TASKS, Corpus, example_level, split_prompt_answer
 from .subnet import Subnet
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -103,6 +107,17 @@ def select_examples(docs: Sequence[str], max_examples: int | None) -> list[str]:
         raise ConfigError(f"max_examples={max_examples} must be >= 1")
     index = np.unique(np.linspace(0, len(docs) - 1, max_examples).round().astype(np.int64))
     return [docs[i] for i in index]
+
+
+def select_by_level(task: str, docs: Sequence[str], max_examples: int | None) -> list[str]:
+    """`select_examples` within each level of a structured task (an equal share of `max_examples`
+    per level, rounded up), interleaved level by level: the same examples for every model."""
+    by_level: dict[int, list[str]] = defaultdict(list)
+    for doc in docs:
+        by_level[example_level(task, doc)].append(doc)
+    share = None if max_examples is None else max(1, math.ceil(max_examples / len(by_level)))
+    groups = [select_examples(by_level[level], share) for level in sorted(by_level)]
+    return [d for row in zip_longest(*groups) for d in row if d is not None]
 
 
 def answer_budget(answers: Sequence[str]) -> int:
@@ -343,7 +358,8 @@ def evaluate_exact_match(
     predictions = greedy_continuations(
         model, tokenizer, [p for p, _ in pairs], answer_budget(answers), subnet, device, batch_size, work
     )
-    correct = [p == a for p, a in zip(predictions, answers)]
+    correct = [int(p == a) for p, a in zip(predictions, answers)]
+    levels = [example_level(task, e) for e in examples]
     k, n = sum(correct), len(correct)
     lo, hi = wilson_interval(k, n)
     return {
@@ -353,8 +369,23 @@ def evaluate_exact_match(
         "n": n,
         "higher_is_better": True,
         "correct": k,
+        "levels": level_scores(correct, levels),
+        # per example, in order, for paired comparisons of two models on the same examples
+        "per_example": correct,
+        "example_levels": levels,
         "samples": [{"prompt": p, "answer": a, "prediction": q} for (p, a), q in zip(pairs[:samples], predictions)],
     }
+
+
+def level_scores(correct: Sequence[int], levels: Sequence[int]) -> dict[str, dict[str, float]]:
+    """{level: {"exact_match", "lo", "hi", "n"}} (levels ascending, as strings for JSON): the share of
+    correct answers at each level with its Wilson 95% interval."""
+    out = {}
+    for level in sorted(set(levels)):
+        hits = [c for c, lv in zip(correct, levels) if lv == level]
+        lo, hi = wilson_interval(sum(hits), len(hits))
+        out[str(level)] = {"exact_match": sum(hits) / len(hits), "lo": lo, "hi": hi, "n": len(hits)}
+    return out
 
 
 # -- one model, all tasks -------------------------------------------------------------------------
@@ -411,13 +442,14 @@ def evaluate(
     results: dict[str, Any] = {}
     try:
         for task in tasks:
-            docs = select_examples(corpus.docs[split][task], max_examples)
             if task in STRUCTURED_TASKS:
+                docs = select_by_level(task, corpus.docs[split][task], max_examples)
                 results[task] = evaluate_exact_match(model, tokenizer, task, docs, subnet, device, work, batch_size)
                 results[f"{task}{ANSWER_LOSS_SUFFIX}"] = evaluate_answer_loss(
                     model, tokenizer, task, docs, subnet, device, work, n_boot, seed
                 )
             else:  # free text (the default "text" task or a user's own): bits per byte
+                docs = select_examples(corpus.docs[split][task], max_examples)
                 results[task] = evaluate_text(model, tokenizer, docs, subnet, device, work, n_boot, seed)
             log.info(
                 "eval %s %s: %s %.4f [%.4f, %.4f] n=%d",
@@ -453,12 +485,19 @@ def evaluate_answer_loss(
     per_example = continuation_nats(model, tokenizer, pairs, subnet, device, work)
     ones = np.ones_like(per_example)
     lo, hi = bootstrap_ratio_ci(per_example, ones, n_boot, seed)
+    levels = [example_level(task, e) for e in examples]
     return {
         "metric": "answer_nats_per_token",
         "score": float(per_example.mean()),
         "ci": [lo, hi],
         "n": len(per_example),
         "higher_is_better": False,
+        "levels": {
+            str(lv): {"answer_loss": float(per_example[[x == lv for x in levels]].mean()), "n": levels.count(lv)}
+            for lv in sorted(set(levels))
+        },
+        "per_example": [round(float(x), 5) for x in per_example],
+        "example_levels": levels,
     }
 
 
@@ -748,6 +787,8 @@ __all__ = [
     "retention_of",
     "retention_table",
     "rolling_windows",
+    "level_scores",
+    "select_by_level",
     "select_examples",
     "wilson_interval",
     "write_eval",

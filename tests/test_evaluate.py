@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from elasticmoe.config import ModelConfig
-from elasticmoe.data import STRUCTURED_TASKS, Corpus, TaskSpec, build_structured, split_prompt_answer
+from elasticmoe.data import STRUCTURED_TASKS, Corpus, TaskSpec, build_structured, example_level, split_prompt_answer
 from elasticmoe.evaluate import (
     answer_budget,
     arena_examples,
@@ -166,11 +166,44 @@ def test_exact_match_right_wrong_half(corpus, tokenizer) -> None:
 
 
 def test_max_examples_are_evenly_spaced_and_shared(corpus, tokenizer) -> None:
+    """max_examples is shared equally between the levels, evenly spaced within each."""
     model = Scripted(
         tokenizer.vocab_size, answering(tokenizer, corpus, lambda i, a: a if i < 20 else "x"), tokenizer.eos_id
     )
-    r = evaluate(model, corpus, tokenizer, tasks=["sort"], max_examples=10)["tasks"]["sort"]
-    assert r["n"] == 10 and r["score"] == pytest.approx(0.5)  # 40 examples, first half right: 5 of 10
+    r = evaluate(model, corpus, tokenizer, tasks=["sort"], max_examples=8)["tasks"]["sort"]
+    docs = corpus.docs["test"]["sort"]
+    by_level = {lv: [d for d in docs if example_level("sort", d) == lv] for lv in (3, 5, 7, 9)}
+    chosen = {lv: [ds[0], ds[-1]] for lv, ds in by_level.items()}  # 2 evenly spaced of each level: both ends
+    right = {lv: sum(docs.index(d) < 20 for d in ds) for lv, ds in chosen.items()}
+    assert r["n"] == 8 and {lv: v["n"] for lv, v in r["levels"].items()} == dict.fromkeys(("3", "5", "7", "9"), 2)
+    assert {int(lv): v["exact_match"] * 2 for lv, v in r["levels"].items()} == right
+    assert r["score"] == pytest.approx(sum(right.values()) / 8)
+
+
+def test_exact_match_per_level_with_wilson_intervals(corpus, tokenizer) -> None:
+    """Right on every kv example with 2 pairs and none with 4; right on every other sort example:
+    each level's exact match, n and Wilson interval, and the answer loss per level."""
+    eos, seqs = tokenizer.eos_id, []
+    for task in ("kv", "sort"):
+        for i, example in enumerate(corpus.docs["test"][task]):
+            prompt, answer = split_prompt_answer(task, example)
+            right = example_level(task, example) == 2 if task == "kv" else i % 2 == 0
+            seqs.append([eos] + tokenizer.encode(prompt) + tokenizer.encode(answer if right else "1" + answer) + [eos])
+    model = Scripted(tokenizer.vocab_size, script(tokenizer, seqs), eos)
+    res = evaluate(model, corpus, tokenizer, tasks=["kv", "sort"])["tasks"]
+    kv, n2 = res["kv"]["levels"], sum(example_level("kv", e) == 2 for e in corpus.docs["test"]["kv"])
+    assert set(kv) == {"2", "4"} and kv["2"]["n"] == n2 > 0 and kv["4"]["n"] == len(corpus.docs["test"]["kv"]) - n2
+    assert kv["2"]["exact_match"] == 1.0 and (kv["2"]["lo"], kv["2"]["hi"]) == wilson_interval(n2, n2)
+    assert kv["4"]["exact_match"] == 0.0 and kv["4"]["lo"] == 0.0
+    docs = corpus.docs["test"]["sort"]
+    for lv, got in res["sort"]["levels"].items():
+        index = [i for i, e in enumerate(docs) if example_level("sort", e) == int(lv)]
+        k = sum(i % 2 == 0 for i in index)
+        assert (got["n"], got["exact_match"]) == (len(index), k / len(index))
+        assert (got["lo"], got["hi"]) == wilson_interval(k, len(index))
+    assert res["sort"]["per_example"] == [int(i % 2 == 0) for i in range(len(docs))]
+    loss = res["kv/answer-loss"]["levels"]  # the model is sure of its answers: ~0 nats when right
+    assert loss["2"]["answer_loss"] < 0.01 < loss["4"]["answer_loss"] and loss["4"]["n"] == kv["4"]["n"]
 
 
 # -- text: bits per byte -------------------------------------------------------------------------
