@@ -355,6 +355,10 @@ def write_report(
     from .reference import reference_section  # an elastified run: the children against the original
 
     md += reference_section(run_dir, costs, evals or {})
+    from .skills import skills_section  # exact match by level and the retention verdicts (issue 24)
+
+    skills_md, skills = skills_section(run_dir, _read(run_dir / "eval" / "results.json").get("models", {}))
+    md += skills_md
     md += arena_section(run_dir)
     if problems:
         shown = "; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
@@ -393,6 +397,7 @@ def write_report(
         "retention": retention or [],
         "ledger_problems": problems,
         "methods": methods,
+        "skills": skills,
     }
     atomic_write_text(run_dir / "report.md", md)
     atomic_write_text(run_dir / "report.json", json.dumps(data, indent=2) + "\n")
