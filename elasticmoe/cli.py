@@ -320,6 +320,7 @@ def cmd_search(args) -> int:
     from rich.console import Console
 
     from .phases import search_run
+    from .search import parse_objective
     from .search_output import format_table
 
     _require(args.batch >= 1, f"--batch={args.batch} must be >= 1")
@@ -345,6 +346,7 @@ def cmd_search(args) -> int:
             batch=args.batch,
             seq_len=args.seq_len,
             latency=args.latency,
+            objectives={"cli": parse_objective(args.objective)},
         )["cli"]
     Console().print(format_table(result))
     print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
@@ -601,6 +603,11 @@ def _args_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-layer", action="store_true", help="search per-layer (heterogeneous) sub-networks")
     p.add_argument("--latency", action="store_true", help="measure a latency table even without a latency limit")
     p.add_argument("--windows", type=int, default=16, help="search-split windows per task")
+    p.add_argument(
+        "--objective",
+        default=None,
+        help="rank by a weighted task score, e.g. find=1,text=0.2 (weights of the per-task search-split losses)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="default RUN_DIR/search")
 

@@ -349,9 +349,11 @@ def search_run(
     seq_len: int | None = None,
     latency: bool = False,
     skip_impossible: bool = False,
+    objectives: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """The search stage: constraint searches over the run's parent, in order, sharing one evaluator
-    (a sub-network evaluated once is not evaluated again) and one latency table.
+    (a sub-network evaluated once is not evaluated again) and one latency table. `objectives`: name
+    -> task weights (`search.parse_objective`) that search ranks by (default: every task alike).
 
     `searches`: name -> constraints (what `search.parse_constraints` takes), each taken at `batch`
     sequences of `seq_len` tokens (default the recipe's). Each search is a ledger phase `search`
@@ -389,10 +391,13 @@ def search_run(
     results: dict[str, Any] = {}
     for name, cons in parsed.items():
         try:
+            objective = (objectives or {}).get(name)
             key = _search_key(same, name, cons.given(), seed, per_layer, windows, (dests or {}).get(name))
+            if objective:  # keys of searches without one stay as they were
+                key = _search_key(same, name, key, objective)
             with ledger.phase("search", device=str(dev), model=name, constraints=cons.given(), key=key) as rec:
                 result = search(
-                    evaluator,
+                    evaluator.weighted(objective),
                     recipe.space,
                     parent.layer_order,
                     cons,

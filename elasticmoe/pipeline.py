@@ -11,7 +11,8 @@ only decides the arguments (the family, the budgets) and records its outputs in 
 Children are chosen by constraint searches; the default family is the ERNIE-5.1 shape (total
 params <= 1/3 and active <= 1/2 of the parent) plus two others, and a measured from-scratch
 baseline is trained for the ERNIE-shaped child with the parent's token budget, so the report's
-percentages rest on a measurement.
+percentages rest on a measurement. Beside the ERNIE-shaped child, a search-targeted one
+(`TARGETED`: same constraints, ranked by the find task, fine-tuned on that task mix).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ DEFAULT_FAMILY: dict[str, dict[str, float]] = {
     "active-third": {"max_active_ratio": 1 / 3},
     "half-latency": {"max_latency_ratio": 1 / 2},
 }
+# search-targeted children (the seed's variants "optimized for search"): the constraints of the
+# family member `like`, candidates ranked by a weighted task score (`search --objective`), the
+# fine-tune on that task mix; the report compares each with `like` on every task. Added to a
+# family only when it holds `like`.
+TARGETED: dict[str, dict] = {"ernie51-find": {"like": "ernie51-shape", "objective": {"find": 1.0, "text": 0.2}}}
 # retrofit baselines (--baselines all): folder name -> elastic training budget as a multiple of the
 # fine-tune budget (the marginal budget prune-distill gets, and a larger one)
 RETROFIT_BUDGETS = {"retrofit": 1, "retrofit-4x": 4}
@@ -57,12 +63,15 @@ class Pipeline:
         eval_examples: int = 100,
         progress: bool = True,
         baselines: str = "reference",
+        targeted: dict[str, dict] | None = None,
     ):
         if baselines not in ("reference", "all"):
             raise ConfigError(f"baselines={baselines!r}; allowed 'reference' (the ERNIE-shaped child) or 'all'")
         self.baselines = baselines
         self.recipe, self.run = recipe, Path(run_dir)
         self.family = family or DEFAULT_FAMILY
+        targeted = TARGETED if targeted is None else targeted
+        self.targeted = {name: t for name, t in targeted.items() if t["like"] in self.family}
         self.finetune_fraction, self.eval_examples, self.progress = finetune_fraction, eval_examples, progress
         self.state_path = self.run / "pipeline.json"
         self.state: dict[str, Any] = read_json(self.state_path) if self.state_path.exists() else {"phases": {}}
@@ -117,13 +126,16 @@ class Pipeline:
     def phase_search(self) -> dict:
         from .phases import search_run
 
+        searches = {**self.family, **{name: self.family[t["like"]] for name, t in self.targeted.items()}}
+        objectives = {name: t["objective"] for name, t in self.targeted.items()}
         results = search_run(
             self.run,
-            self.family,
+            searches,
             self.run / "search",
             device=self.recipe.train.device,
             latency=True,
             skip_impossible=True,
+            objectives=objectives,
         )
         reference = next(iter(self.family))
         if isinstance(results[reference], ConfigError):
@@ -139,7 +151,8 @@ class Pipeline:
                 from .search_output import format_table
 
                 Console().print(format_table(result))
-            taken = {ch["subnet"] for ch in chosen.values()}
+            # a targeted child may share its general twin's shape: its fine-tune differs
+            taken = set() if name in self.targeted else {ch["subnet"] for ch in chosen.values()}
             fresh = [c for c in result.frontier if c.text not in taken and c.subnet != result.parent.subnet]
             if not fresh:
                 print(f"  {name}: skipped, every frontier point is already in the family")
@@ -151,6 +164,7 @@ class Pipeline:
                 "loss": best.loss,
                 "params": best.params,
                 "active_params": best.active_params,
+                **self.targeted.get(name, {}),  # like, objective
             }
         return {"children": chosen}
 
@@ -214,13 +228,14 @@ class Pipeline:
 
         tokens_seen = self._tokens_seen()
         out = {}
-        for name in self._children():
+        for name, ch in self._children().items():
             folder = self.run / "finetuned" / name
             res = finished_finetune(folder) or finetune(  # one that finished before an interruption stays
                 self.run / "children" / name,
                 folder,
                 teacher_run=self.run,
                 tokens=self._finetune_budget(),
+                task_weights=ch.get("objective"),  # a targeted child: its own task mix
                 lr=self.recipe.train.lr * FINETUNE_LR_SCALE,
                 resume=folder.exists(),
                 device=self.recipe.train.device,

@@ -181,6 +181,31 @@ def parse_constraints(spec: Constraints | dict[str, Any] | Sequence[str] | None)
     return Constraints(**kwargs)
 
 
+def parse_objective(spec: str | dict[str, Any] | None) -> dict[str, float] | None:
+    """Task weights of the score a search ranks candidates by, from "find=1,text=0.2" or a mapping:
+    the weighted mean of the per-task validation losses on the search split (structured tasks on
+    their answers when the run trains so). None or "" keeps the default, every task weighing the same."""
+    if spec is None or spec == "":
+        return None
+    items = spec.items() if isinstance(spec, dict) else (p.partition("=")[::2] for p in str(spec).split(","))
+    out, problems = {}, []
+    for task, raw in items:
+        task = str(task).strip()
+        try:
+            w = _number(raw)
+            if not task or not math.isfinite(w) or w < 0:
+                raise ValueError
+            out[task] = w
+        except (TypeError, ValueError, ZeroDivisionError):
+            problems.append(f"{task or '?'}={raw!r}")
+    if problems or not out or not sum(out.values()) > 0:
+        raise ConfigError(
+            f"objective {spec!r}: {', '.join(problems) or 'all weights 0'}; give task=weight pairs, weights >= 0 "
+            "and not all 0, e.g. --objective find=1,text=0.2"
+        )
+    return out
+
+
 # -- candidates --------------------------------------------------------------------------------
 @dataclass
 class Candidate:
@@ -262,15 +287,7 @@ class SubnetEvaluator:
             t: tuple(x.to(self.device) for x in w) if isinstance(w, tuple) else w.to(self.device)
             for t, w in windows.items()
         }
-        weights = dict(task_weights or dict.fromkeys(windows, 1.0))
-        extra = sorted(set(weights) - set(windows))
-        if extra or any(v < 0 for v in weights.values()) or sum(weights.values()) <= 0:
-            raise ConfigError(
-                f"task_weights {weights} must be non-negative, not all zero, over tasks "
-                f"{sorted(windows)}" + (f"; unknown {extra}" if extra else "")
-            )
-        total = sum(weights.get(t, 0.0) for t in windows)
-        self.weights = {t: weights.get(t, 0.0) / total for t in windows}
+        self._set_weights(dict(task_weights or dict.fromkeys(windows, 1.0)))
         self.batch = batch
         self.cache: dict[Subnet, dict[str, float]] = {}
         self.tokens = self.flops = self.evaluations = 0
@@ -279,6 +296,28 @@ class SubnetEvaluator:
     @property
     def config(self) -> ModelConfig:
         return self.parent.config
+
+    def weighted(self, weights: dict[str, float] | None) -> SubnetEvaluator:
+        """An evaluator scoring by another task mix (an objective, `parse_objective`) that shares this
+        one's cache: a sub-network evaluated by either is not evaluated again. It counts its own work."""
+        if weights is None:
+            return self
+        other = SubnetEvaluator.__new__(SubnetEvaluator)
+        other.__dict__.update(self.__dict__)
+        SubnetEvaluator._set_weights(other, weights)
+        other.tokens = other.flops = other.evaluations = 0
+        other.seconds = 0.0
+        return other
+
+    def _set_weights(self, weights: dict[str, float]) -> None:
+        extra = sorted(set(weights) - set(self.windows))
+        if extra or any(not v >= 0 for v in weights.values()) or not sum(weights.values()) > 0:
+            raise ConfigError(
+                f"task_weights {weights} must be non-negative, not all zero, over tasks "
+                f"{sorted(self.windows)}" + (f"; unknown {extra}" if extra else "")
+            )
+        total = sum(weights.get(t, 0.0) for t in self.windows)
+        self.weights = {t: weights.get(t, 0.0) / total for t in self.windows}
 
     def mix(self, losses: dict[str, float]) -> float:
         return sum(self.weights[t] * losses[t] for t in self.weights)
@@ -419,6 +458,7 @@ class SearchResult:
     tokens: int = 0
     flops: int = 0
     seconds: float = 0.0
+    objective: dict[str, float] | None = None  # the task weights of `Candidate.loss` (normalised)
 
     @property
     def reported(self) -> list[Candidate]:
@@ -527,6 +567,7 @@ class _Problem:
             batch=self.batch,
         )
         ev = self.evaluator
+        result.objective = dict(ev.weights)
         result.tokens, result.flops, result.seconds = (
             x - y for x, y in zip((ev.tokens, ev.flops, ev.seconds), self.start)
         )
@@ -801,6 +842,7 @@ __all__ = [
     "make_candidate",
     "pareto_front",
     "parse_constraints",
+    "parse_objective",
     "search",
     "subnet_features",
 ]

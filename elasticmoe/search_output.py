@@ -38,6 +38,7 @@ def results_dict(result: SearchResult, seed: int | None = None, constraints=None
             "seq_len": result.seq_len,
             "batch": result.batch,
         },
+        "objective": result.objective,  # task weights of every loss_mix
         "parent": result.parent.to_dict(),
         "parent_cost": parent_cost,
         "frontier": [c.to_dict() for c in result.frontier],

@@ -126,6 +126,59 @@ def verdicts(results: dict[str, dict], parent: str = "parent") -> list[dict[str,
     return rows
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """mean(a) - mean(b) over the same examples, with a percentile bootstrap 95% interval
+    resampling the examples jointly."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))
+    lo, hi = np.quantile(d[idx].mean(1), [0.025, 0.975])
+    return {"value": float(d.mean()), "ci": [float(lo), float(hi)], "n": len(d)}
+
+
+def targeted_comparison(results: dict[str, dict], child: str, like: str, objective: dict[str, float]) -> list[dict]:
+    """A search-targeted child against the general child of the same constraints (`like`), zero-shot
+    and fine-tuned, on each structured task its objective weighs: exact match and answer loss,
+    paired over the same test examples. "better" when the exact-match interval is above 0."""
+    rows = []
+    for state, suffix in (("zero-shot", ""), ("fine-tuned", "-ft")):
+        a, b = results.get(child + suffix), results.get(like + suffix)
+        if a is None or b is None:
+            continue
+        for task in [t for t, w in objective.items() if w > 0 and t in STRUCTURED_TASKS]:
+            ta, tb = _tasks(a).get(task), _tasks(b).get(task)
+            if not (ta and tb and _paired(ta, tb, "per_example")):
+                continue
+            em = paired_difference(ta["per_example"], tb["per_example"])
+            la, lb = _tasks(a).get(task + ANSWER_LOSS_SUFFIX), _tasks(b).get(task + ANSWER_LOSS_SUFFIX)
+            loss = paired_difference(la["per_example"], lb["per_example"]) if la and lb else None
+            verdict = "better" if em["ci"][0] > 0 else "worse" if em["ci"][1] < 0 else "level"
+            rows.append({"child": child, "like": like, "state": state, "task": task, "exact_match": em,
+                         "answer_loss": loss, "verdict": verdict})  # fmt: skip
+    return rows
+
+
+def targeted_line(r: dict[str, Any]) -> str:
+    em, loss = r["exact_match"], r["answer_loss"]
+    text = (
+        f"- {r['child']} vs {r['like']} ({r['state']}) on {r['task']}: **{r['verdict']}**; exact match "
+        f"{em['value']:+.3f} [{em['ci'][0]:+.3f}, {em['ci'][1]:+.3f}] (n={em['n']})"
+    )
+    if loss:
+        text += f", answer loss {loss['value']:+.3f} [{loss['ci'][0]:+.3f}, {loss['ci'][1]:+.3f}] nats/token"
+    return text + " (targeted minus general, paired 95% interval)"
+
+
+def _targeted_children(run_dir: Path) -> dict[str, dict]:
+    """{child: {"like", "objective"}} of the search-targeted children a pipeline run chose."""
+    import json
+
+    state = Path(run_dir) / "pipeline.json"
+    if not state.is_file():
+        return {}
+    chosen = json.loads(state.read_text()).get("phases", {}).get("search", {}).get("outputs", {}).get("children", {})
+    return {name: ch for name, ch in chosen.items() if ch.get("like") and ch.get("objective")}
+
+
 def _ci(m: dict | None) -> str:
     return "n/a" if m is None else f"{m['retention']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
 
@@ -232,4 +285,10 @@ def skills_section(run_dir: Path, results: dict[str, dict], parent: str = "paren
             "",
         ]
         lines += [verdict_line(v) for v in found]
-    return "\n".join(lines) + "\n", {"plots": plots, "verdicts": found}
+    compared = []
+    for name, ch in _targeted_children(run_dir).items():
+        compared += targeted_comparison(results, name, ch["like"], ch["objective"])
+    if compared:
+        lines += ["", "### Search-targeted child against the general child of the same constraints", ""]
+        lines += [targeted_line(r) for r in compared]
+    return "\n".join(lines) + "\n", {"plots": plots, "verdicts": found, "targeted": compared}

@@ -120,3 +120,32 @@ def test_eta_counts_the_alternatives_that_will_run(tmp_path, capsys):
         p._header(1, "search", skipped=False)
         etas[which] = float(capsys.readouterr().out.split("eta ~")[1].split(" min")[0])
     assert etas["all"] > 2 * etas["reference"] > 0
+
+
+def test_targeted_child_is_ranked_by_its_objective_and_finetuned_on_its_mix(micro_run):
+    """`run`'s search-targeted child: the constraints of its general twin, the candidate with the
+    lowest objective-weighted loss, a fine-tune on the objective's task mix (and no targeted child
+    when the family lacks its twin)."""
+    objective = {"find": 1.0, "text": 0.2}
+    targeted = {"ernie-find": {"like": "ernie", "objective": objective}}
+    recipe = load_recipe(micro_run / "recipe.yaml")
+    assert Pipeline(recipe, micro_run, family={"other": FAMILY["ernie"]}, progress=False).targeted == {}
+    pipe = Pipeline(recipe, micro_run, family=FAMILY, targeted=targeted, eval_examples=3, progress=False)
+    chosen = pipe.phase_search()["children"]
+    child = chosen["ernie-find"]
+    assert child["like"] == "ernie" and child["objective"] == objective
+    pareto = json.loads((micro_run / "search" / "ernie-find" / "pareto.json").read_text())
+    general = json.loads((micro_run / "search" / "ernie" / "pareto.json").read_text())
+    assert pareto["constraints"]["resolved"] == general["constraints"]["resolved"]
+    weights = pareto["objective"]
+    assert weights["find"] == pytest.approx(1 / 1.2) and weights["text"] == pytest.approx(0.2 / 1.2)
+    assert sum(weights.values()) == pytest.approx(1.0)
+    points = [p for p in pareto["frontier"] if p["subnet"] != pareto["parent"]["subnet"]]
+    for p in points:
+        assert p["loss_mix"] == pytest.approx(sum(w * p["loss_per_task"][t] for t, w in weights.items()))
+    assert child["subnet"] == min(points, key=lambda p: p["loss_mix"])["subnet"]
+    pipe.state = {"phases": {"search": {"outputs": {"children": {"ernie-find": child}}}}}  # in memory only
+    pipe.phase_extract()
+    pipe.phase_finetune()
+    meta = json.loads((micro_run / "finetuned" / "ernie-find" / "model" / "config.json").read_text())["meta"]
+    assert meta["finetune"]["task_weights"] == objective

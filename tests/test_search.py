@@ -305,3 +305,51 @@ def test_write_results_and_table(parent, windows, space, tmp_path):
         assert str(sn) == point["subnet"] and set(point["loss_per_task"]) == {"prose", "kv"}
     rich_table = format_table(result)
     assert rich_table.row_count == len(result.reported) + 1
+
+
+# -- objective: a weighted task score ------------------------------------------------------------
+def test_parse_objective():
+    from elasticmoe.search import parse_objective
+
+    assert parse_objective("find=1,text=0.2") == {"find": 1.0, "text": 0.2}
+    assert parse_objective({"kv": "1/2"}) == {"kv": 0.5}
+    assert parse_objective(None) is None and parse_objective("") is None
+    with pytest.raises(ConfigError, match=r"find='-1', text='x'"):
+        parse_objective("find=-1,text=x")
+    with pytest.raises(ConfigError, match="all weights 0"):
+        parse_objective("find=0")
+    with pytest.raises(ConfigError, match=r"find=''"):
+        parse_objective("find")
+
+
+def test_objective_ranks_by_its_tasks_and_shares_the_cache(parent, windows, space, tmp_path):
+    """A search with --objective kv=1 scores every candidate by its kv loss alone and picks the one
+    with the lowest; the general search (prose 2 : kv 1) picks by the mix. The second search costs
+    no new evaluation, and pareto.json names the weights."""
+    from elasticmoe.search import parse_objective
+
+    ev = evaluator(parent, windows)
+    cons = {"seq_len": SEQ, "max_active_ratio": 0.6}
+    general = search(ev, space, parent.layer_order, cons)
+    done = ev.evaluations
+    targeted_ev = ev.weighted(parse_objective("kv=1"))
+    targeted = search(targeted_ev, space, parent.layer_order, cons)
+    assert ev.evaluations == done and targeted_ev.evaluations == 0 and targeted.flops == 0  # all cached
+    assert all(c.loss == c.losses["kv"] for c in targeted.evaluated)
+    assert all(c.loss == pytest.approx((2 * c.losses["prose"] + c.losses["kv"]) / 3) for c in general.evaluated)
+    best_kv = min(targeted.evaluated, key=lambda c: c.losses["kv"])
+    assert min(targeted.frontier, key=lambda c: c.loss).subnet == best_kv.subnet
+    assert targeted.objective == {"prose": 0.0, "kv": 1.0} and general.objective == {"prose": 2 / 3, "kv": 1 / 3}
+    paths = write_search_results(tmp_path, targeted)
+    assert json.loads(paths["json"].read_text())["objective"] == {"prose": 0.0, "kv": 1.0}
+    with pytest.raises(ConfigError, match="unknown"):
+        ev.weighted({"find": 1.0})
+
+
+def test_cli_takes_an_objective():
+    from elasticmoe.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["search", "runs/x", "--max-params-ratio", "1/3", "--objective", "find=1,text=0.2"]
+    )
+    assert args.objective == "find=1,text=0.2"

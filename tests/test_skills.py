@@ -125,3 +125,34 @@ def test_verdicts_per_child_and_state_and_the_report_section(tmp_path, parent) -
     lines = [line for line in md.splitlines() if line.startswith("- a (")]
     assert len(lines) == 2 and "**better** than text" in lines[0] and "**level** with text" in lines[1]
     assert (tmp_path / "levels_kv.png").is_file() and len(data["skills"]["verdicts"]) == 2
+
+
+def test_targeted_child_against_its_general_twin(tmp_path, parent) -> None:
+    """The targeted child's exact match and answer loss minus the general child's on the objective's
+    structured tasks, paired over the same examples, zero-shot and fine-tuned; in the report when
+    pipeline.json names the targeted child."""
+    import json
+
+    from elasticmoe.skills import skills_section, targeted_comparison
+
+    better = [1 if lv == 1 else r for r, lv in zip(PARENT_RIGHT, LEVELS)]  # right on every level-1 example
+    results = {
+        "parent": parent,
+        "g": parent,
+        "t": fake_eval(better, LEVELS, [x * 0.9 for x in LOSS], BITS),
+        "g-ft": parent,
+        "t-ft": parent,
+    }
+    rows = targeted_comparison(results, "t", "g", {"kv": 1.0, "text": 0.2, "find": 0.0})
+    assert [(r["state"], r["task"], r["verdict"]) for r in rows] == [
+        ("zero-shot", "kv", "better"),
+        ("fine-tuned", "kv", "level"),
+    ]
+    em = rows[0]["exact_match"]
+    assert em["value"] == pytest.approx((sum(better) - sum(PARENT_RIGHT)) / len(LEVELS)) and em["ci"][0] > 0
+    assert rows[0]["answer_loss"]["value"] == pytest.approx(-0.1 * np.mean(LOSS))
+    assert rows[1]["exact_match"] == {"value": 0.0, "ci": [0.0, 0.0], "n": len(LEVELS)}
+    state = {"phases": {"search": {"outputs": {"children": {"t": {"like": "g", "objective": {"kv": 1.0}}}}}}}
+    (tmp_path / "pipeline.json").write_text(json.dumps(state))
+    md, data = skills_section(tmp_path, results)
+    assert "- t vs g (zero-shot) on kv: **better**; exact match +0.100" in md and len(data["targeted"]) == 2
