@@ -173,7 +173,7 @@ def elastify(p: Plan | None, out: Path | str, resume: bool = False, progress: bo
     dev = resolve_device(recipe.train.device)
     teacher = frozen_teacher(out, dev)
     resuming = resume and (out / "checkpoints").exists()
-    model = p.model if p is not None and not resume else load_model(out / ORIGINAL)[0]
+    model = load_model(out / ORIGINAL)[0]  # float32, whatever the source's dtype: the student's master weights
     if not resuming:  # a resume loads the re-ordered, partly trained weights from its checkpoint
         _reorder_once(model, data, recipe, Ledger(out / "ledger.jsonl"), out)
     meta = read_original(out)

@@ -352,18 +352,72 @@ def _check_headers(headers: dict, expected: dict[str, tuple[int, ...]], tied: bo
         raise HFError("safetensors weights do not match config.json: " + "; ".join(p))
 
 
-def _our_state(model_type: str, config: ModelConfig, load) -> dict[str, torch.Tensor]:
-    """Our state dict from a `load(hf_key) -> float32 tensor` callback (inverse of `hf_state_dict`)."""
+class _Reader:
+    """Tensors of safetensors files read with plain reads into memory we own, in a chosen dtype.
+
+    No memory map: the pages of a mapped file count as resident for as long as it is mapped, so
+    reading a model through one doubles the peak (the mapped file plus our copy). Offsets come
+    from each file's JSON header (which `_read_headers` had safetensors validate); a stacked
+    expert tensor is filled slice by slice, with no per-expert temporary when the dtypes agree."""
+
+    def __init__(self, headers: dict[str, tuple[Path, tuple[int, ...], str]], dtype: torch.dtype):
+        self.headers, self.dtype = headers, dtype
+        self.spans: dict[Path, tuple[int, dict]] = {}
+        self.files: dict[Path, Any] = {}
+
+    def _span(self, key: str) -> tuple[Any, int, int]:
+        path = self.headers[key][0]
+        if path not in self.spans:
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            self.spans[path] = (8 + n, {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"})
+            self.files[path] = open(path, "rb")  # closed by close()
+        start, offsets = self.spans[path]
+        begin, end = offsets[key]
+        return self.files[path], start + begin, end - begin
+
+    def into(self, key: str, out: torch.Tensor) -> None:
+        """Fill the contiguous tensor `out` (the key's shape) with the key's values."""
+        _, shape, dtype = self.headers[key]
+        if FLOAT_DTYPES[dtype] != out.dtype:
+            out.copy_(self.load(key, FLOAT_DTYPES[dtype]))
+            return
+        fh, at, size = self._span(key)
+        if size != out.nbytes:
+            raise HFError(f"tensor {key}: the file holds {size} bytes for {list(shape)} {dtype}")
+        fh.seek(at)
+        if fh.readinto(memoryview(out.view(torch.uint8).reshape(-1).numpy())) != size:
+            raise HFError(f"tensor {key}: {fh.name} ends before its data")
+
+    def load(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        _, shape, source = self.headers[key]
+        out = torch.empty(shape, dtype=FLOAT_DTYPES[source])
+        self.into(key, out)
+        return out.to(dtype or self.dtype)
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+        self.files.clear()
+
+
+def _our_state(model_type: str, config: ModelConfig, read: _Reader) -> dict[str, torch.Tensor]:
+    """Our state dict read from transformers' keys (inverse of `hf_state_dict`), layer by layer;
+    each stacked expert tensor is allocated once and filled in place."""
     c = config
-    state = {k: load(hf) for k, hf in GLOBAL_KEYS.items()}
+    state = {k: read.load(hf) for k, hf in GLOBAL_KEYS.items()}
     if not c.tie_embeddings:
-        state[HEAD_KEY[0]] = load(HEAD_KEY[1])
+        state[HEAD_KEY[0]] = read.load(HEAD_KEY[1])
     per_layer = layer_keys(c, model_type)
     for i in range(c.layers):
-        state.update({f"blocks.{i}.{k}": load(f"model.layers.{i}.{hf}") for k, hf in per_layer.items()})
+        state.update({f"blocks.{i}.{k}": read.load(f"model.layers.{i}.{hf}") for k, hf in per_layer.items()})
         keys = [_expert_keys(model_type, i, e) for e in range(c.layer_shape(i)[0])]
         for n, name in enumerate(("w_gate", "w_up", "w_down")):
-            state[f"blocks.{i}.moe.{name}"] = torch.stack([load(k[n]) for k in keys])
+            stacked = torch.empty((len(keys), *read.headers[keys[0][n]][1]), dtype=read.dtype)
+            for e, k in enumerate(keys):
+                read.into(k[n], stacked[e])
+            state[f"blocks.{i}.moe.{name}"] = stacked
     return state
 
 
@@ -381,14 +435,25 @@ def source_tokenizer(hf_dir: str | Path, vocab_size: int) -> Path | None:
     return tok
 
 
-def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None) -> ElasticMoE:
-    """Read a local Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder (safetensors) into an ElasticMoE (float32).
+def _source_dtype(headers: dict, expected: dict) -> torch.dtype:
+    """The dtype every weight shares (bf16 stays bf16: no float32 copy of the model is made), or
+    float32 when the files mix dtypes."""
+    found = {headers[k][2] for k in expected if k in headers}
+    return FLOAT_DTYPES[found.pop()] if len(found) == 1 else torch.float32
 
-    Nothing from the folder is executed: config.json is parsed as JSON and weights are read with
-    safetensors after every key and shape has been checked against the config. `space`, if given,
-    is validated against the imported architecture. Saving (`checkpoint.save_model`) is the caller's.
+
+def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None, dtype: torch.dtype | None = None) -> ElasticMoE:
+    """Read a local Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder (safetensors) into an ElasticMoE.
+
+    Nothing from the folder is executed: config.json is parsed as JSON and weights are read after
+    every key and shape has been checked against the config. The model keeps the files' dtype
+    (`dtype` to choose another; float32 when they mix dtypes) and is built without an initialised
+    copy of its own: its parameters are the tensors read, each once (peak memory about the model's
+    size in that dtype; `bench/ELASTIFY.md`). `space`, if given, is validated against the imported
+    architecture. Saving (`checkpoint.save_model`) is the caller's; `checkpoint.load_model` gives
+    float32 again for training on the CPU.
     """
-    from safetensors import safe_open
+    from .model import rope_inv_freq
 
     folder = Path(hf_dir)
     if not folder.is_dir():
@@ -397,31 +462,26 @@ def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None) -> ElasticM
     model_type, config = read_hf_config(folder)
     headers = _read_headers(_weight_files(folder))
     _check_size(config, headers)
-    _check_headers(headers, expected_shapes(config, model_type), config.tie_embeddings)
+    expected = expected_shapes(config, model_type)
+    _check_headers(headers, expected, config.tie_embeddings)
     if space is not None:
         space.validate(config)
-
-    handles: dict[Path, Any] = {}
-
-    def load(key: str) -> torch.Tensor:
-        f = headers[key][0]
-        if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")
-        return handles[f].get_tensor(key).to(torch.float32)
-
+    read = _Reader(headers, dtype or _source_dtype(headers, expected))
     try:
-        state = _our_state(model_type, config, load)
+        state = _our_state(model_type, config, read)
         if config.tie_embeddings and "lm_head.weight" in headers:
-            if not torch.equal(load("lm_head.weight"), state["embed.weight"]):
+            if not torch.equal(read.load("lm_head.weight"), state["embed.weight"]):
                 raise HFError(f"{folder}: tie_word_embeddings is true but lm_head.weight differs from the embeddings")
     finally:
-        handles.clear()
+        read.close()
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         shown = ", ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
         raise HFError(f"{folder}: weights hold NaN or infinite values ({shown}); nothing was imported")
-    model = ElasticMoE(config)
+    with torch.device("meta"):  # the structure only: the parameters are the tensors just read
+        model = ElasticMoE(config)
     model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = rope_inv_freq(config)
     log.info("imported %s from %s: %d params", ARCHITECTURES[model_type], folder, model.num_params())
     return model
 

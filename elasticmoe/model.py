@@ -316,6 +316,11 @@ class ModelOutput:
     z_loss: torch.Tensor  # router z-loss, mean over kept layers
 
 
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies theta^(-2i/head_dim), i < head_dim / 2 (Su et al. 2021)."""
+    return 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
+
+
 class ElasticMoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -324,8 +329,7 @@ class ElasticMoE(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         # Layers in keep-priority order (most important first): `L6` keeps the first 6 of these.
         self.layer_order: list[int] = list(range(config.layers))
         self.init_weights()

@@ -479,3 +479,24 @@ def test_model_card_has_cost_eval_convention_and_usage(tiny_config, tmp_path, tr
     assert "| extraction of this sub-network | 64 |" in card
     assert "| results.json | child | kv | exact_match | 0.250 [0.100, 0.400] |" in card
     assert PROMPT_CONVENTION in card and "AutoModelForCausalLM" in card and "--format gguf" in card
+
+
+def test_import_keeps_the_source_dtype(tmp_path):
+    """A bf16 folder imports as bf16, value for value (no float32 copy of the model is made); the
+    saved parent loads as float32 with the same values, and its logits are transformers' own on
+    those weights."""
+    hf = random_hf_model("qwen3_moe", False).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "src")
+    model = import_hf(tmp_path / "src")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    files = load_file(str(tmp_path / "src" / "model.safetensors"))
+    assert torch.equal(model.blocks[1].moe.w_up[3], files["model.layers.1.mlp.experts.3.up_proj.weight"])
+    assert torch.equal(model.embed.weight, files["model.embed_tokens.weight"])
+    checkpoint.save_model(tmp_path / "ours", model)
+    ours, _ = checkpoint.load_model(tmp_path / "ours")
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    assert torch.equal(ours.blocks[1].moe.w_up.to(torch.bfloat16), model.blocks[1].moe.w_up)
+    tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(9))
+    assert max_logit_diff_hf(ours, load_hf(tmp_path / "src"), tokens) <= TOL  # read as float32 by transformers
+    mixed = import_hf(tmp_path / "src", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(mixed.state_dict().values(), ours.state_dict().values()))
