@@ -110,13 +110,21 @@ def select_examples(docs: Sequence[str], max_examples: int | None) -> list[str]:
 
 
 def select_by_level(task: str, docs: Sequence[str], max_examples: int | None) -> list[str]:
-    """`select_examples` within each level of a structured task (an equal share of `max_examples`
-    per level, rounded up), interleaved level by level: the same examples for every model."""
+    """`select_examples` within each level of a structured task (`max_examples` shared as equally as
+    the count allows, the easier levels taking the remainder), interleaved level by level: the same
+    examples for every model."""
     by_level: dict[int, list[str]] = defaultdict(list)
     for doc in docs:
         by_level[example_level(task, doc)].append(doc)
-    share = None if max_examples is None else max(1, math.ceil(max_examples / len(by_level)))
-    groups = [select_examples(by_level[level], share) for level in sorted(by_level)]
+    levels = sorted(by_level)
+    if max_examples is None:
+        groups = [by_level[level] for level in levels]
+    else:
+        if max_examples < 1:
+            raise ConfigError(f"max_examples={max_examples} must be >= 1")
+        per, extra = divmod(max_examples, len(levels))
+        shares = [per + (i < extra) for i in range(len(levels))]
+        groups = [select_examples(by_level[lv], n) for lv, n in zip(levels, shares) if n > 0]
     return [d for row in zip_longest(*groups) for d in row if d is not None]
 
 

@@ -32,6 +32,7 @@ from elasticmoe.evaluate import (
     retention,
     retention_table,
     rolling_windows,
+    select_by_level,
     wilson_interval,
     write_eval,
 )
@@ -178,6 +179,9 @@ def test_max_examples_are_evenly_spaced_and_shared(corpus, tokenizer) -> None:
     assert r["n"] == 8 and {lv: v["n"] for lv, v in r["levels"].items()} == dict.fromkeys(("3", "5", "7", "9"), 2)
     assert {int(lv): v["exact_match"] * 2 for lv, v in r["levels"].items()} == right
     assert r["score"] == pytest.approx(sum(right.values()) / 8)
+    # a count that does not divide: the easier levels take the remainder, the total is as asked
+    assert [example_level("sort", d) for d in select_by_level("sort", docs, 5)] == [3, 5, 7, 9, 3]
+    assert [example_level("sort", d) for d in select_by_level("sort", docs, 3)] == [3, 5, 7]
 
 
 def test_exact_match_per_level_with_wilson_intervals(corpus, tokenizer) -> None:

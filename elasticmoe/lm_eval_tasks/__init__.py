@@ -10,7 +10,7 @@
 The tasks mirror `elasticmoe.evaluate` exactly, so the harness reproduces our numbers on an
 exported child (`elasticmoe.hf.export_hf`):
 
-* the same examples: `select_examples(docs, max_examples)` as `evaluate` does, so
+* the same examples: `select_by_level` (structured tasks) / `select_examples` (text) as `evaluate` does, so
   `--examples 100` (the default of `elasticmoe eval` and of the pipeline's eval) reproduces
   `eval/*.json`; each task's `metadata.examples` states the count;
 * the same prompt convention (`tokenizer.PROMPT_CONVENTION`): with `add_bos_token=False` in
@@ -50,7 +50,7 @@ import yaml
 
 from ..config import ConfigError
 from ..data import STRUCTURED_TASKS, Corpus, split_prompt_answer
-from ..evaluate import answer_budget, load_eval_data, select_examples
+from ..evaluate import answer_budget, load_eval_data, select_by_level, select_examples
 from ..tokenizer import EOS_TOKEN
 
 GROUP = "elasticmoe"
@@ -119,13 +119,14 @@ def write_lm_eval_tasks(
     written: dict[str, Path] = {}
     for task in tasks:
         name = f"{GROUP}_{task}"
-        docs = select_examples(corpus.docs[split][task], max_examples)
         data_file = out / f"{name}.jsonl"
         if task in STRUCTURED_TASKS:
+            docs = select_by_level(task, corpus.docs[split][task], max_examples)
             pairs = [split_prompt_answer(task, d) for d in docs]
             rows = [{"context": EOS_TOKEN + p, "prompt": p, "answer": a, "text": p + a} for p, a in pairs]
             config = _structured_config(name, data_file, answer_budget([a for _, a in pairs]), len(rows))
         else:
+            docs = select_examples(corpus.docs[split][task], max_examples)
             rows = [{"text": d} for d in docs]
             config = _text_config(name, data_file, len(rows))
         _write_jsonl(data_file, rows)
