@@ -1,0 +1,119 @@
+"""The structured-task format ablation (issue 24): which formats and level mixes a small model learns.
+
+Each arm trains `tiny`'s full network alone (`sampling.full_fraction=1.0`: every step's gradient
+goes to the largest network, the fast proxy for the parent used in bench/TASKS.md) on the embedded
+corpus with some `data.task_spec` fields changed, then scores the parent on the test split: exact
+match per level (Wilson 95%), answer loss per task, text bits/byte. Arms share the seed, model,
+steps and tokens; only the structured data differs. One JSON line per (arm, seed) in --out; a rerun
+skips the lines already there.
+
+    OMP_NUM_THREADS=1 python bench/task_formats.py --arms default not-reversed --seeds 0 1 \
+        --root runs/task-formats --out bench/task-formats/results.jsonl
+    python bench/task_formats.py --table bench/task-formats/results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# arm -> data.task_spec overrides (the default formats: levels, kv every key queried, arith
+# reversed and zero-padded, sort over 0-9, find 3 queries, a uniform mix over levels)
+ARMS = {
+    "default": [],
+    "not-reversed": ["data.task_spec.arith_reversed=false"],  # arith answers most-significant digit first
+    "easy-first": ["data.task_spec.level_weights=[4,3,2,1]"],  # the mix leans to the easy levels
+    "small-alphabet": ["data.task_spec.sort_value_max=3"],  # sort over 0-3 instead of 0-9
+    "one-query": ["data.task_spec.find_queries=1"],  # find: one query per example instead of 3
+}
+COMMON = ["sampling.full_fraction=1.0"]
+
+
+def commands(arm: str, seed: int, out: Path, examples: int) -> list[list[str]]:
+    sets = [f"train.seed={seed}", *COMMON, *ARMS[arm]]
+    train = ["elasticmoe", "train", "--config", "tiny", *(x for s in sets for x in ("--set", s)), "--out", str(out)]
+    evaluate = ["elasticmoe", "eval", str(out / "parent"), "--examples", str(examples), "--out", str(out / "eval.json")]
+    return [train + ["--quiet"], evaluate]
+
+
+def summary(eval_json: Path) -> dict:
+    """Per task: exact match per level, answer loss; text bits/byte."""
+    model = json.loads(eval_json.read_text())["models"]
+    tasks = next(iter(model.values()))["tasks"]
+    out: dict = {}
+    for task, r in tasks.items():
+        if "levels" in r and r["metric"] == "exact_match":
+            out[task] = {
+                lv: [round(v["exact_match"], 3), round(v["lo"], 3), round(v["hi"], 3), v["n"]]
+                for lv, v in r["levels"].items()
+            }
+        elif task.endswith("/answer-loss"):
+            out[task] = round(r["score"], 4)
+            out[task + "/levels"] = {lv: round(v["answer_loss"], 4) for lv, v in r["levels"].items()}
+        elif r["metric"] == "bits_per_byte":
+            out[task] = round(r["score"], 4)
+    return out
+
+
+def run(arms: list[str], seeds: list[int], root: Path, out: Path, examples: int) -> None:
+    done = set()
+    if out.is_file():
+        done = {(r["arm"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:  # seeds outermost: a cut-short ablation still holds every arm of seed 0
+        for arm in arms:
+            if (arm, seed) in done:
+                continue
+            folder = root / f"{arm}-s{seed}"
+            cmds = commands(arm, seed, folder, examples)
+            t0 = time.time()
+            for cmd in cmds:
+                subprocess.run([sys.executable, "-m", "elasticmoe", *cmd[1:]], check=True, stdout=subprocess.DEVNULL)
+            row = {"arm": arm, "seed": seed, "overrides": ARMS[arm], "commands": [" ".join(c) for c in cmds]}
+            row |= {"seconds": round(time.time() - t0), "results": summary(folder / "eval.json")}
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+
+def _by_level(values: dict, fmt: str) -> str:
+    return " / ".join(fmt.format(v) for _, v in sorted(values.items(), key=lambda kv: int(kv[0])))
+
+
+def table(path: Path) -> str:
+    """Markdown: one row per (arm, seed); per task exact match and answer loss (nats/token) by level
+    (easiest first), text bits/byte."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    tasks = ["kv", "arith", "sort", "find"]
+    head = "| arm | seed | " + " | ".join(f"{t} EM by level" for t in tasks)
+    head += " | " + " | ".join(f"{t} answer loss by level" for t in tasks)
+    lines = [head + " | text bpb |", "|---|---|" + "---|" * (2 * len(tasks) + 1)]
+    for r in rows:
+        res = r["results"]
+        em = [_by_level({lv: v[0] for lv, v in res[t].items()}, "{:.2f}") for t in tasks]
+        loss = [_by_level(res[t + "/answer-loss/levels"], "{:.2f}") for t in tasks]
+        lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(em + loss) + f" | {res['text']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--root", type=Path, default=Path("runs/task-formats"))
+    p.add_argument("--out", type=Path, default=Path("bench/task-formats/results.jsonl"))
+    p.add_argument("--examples", type=int, default=400, help="test examples per task (shared between levels)")
+    p.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    args = p.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    run(args.arms, args.seeds, args.root, args.out, args.examples)
+
+
+if __name__ == "__main__":
+    main()
