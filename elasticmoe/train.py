@@ -48,6 +48,7 @@ from .model import ElasticMoE
 from .recipe import Recipe
 from .reorder import reorder
 from .subnet import Subnet, largest, sample_layer_drop, sample_per_layer, sample_uniform, smallest
+from .threads import ThreadGovernor
 from .tokens import IGNORE, unpack_windows
 from .trainstate import (
     clean_stale_temporaries,
@@ -569,9 +570,11 @@ def run_job(
     tokens_per_step = t.batch_size * recipe.data.seq_len
     seg = {"tokens": 0, "flops": 0, "seconds": 0.0, "from": step}
     bar = _Progress(t.steps, step, enabled=progress and main, every=t.log_every)
-    with ledger.phase(job.phase, counted=False, resumed_from=step if resume else None, **record):
+    governor = ThreadGovernor(device)  # fewer threads while other processes take the cores
+    with ledger.phase(job.phase, counted=False, resumed_from=step if resume else None, **record), governor:
         model.train()
         while step < t.steps and (stop_at is None or step < stop_at):
+            threads = governor.tick()
             t0 = time.perf_counter()
             lr = lr_at(step, recipe)
             for g in opt.param_groups:
@@ -611,6 +614,7 @@ def run_job(
                     "subnets": {n: str(s) for n, s in subnets},
                     "ms": dt * 1000,
                     "tok_per_s": tokens_per_step / dt,
+                    "threads": threads,
                 }
                 if main:
                     _append_metrics(metrics_path, rec)
