@@ -204,6 +204,8 @@ def render_markdown(
         f"{parent_info.get('tokens_seen') or 0:,} training tokens, {costs[0].parent['seconds']:.0f} s.",
         "",
     ]
+    if parent_info.get("schedule"):
+        lines += [f"Training schedule: {parent_info['schedule']}.", ""]
     lines += [
         "Cost definitions (FLOPs from the analytic cost model, forward+backward = 3x forward):",
         "(a) marginal = search/K + extraction + fine-tune; (b) all-in = parent + marginal; "
@@ -548,5 +550,10 @@ def report_run(
         "active_params": k.active_params,
         "tokens_seen": pcfg.get("meta", {}).get("tokens_seen"),
     }
+    if (run_dir / "recipe.yaml").exists():
+        from .recipe import load_recipe
+        from .train import describe_schedule
+
+        info["schedule"] = describe_schedule(load_recipe(run_dir / "recipe.yaml"))
     retention = _read(run_dir / "eval" / "results.json").get("retention")
     return write_report(run_dir, children, baselines, info, evals, claims, require_percent, retention)

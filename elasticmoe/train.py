@@ -138,6 +138,33 @@ def switch_step(recipe: Recipe) -> int:
     return math.ceil(recipe.sampling.full_fraction * recipe.train.steps)
 
 
+def describe_schedule(recipe: Recipe) -> str:
+    """One sentence: when elastic training starts, what one elastic step trains, when the
+    importance re-ordering runs (the report's and `info`'s description of a recipe)."""
+    s, steps, k = recipe.sampling, recipe.train.steps, switch_step(recipe)
+    if k >= steps:
+        return f"the full network alone for all {steps} steps (no elastic training)"
+    start = f"the full network alone for the first {k} of {steps} steps ({100 * k / steps:.0f}%), then " if k else ""
+    depth = f", depth by layer dropping (up to {s.drop_max:.0%} for the last layer)" if s.depth == "drop" else ""
+    per = ", choices drawn per layer" if s.per_layer else ""
+    if s.mode == "rows":
+        step = (
+            f"each step trains the full network on {s.full_rows:.0%} of the rows and the smallest and up to "
+            f"{s.n_random} random sub-networks on {s.sub_rows:.0%} of them, one per row group{depth}{per}"
+        )
+    elif s.mode == "budget":
+        step = f"each step trains the full network and {s.n_random} of {len(s.targets)} target sub-networks"
+    else:
+        shrink = " in progressive-shrinking phases" if s.mode == "progressive" else ""
+        step = (
+            f"each step trains the full network, the smallest and {s.n_random} random sub-networks on the "
+            f"whole batch (a sandwich{shrink}){depth}{per}"
+        )
+    when = sorted(set(recipe.reorder.at_steps) | ({k} if recipe.reorder.at_switch and k else set()))
+    reorder = f"; importance re-ordering after step {', '.join(map(str, when))}" if when else "; no re-ordering"
+    return f"{start}{step}{reorder}"
+
+
 def row_layout(recipe: Recipe, rows: int, n_sub: int) -> tuple[list[int], list[list[int]]]:
     """Mode rows: which of `rows` rows (a rank's share of the batch: whole blocks) the largest
     trains on, and the rows of each of up to `n_sub` sub-networks (fewer when the block has fewer

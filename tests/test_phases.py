@@ -20,7 +20,7 @@ from elasticmoe.ledger import Ledger
 from elasticmoe.phases import FINETUNE_EVAL_WINDOWS, baseline, extract_child, finetune, mean_kd, run_recipe
 from elasticmoe.recipe import load_recipe
 from elasticmoe.rundata import load_run_data
-from elasticmoe.train import sample_step, train
+from elasticmoe.train import describe_schedule, sample_step, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -236,6 +236,7 @@ def test_pipeline_end_to_end_with_kill_and_rerun(tmp_path):
     ratio = report["methods"]["parent"]["flops_per_token_vs_dense"]  # micro: sandwich from the first step
     assert ratio > 1.5 and "Training FLOPs per token: elastic parent" in md and f"({ratio:.2f}x" in md
     assert "Fine-tuned row: kept " in md and "chosen on the validation split" in md  # which fine-tune state
+    assert f"Training schedule: {describe_schedule(r)}." in md and "a sandwich" in md
     # each child's percentages name that child's own from-scratch baseline
     assert f"Percentages are of this child's from-scratch baseline: measured: {ernie['subnet']} trained" in md
     rows = report["methods"]["children"]["ernie51-shape"]["rows"]

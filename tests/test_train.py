@@ -18,7 +18,7 @@ from elasticmoe import train as trainmod
 from elasticmoe.checkpoint import CheckpointError, verify_manifest
 from elasticmoe.metrics import read_metrics
 from elasticmoe.recipe import load_recipe
-from elasticmoe.train import sample_step, train
+from elasticmoe.train import describe_schedule, sample_step, train
 from elasticmoe.trainstate import find_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -530,3 +530,14 @@ def test_rows_recipe_errors_name_the_field():
     ):
         with pytest.raises(ConfigError, match=needle):
             _rows(**over)
+
+
+def test_describe_schedule_names_switch_step_and_reordering():
+    r = load_recipe("tiny", ["sampling.full_fraction=0.8", "reorder.at_switch=true", "reorder.at_steps=[]"])
+    text = describe_schedule(r)
+    assert text.startswith("the full network alone for the first 800 of 1000 steps (80%), then")
+    assert "a sandwich" in text and text.endswith("re-ordering after step 800")
+    rows = describe_schedule(load_recipe("tiny", ["sampling.mode=rows", "sampling.depth=drop"]))
+    assert "on 25% of them" in rows and "layer dropping" in rows
+    plain = describe_schedule(load_recipe("tiny", ["sampling.full_fraction=1.0"]))
+    assert plain == "the full network alone for all 1000 steps (no elastic training)"
