@@ -586,7 +586,7 @@ def export_gguf(
     the record. `texts`: strings whose llama.cpp ids must equal ours (default `sample_texts`: random
     Unicode and the run's test documents). Returns the provenance record (with `gguf_verification`).
     """
-    from .model_card import model_card, model_name
+    from .model_card import model_card, model_name, portable
     from .tokenizer import load_tokenizer
 
     if qtype not in QTYPES:
@@ -628,7 +628,7 @@ def export_gguf(
             ),
             encoding="utf-8",
         )
-        checkpoint.write_json(tmp / "export.json", record)
+        checkpoint.write_json(tmp / "export.json", portable(record))
     log.info("exported GGUF (%s, %s) to %s", record["gguf"]["arch"], qtype, out_dir)
     return record
 

@@ -358,7 +358,7 @@ def export_hf(
             "layer_order": list(model.layer_order),
         }
     )
-    from .model_card import model_card, model_name
+    from .model_card import model_card, model_name, portable
 
     record.setdefault("name", model_name(record, out_dir))
     record["out"] = str(out_dir)
@@ -379,12 +379,16 @@ def export_hf(
             token_id, pad_id = _write_tokenizer(Path(tokenizer_path), tmp, model.config.max_seq_len)
         generation = {"bos_token_id": token_id, "eos_token_id": token_id, "pad_token_id": pad_id}
         checkpoint.write_json(tmp / "generation_config.json", generation)
-        checkpoint.write_json(tmp / "config.json", hf_config(model.config, model_type, dtype, token_id, record, pad_id))
+        checkpoint.write_json(
+            tmp / "config.json", hf_config(model.config, model_type, dtype, token_id, portable(record), pad_id)
+        )
         if verify:
             record["hf_verification"] = {**_verify_folder(model, tmp, verify_tokens, tolerance), "tokens": tokens_note}
         else:
             record["hf_verification"] = {"skipped": "verify=False"}
-        checkpoint.write_json(tmp / "config.json", hf_config(model.config, model_type, dtype, token_id, record, pad_id))
+        checkpoint.write_json(
+            tmp / "config.json", hf_config(model.config, model_type, dtype, token_id, portable(record), pad_id)
+        )
         (tmp / "README.md").write_text(
             model_card(model, record, model_type, ARCHITECTURES[model_type]), encoding="utf-8"
         )

@@ -84,13 +84,13 @@ def _finetune_dir(record: dict[str, Any]) -> Path | None:
     return Path(record["source"]).resolve().parent
 
 
-def _portable(value: Any) -> Any:
+def portable(value: Any) -> Any:
     """`value` with every absolute path cut to its last three parts (`default/children/c`): a card
     names models, not the folders of the machine that wrote it."""
     if isinstance(value, dict):
-        return {k: _portable(v) for k, v in value.items()}
+        return {k: portable(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_portable(v) for v in value]
+        return [portable(v) for v in value]
     if isinstance(value, str) and value.startswith("/") and "\n" not in value:
         return "/".join(Path(value).parts[-3:])
     return value
@@ -180,7 +180,7 @@ def model_card(
     parent = record.get("parent") if isinstance(record.get("parent"), dict) else {}
     if parent.get("path"):
         sha = f" (model sha256 `{parent['model_sha256']}`)" if parent.get("model_sha256") else ""
-        lines.append(f"- parent: `{_portable(str(Path(parent['path']).resolve()))}`{sha}")
+        lines.append(f"- parent: `{portable(str(Path(parent['path']).resolve()))}`{sha}")
     else:
         lines.append("- parent: none recorded (this folder is not a child extracted by elasticmoe)")
     subnet = record.get("subnet")
@@ -253,7 +253,7 @@ def model_card(
         "## Full provenance",
         "",
         "```json",
-        json.dumps(_portable(json.loads(json.dumps(record, default=str))), indent=2),
+        json.dumps(portable(json.loads(json.dumps(record, default=str))), indent=2),
         "```",
         "",
     ]

@@ -80,6 +80,12 @@ def test_extract_and_export(pipe, cli, tmp_path):
     )
     assert exported["ernie"]["max_abs_logit_diff"] == theirs["elasticmoe_provenance"][key]["max_abs_logit_diff"]
     assert exported["_proof"]["new_tokens"] > 0
+    # the exported config names models, not folders of the machine that wrote it
+    for text in (
+        (pipe.run / "hf" / "ernie" / "config.json").read_text(),
+        (tmp_path / "hf" / "config.json").read_text(),
+    ):
+        assert str(tmp_path) not in text and str(pipe.run.resolve()) not in text and '"/' not in text
 
 
 def test_finetune(pipe, cli, tmp_path):
