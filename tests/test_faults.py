@@ -821,6 +821,29 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, sig):
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
 
 
+def test_sigterm_stops_a_finetune_like_ctrl_c(two_runs, tmp_path):
+    """The handler belongs to the CLI, not to `train`: a fine-tune (its own loop, ledger phase and
+    output folder) stops the same way, and its --resume goes on from the last checkpoint."""
+    a, _ = two_runs
+    run = _copy_run(a, tmp_path / "run")
+    out = run / "finetuned" / "c"
+    args = ["finetune", run / "children" / "c", "--teacher", run, "--tokens", 10**7, "--out", out]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elasticmoe", *map(str, args)], stderr=subprocess.PIPE, text=True, env=ENV
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "checkpoints").glob("step-*")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    ft = [r for r in read_records(run / "ledger.jsonl")[0] if r.get("phase") == "finetune"]
+    assert ft[-1]["event"] == "end" and ft[-1]["status"] == "crashed"
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+    assert not (out / "model").exists() and list((out / "checkpoints").glob("step-*"))
+
+
 # -- item 4: a search redone after a kill is counted once -------------------------------------------
 def test_a_search_redone_after_a_kill_is_counted_once(two_runs, tmp_path, capsys):
     a, _ = two_runs
