@@ -111,8 +111,10 @@ def plan(
     model = import_hf(hf_dir, space)
     tok = source_tokenizer(hf_dir, model.config.vocab_size)
     recipe = elastify_recipe(model.config, space, _base_mapping(config), list(overrides or []), tokens, lr, data)
-    if tok is not None and recipe.data.tokenizer:
-        raise ConfigError(f"{hf_dir} has its own tokenizer.json: data.tokenizer cannot replace it")
+    if tok is not None and recipe.data.tokenizer and Path(recipe.data.tokenizer).resolve() != tok.resolve():
+        raise ConfigError(
+            f"{hf_dir} has its own tokenizer.json: data.tokenizer={recipe.data.tokenizer} cannot replace it"
+        )
     if tok is None and not recipe.data.tokenizer and recipe.data.source != "shards":
         log.warning(
             "%s has no tokenizer.json: a tokenizer is trained on the data, whose ids the model never saw", hf_dir

@@ -24,9 +24,9 @@ TOL = 1e-4
 STEP_TOKENS = 4 * 32  # the micro preset's batch x seq_len
 
 
-def hf_moe(kind: str, seed: int = 0):
+def hf_moe(kind: str, seed: int = 0, width: int = 24):
     """A random transformers MoE of `kind` with the micro preset's vocabulary (a tokenizer is
-    trained on the run's data for it: these folders carry none)."""
+    trained on the run's data for it: these folders carry none), experts of `width`."""
     common = dict(
         vocab_size=320,
         hidden_size=32,
@@ -40,16 +40,16 @@ def hf_moe(kind: str, seed: int = 0):
         rms_norm_eps=1e-5,
     )
     if kind == "mixtral":
-        cfg = transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, head_dim=8, **common)
+        cfg = transformers.MixtralConfig(intermediate_size=width, num_local_experts=4, head_dim=8, **common)
     elif kind == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(
-            moe_intermediate_size=24, num_experts=4, norm_topk_prob=True, head_dim=8, **common
+            moe_intermediate_size=width, num_experts=4, norm_topk_prob=True, head_dim=8, **common
         )
     elif kind == "olmoe":
-        cfg = transformers.OlmoeConfig(intermediate_size=24, num_experts=4, norm_topk_prob=False, **common)
+        cfg = transformers.OlmoeConfig(intermediate_size=width, num_experts=4, norm_topk_prob=False, **common)
     else:
         cfg = transformers.Qwen2MoeConfig(
-            moe_intermediate_size=24,
+            moe_intermediate_size=width,
             shared_expert_intermediate_size=16,
             num_experts=4,
             norm_topk_prob=False,
@@ -207,3 +207,32 @@ def test_weights_not_matching_the_config_refused_before_writing(tmp_path, cli_ma
     res = type("Res", (), {"returncode": code, "stderr": capsys.readouterr().err})
     one_line_error(res, "do not match config.json")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_readmes_elastify_commands_run_as_written(tmp_path, capsys, monkeypatch):
+    """README "Start from your own MoE": its command block, as written, on a random Qwen2-MoE folder
+    (the micro preset's knobs, a few steps instead of the tiny budgets, and looser ratios: the
+    embeddings of so small a model outweigh its experts)."""
+    import shlex
+    from pathlib import Path
+
+    from elasticmoe import cli
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text[text.index("## Start from your own MoE") :].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(ln.split("  #")[0])[1:] for ln in block.splitlines() if ln.startswith("elasticmoe ")]
+    assert [c[0] for c in commands] == ["elastify", "search", "extract", "finetune", "export", "eval", "report"]
+    monkeypatch.chdir(tmp_path)
+    # widths a multiple of 4 floats: transformers' grouped expert kernel wants 16-byte strides
+    hf_moe("qwen2_moe", width=32).save_pretrained(tmp_path / "path" / "to" / "hf-folder")
+    for args in commands:
+        args = [str(3 * STEP_TOKENS) if a in ("409600", "102400") else a for a in args]
+        args = ["0.9" if a in ("1/3", "1/2") else a for a in args]
+        if args[0] == "elastify":
+            args += ["--config", "micro"]
+        code = cli.main(args)
+        assert code == 0, (args, capsys.readouterr().err[-2000:])
+    report = (tmp_path / "runs" / "mine" / "report.md").read_text()
+    assert "## Against the original model" in report and "| c0-ft |" in report
+    assert (tmp_path / "runs" / "mine" / "hf" / "c0" / "config.json").is_file()
