@@ -329,6 +329,8 @@ def cmd_search(args) -> int:
     _device(args.device)
     run = Path(args.run_dir)
     given = [f"{k}={getattr(args, k)}" for k in CONSTRAINT_FLAGS if getattr(args, k) is not None]
+    if args.out:  # inside a run, only that run's own search (its lock is the one taken below)
+        output_run(args.out, [run])
     with _lock_run(run, "search"):
         out = Path(args.out) if args.out else run / "search"
         if args.out and not (out / "latency_table.json").is_file():
@@ -482,7 +484,9 @@ def cmd_lm_eval_tasks(args) -> int:
 
     _require(args.examples is None or args.examples >= 1, f"--examples={args.examples} must be >= 1")
     _refuse_foreign_folder(Path(args.out), f"{GROUP}.yaml")
-    written = write_lm_eval_tasks(Path(args.run_dir), Path(args.out), max_examples=args.examples)
+    owner = output_run(args.out, [args.run_dir])
+    with _lock_output(owner, "lm-eval-tasks"):
+        written = write_lm_eval_tasks(Path(args.run_dir), Path(args.out), max_examples=args.examples)
     print(f"wrote {len(written)} lm-eval task(s) to {args.out}; run, offline:")
     print(
         f"  HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf --model_args {MODEL_ARGS} "

@@ -634,7 +634,13 @@ def test_another_runs_model_is_never_written_inside_a_run(two_runs, tmp_path, ca
     for out in (a / "hf" / "c", link / "hf" / "c"):
         code, err = in_process(capsys, "export", other / "parent", "--out", out)
         assert one_line(code, err) and "not from that run" in err, err
+    for args in (("search", other, "--max-params-ratio", "1/2", "--windows", 1), ("lm-eval-tasks", other)):
+        for out in (a / "search", link / "lm-eval"):
+            code, err = in_process(capsys, *args, "--out", out)
+            assert one_line(code, err) and "not from that run" in err, err
     assert snapshot(a) == before
+    code, err = in_process(capsys, "lm-eval-tasks", other, "--out", other / "lm-eval")  # its own run: fine
+    assert code == 0 and (other / "lm-eval").is_dir(), err
 
 
 def test_a_folder_recorded_by_the_pipeline_is_not_replaced_by_a_command(two_runs, capsys):
