@@ -122,11 +122,32 @@ def _sha256_cached(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
+SHARD_SAMPLE = 1 << 20  # bytes read from the start, middle and end of each training shard
+
+
+def _sampled_sha256(path: Path) -> str:
+    """sha256 of a file's size and of up to 3 x `SHARD_SAMPLE` bytes at its start, middle and end:
+    what a resume can afford for shards of any size. A re-tokenized or replaced shard changes its
+    size or these bytes; an edit confined to the unread middle parts goes unnoticed."""
+    st = path.stat()
+    key = ("sampled:" + str(path.resolve()), st.st_size, st.st_mtime_ns)  # once per version, not per checkpoint
+    if key not in _SHA_CACHE:
+        size = st.st_size
+        h = hashlib.sha256(f"{size}\n".encode())
+        with open(path, "rb") as f:
+            for start in sorted({0, max(0, size // 2 - SHARD_SAMPLE // 2), max(0, size - SHARD_SAMPLE)}):
+                f.seek(start)
+                h.update(f.read(SHARD_SAMPLE))
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
 def data_fingerprint(run_dir: Path) -> dict[str, str] | None:
     """sha256 of what the run trains on, by part: the tokenizer, the prepared token arrays (names
-    and contents) and the list of memory-mapped shards; None without prepared data (a fine-tune
-    reads another run's). Every checkpoint records it, so a resume can tell that the data under it
-    was replaced or prepared again from a changed corpus."""
+    and contents), the list of memory-mapped training shards, and those shards' sizes and sampled
+    contents (`_sampled_sha256`); None without prepared data (a fine-tune reads another run's).
+    Every checkpoint records it, so a resume can tell that the data under it was replaced or
+    prepared again from a changed corpus."""
     folder = Path(run_dir) / "data"
     if not (folder / "ready").is_file():
         return None
@@ -139,6 +160,14 @@ def data_fingerprint(run_dir: Path) -> dict[str, str] | None:
             if f.is_file():
                 h.update(f"{f.name}:{_sha256_cached(f)}\n".encode())
         out[part] = h.hexdigest()
+    if (folder / "shards.json").is_file():
+        from .data import _expand
+
+        h = hashlib.sha256()
+        for pattern in json.loads((folder / "shards.json").read_text()).get("train", []):
+            for shard in _expand(str(pattern), "token shard"):  # globs as training expands them
+                h.update(f"{shard}:{_sampled_sha256(shard) if shard.is_file() else 'missing'}\n".encode())
+        out["shards"] = h.hexdigest()
     return out
 
 

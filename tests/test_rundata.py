@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from elasticmoe.config import ConfigError
 from elasticmoe.data import build_default_corpus
 from elasticmoe.metrics import read_metrics
 from elasticmoe.recipe import load_recipe
@@ -47,6 +48,12 @@ def test_training_on_pretokenized_shards(tmp_path):
     vals = [m for m in read_metrics(run / "metrics.jsonl") if "val" in m]
     assert set(vals[-1]["val"]["largest"]) == {"text"}
     assert (run / "parent" / "manifest.json").exists()
+    # a resume on a shard re-written with other tokens (same name, same size) is refused, naming it
+    stopped = tmp_path / "stopped"
+    train(r, stopped, progress=False, stop_at=5)  # a checkpoint at step 5
+    write_token_shard(tmp_path / "s1.bin", ids[half:][::-1].copy())
+    with pytest.raises(ConfigError, match="data/shards changed"):
+        train(r, stopped, resume=True, progress=False)
 
 
 def test_training_on_user_text_files(tmp_path):
