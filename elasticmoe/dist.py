@@ -86,6 +86,7 @@ import collections
 import dataclasses
 import datetime
 import enum
+import errno
 import hashlib
 import importlib
 import json
@@ -520,9 +521,11 @@ def save_sharded(par: Replicated, path: Path, model, opt, json_files: dict[str, 
     msd, osd = get_state_dict(model, opt)
     try:
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
-    except BaseException:
+    except BaseException as exc:
         if par.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, KeyboardInterrupt):
+            _raise_if_disk_full(path, _state_bytes(msd, osd, par.world_size))
         raise
 
     def finish() -> None:
@@ -536,6 +539,41 @@ def save_sharded(par: Replicated, path: Path, model, opt, json_files: dict[str, 
 
     par.on_main(finish)  # also the barrier: no rank goes on before the folder is in place
     return path
+
+
+def _state_bytes(msd: dict, osd: dict, world: int) -> int:
+    """About how many bytes a sharded checkpoint of these state dicts takes on disk, all ranks
+    together: sharded tensors (FSDP2) are this rank's shard x the world size, replicated ones (DDP)
+    are written once."""
+    total, sharded = 0, False
+    stack: list[Any] = [msd, osd]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, torch.Tensor):
+            if hasattr(item, "to_local"):
+                sharded, item = True, item.to_local()
+            total += item.numel() * item.element_size()
+    return total * (world if sharded else 1)
+
+
+def _raise_if_disk_full(path: Path, need: int) -> None:
+    """DCP reports a full disk as torch.save's "unexpected pos" from inside its writer threads: when
+    the disk the checkpoint goes to has less room than the checkpoint needs, say so in one line."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: checkpoint {path.name} needs about {need / 2**20:,.1f} MiB, "
+            f"{free / 2**20:,.1f} MiB free",
+            str(path.parent),
+        ) from None
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -888,6 +888,27 @@ def test_a_full_disk_during_a_safetensors_write_is_one_line(two_runs, small_disk
     assert list(small_disk.iterdir()) == []
 
 
+def test_a_full_disk_during_a_sharded_checkpoint_names_what_it_needs(small_disk):
+    """torchrun's checkpoints (torch.distributed.checkpoint) report a full disk as torch.save's
+    "unexpected pos"; the save says what it is, and leaves no temporary folder."""
+    import errno
+
+    import torch
+
+    from elasticmoe import dist as distmod
+    from elasticmoe.model import ElasticMoE
+    from elasticmoe.recipe import load_recipe
+    from elasticmoe.train import make_optimizer
+
+    r = load_recipe("micro", [])
+    model = ElasticMoE(r.model)
+    par = distmod.setup(torch.device("cpu"), "auto")
+    with pytest.raises(OSError) as info:
+        distmod.save_sharded(par, small_disk / "step-000005", model, make_optimizer(model, r), {"x.json": {}})
+    assert info.value.errno == errno.ENOSPC and "checkpoint step-000005 needs about" in str(info.value)
+    assert "MiB free" in str(info.value) and list(small_disk.iterdir()) == []
+
+
 def test_safetensors_files_honour_the_umask(two_runs):
     a, _ = two_runs
     mode = (a / "children" / "c" / "model.safetensors").stat().st_mode & 0o777
