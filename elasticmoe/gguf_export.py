@@ -63,6 +63,14 @@ QTYPES = ("f32", "f16", "q8_0")
 # logits of unlikely tokens of a trained model by more than that (it is what quantisation does,
 # reported as `quantisation_logit_shift`), so it is not held against the file.
 TOLERANCE = {"f32": 2e-3, "f16": 1e-2, "q8_0": 5e-2}
+# q8_0 also passes on its next-token distributions when its logits do not: llama.cpp's q8_0
+# matmuls round their activations to 8 bits, and in an MoE a router choice near a tie then flips
+# for a few tokens, which moves those positions' logits wholesale (a trained tiny child of the
+# default run: max logit difference 3.9 at one position of 256, mean KL 0.0013 nats, top-1 token
+# the same at 98.8% of positions). Accepted when the mean over positions of KL(ours || llama.cpp)
+# is at most Q8_KL nats and the top-1 token agrees at Q8_TOP1 of the positions or more; a wrong
+# file (another model's weights, a transposed tensor) gives KL of order 1 and chance agreement.
+Q8_KL, Q8_TOP1 = 0.01, 0.95
 PRE_TOKENIZER = "refact"  # llama.cpp: "\p{N}" alone, then the GPT-2 regex = our Digits + ByteLevel
 GGUF_FILE = "model-{qtype}.gguf"
 
@@ -476,6 +484,15 @@ def random_unicode(n_strings: int, seed: int = 0, max_len: int = 40) -> list[str
     return out
 
 
+def distribution_agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+    """(mean over positions of KL(softmax(ours) || softmax(theirs)) in nats, share of positions
+    whose top-1 token agrees) for logits of shape (..., vocab)."""
+    a = torch.from_numpy(np.asarray(ours, dtype=np.float32)).log_softmax(-1)
+    b = torch.from_numpy(np.asarray(theirs, dtype=np.float32)).log_softmax(-1)
+    kl = (a.exp() * (a - b)).sum(-1)
+    return float(kl.mean()), float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+
 @torch.no_grad()
 def verify_gguf(
     model: ElasticMoE,
@@ -511,12 +528,16 @@ def verify_gguf(
             )
         ours = model(tokens).logits.float().numpy()
         shift = float(np.abs(ours - unrounded).max())
-        diff = max(float(np.abs(runner.logits(row.tolist()) - ours[b]).max()) for b, row in enumerate(tokens))
+        theirs = np.stack([np.asarray(runner.logits(row.tolist()), dtype=np.float32) for row in tokens])
+        diff = float(np.abs(theirs - ours).max())
         scale = max(1.0, float(np.abs(ours).max()))
-        if not diff <= tolerance * scale:
+        kl, top1 = distribution_agreement(ours, theirs)
+        close = diff <= tolerance * scale
+        if not close and not (qtype == "q8_0" and kl <= Q8_KL and top1 >= Q8_TOP1):
+            extra = f"; mean KL {kl:.3g} nats (limit {Q8_KL}), top-1 agreement {top1:.1%}" if qtype == "q8_0" else ""
             raise HFError(
                 f"llama.cpp does not reproduce the model ({qtype}): max abs logit difference {diff:.3g} from the "
-                f"weights as stored exceeds {tolerance:g} x {scale:.3g} (the largest logit); nothing written"
+                f"weights as stored exceeds {tolerance:g} x {scale:.3g} (the largest logit){extra}; nothing written"
             )
         prompts = tokens[:, : max(1, min(8, tokens.shape[1] // 2))]
         budget = min(new_tokens, model.config.max_seq_len - prompts.shape[1])
@@ -531,6 +552,9 @@ def verify_gguf(
         "max_abs_logit_diff": diff,
         "compared_with": "elasticmoe on the weights as the file stores them" if qtype != "f32" else "elasticmoe",
         "quantisation_logit_shift": shift,
+        "mean_kl_nats": kl,
+        "top1_agreement": top1,
+        "passed_on": "logits" if close else f"distributions (mean KL <= {Q8_KL}, top-1 agreement >= {Q8_TOP1})",
         "max_abs_logit": scale,
         "tolerance": f"{tolerance:g} x max(1, max |logit|)",
         "tokens_verified": int(tokens.numel()),
