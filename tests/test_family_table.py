@@ -46,3 +46,44 @@ def test_family_cost_counts_a_shared_parent_once(tmp_path):
     assert cells["elastic + fine-tune"] == pytest.approx([(60 + 2) / 10, (60 + 20) / 100], abs=0.01)
     assert cells["retrofit-4x + fine-tune"] == pytest.approx([(60 + 1) / 10, (60 + 10) / 100], abs=0.01)
     assert cells["from scratch"] == pytest.approx([1.0, 1.0])
+
+
+def test_recipe_family_compares_arms_inside_each_run(tmp_path):
+    """bench/recipe_family.py: each arm's elastic children against the same run's scratch and
+    retrofit-4x rows, averaged over children, then over the arm's runs."""
+    spec = importlib.util.spec_from_file_location(
+        "recipe_family", Path(__file__).parents[1] / "bench" / "recipe_family.py"
+    )
+    recipe_family = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe_family)
+    k, scratch = 2, 10.0
+    runs = {}
+    for arm, ft_text, shared in (("a", 2.75, 60.0), ("b", 2.70, 40.0)):
+        children = {
+            name: {
+                "scratch_flops": scratch,
+                "rows": [
+                    _row("elastic + fine-tune", shared, 2.0, k, ft_text),
+                    _row("elastic, zero-shot", shared, 1.0, k, 2.9),
+                    _row("from scratch", 0.0, scratch, k, 2.5),
+                    _row("retrofit-4x + fine-tune", 60.0, 1.0, k, 2.6),
+                ],
+            }
+            for name in ("c0", "c1")
+        }
+        parent = {
+            "elastic": {"flops": 5.0, "eval": {"tasks": {"text": {"score": 2.4}}}},
+            "flops_per_token_vs_dense": 1.5,
+        }
+        report = {"children": [{"name": n} for n in children], "methods": {"parent": parent, "children": children}}
+        runs[arm] = tmp_path / arm
+        runs[arm].mkdir()
+        (runs[arm] / "report.json").write_text(json.dumps(report))
+    md = recipe_family.render({arm: [path] for arm, path in runs.items()})
+    assert "| a | 1 | 1.50x | 2.400 |" in md
+    assert (
+        "| a | 2.750 | 2.500 | 2.600 | +10.0% | +5.8% | +16.0% |" in md and "| b | 2.700 | 2.500 | 2.600 | +8.0%" in md
+    )
+    assert "| b | elastic + fine-tune | 4.200 | 1.533 | 0.600 |" in md  # (40 + 2n) / 10n
+    assert "| a | retrofit-4x + fine-tune | 6.100 | 2.100 | 0.700 |" in md
+    assert recipe_family.main(["a"]) == 2
