@@ -37,7 +37,8 @@ def _busy_seconds(cpus: set[int]) -> float | None:
     """CPU seconds spent busy (not idle, not waiting for I/O) on `cpus` since boot; None where
     /proc/stat is not readable."""
     try:
-        text = open("/proc/stat").read()
+        with open("/proc/stat") as f:
+            text = f.read()
     except OSError:
         return None
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -58,8 +59,8 @@ def threads_for(free_cores: float, most: int) -> int:
 
 
 class ThreadGovernor:
-    """A context manager; call `tick()` once per step: every `every_s` seconds it re-reads the machine's load and
-    sets torch's intra-op thread count (see the module's docstring)."""
+    """A context manager; call `tick()` once per step: every `every_s` seconds it re-reads the
+    machine's load and sets torch's intra-op thread count (see the module's docstring)."""
 
     def __init__(self, device: torch.device, every_s: float = 5.0):
         self.most = torch.get_num_threads()
