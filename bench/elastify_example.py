@@ -7,9 +7,10 @@ trained from scratch on the same data. Results: bench/ELASTIFY.md.
 Each step is one `elasticmoe` command, run in order (one process at a time) and skipped when its
 output exists, then the table is printed (markdown). Budgets are the tiny preset's: the normal
 model and the from-scratch twin train on 1,024,000 tokens (1000 steps), elastify runs for 4x the
-pipeline's fine-tune budget (409,600 tokens, the retrofit-4x budget of bench/FAMILY.md), the child
-is fine-tuned for 102,400 tokens (10% of the parent's tokens, the pipeline's default) from the
-original at the pipeline's fine-tune learning rate (0.3 x 3e-3).
+pipeline's fine-tune budget (409,600 tokens, the retrofit-4x budget of bench/FAMILY.md) and, in a
+second arm, 1x (102,400), the child is fine-tuned for 102,400 tokens (10% of the parent's tokens,
+the pipeline's default) from the original at the pipeline's fine-tune learning rate (0.3 x 3e-3),
+and a second twin from scratch gets the FLOPs the 4x elastic child cost once the original existed.
 """
 
 from __future__ import annotations
