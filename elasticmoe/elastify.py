@@ -50,7 +50,7 @@ class Plan:
     """Everything elastify checked before writing: the imported model, its tokenizer, the recipe."""
 
     hf_dir: Path
-    model: ElasticMoE
+    model: ElasticMoE | None  # None once written to RUN/original
     tokenizer: Path | None
     recipe: Recipe
     parent_flops: float | None
@@ -147,6 +147,7 @@ def _write_original(p: Plan, out: Path) -> Recipe:
     }
     extra = {"tokenizer.json": p.tokenizer} if p.tokenizer else None
     folder = save_model(out / ORIGINAL, p.model, meta, extra_files=extra).resolve()
+    p.model = None  # written: training reads it back as float32, teacher and student (no third copy)
     recipe = p.recipe
     if p.tokenizer:
         recipe = dataclasses.replace(
