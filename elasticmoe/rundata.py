@@ -226,8 +226,8 @@ def _data_identity(recipe: Recipe) -> str:
         "seed": recipe.train.seed,
         "model_vocab_size": recipe.model.vocab_size,
     }
-    if d.source == "default":  # the embedded corpus's task formats and sizes (data.py): version 3 has levels
-        ident["corpus_version"] = 3
+    if d.source == "default":  # the embedded corpus's task formats and sizes (data.py): 3 has levels, 4 sort 0-3
+        ident["corpus_version"] = 4
         if d.task_spec:
             ident["task_spec"] = d.task_spec
     return json.dumps(ident, sort_keys=True) + "\n"

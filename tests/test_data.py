@@ -149,7 +149,7 @@ def test_levels_are_held_out_apart_and_parse_back() -> None:
             assert len(held) == len(set(held)) <= level_space(task, level, spec) // 2
             assert len(held) == sum(spec.counts(1.0)[task][s][level] for s in ("val", "search", "test")) > 0
     assert level_space("arith", 1, spec) == 100 + 55
-    assert level_space("sort", 3, spec) == 1000
+    assert level_space("sort", 3, TaskSpec(sort_value_max=9)) == 1000 and level_space("sort", 3, spec) == 4**3
     small = spec.counts(1.0)["arith"]
     assert small["test"][1] < small["test"][2] == 100
 
@@ -157,7 +157,7 @@ def test_levels_are_held_out_apart_and_parse_back() -> None:
 def test_old_split_scheme_fails_the_distribution_check() -> None:
     """The scheme this replaced (held-out drawn first, then a distinct-only train set excluding it)
     starves train of the small buckets: sort of length 3 (1000 possible lists) and test disagree."""
-    spec = TaskSpec(sort_levels=(3, 4, 5, 6, 7, 8), held_out=(20, 20, 60))
+    spec = TaskSpec(sort_levels=(3, 4, 5, 6, 7, 8), sort_value_max=9, held_out=(20, 20, 60))
     new = build_structured(seed=0, scale=1.0, spec=spec)
     held = {e for split in ("val", "search", "test") for e in new.docs[split]["sort"]}
     old_train = generate_examples("sort", len(new.docs["train"]["sort"]), _rng(0, "sort", "train"), held, spec)
