@@ -20,6 +20,7 @@ from elasticmoe.ledger import Ledger
 from elasticmoe.phases import FINETUNE_EVAL_WINDOWS, baseline, extract_child, finetune, mean_kd, run_recipe
 from elasticmoe.recipe import load_recipe
 from elasticmoe.rundata import load_run_data
+from elasticmoe.subnet import Subnet
 from elasticmoe.train import describe_schedule, sample_step, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -264,8 +265,9 @@ def test_baseline_denominator_counts_only_the_attempts_behind_its_model(trained_
     parent, _ = load_model(trained_run / "parent")
     extract_child(trained_run, parent, "L2 E2 k1 W16", trained_run / "children" / "denominator")
     out = baseline(trained_run, "L2 E2 k1 W16", steps=4, name="denominator")
+    key = str(Subnet.parse("L2 E2 k1 W16", parent.config, parent.layer_order))  # the first 2 in the layer order
     led = Ledger(trained_run / "ledger.jsonl")
-    honest = collect_baselines(trained_run, led.records(), None)["L[0-1] E2 k1 W16"]
+    honest = collect_baselines(trained_run, led.records(), None)[key]
     # an abandoned earlier attempt (killed, then restarted from scratch) in the same folder
     led.append(
         {
@@ -278,7 +280,7 @@ def test_baseline_denominator_counts_only_the_attempts_behind_its_model(trained_
             "seconds": 1e4,
         }
     )
-    again = collect_baselines(trained_run, led.records(), None)["L[0-1] E2 k1 W16"]
+    again = collect_baselines(trained_run, led.records(), None)[key]
     assert again.flops == honest.flops and again.tokens == honest.tokens
     meta = load_model(out / "parent")[1]
     assert len(meta["ledger_attempts"]) == 1
