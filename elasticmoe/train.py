@@ -140,7 +140,7 @@ def switch_step(recipe: Recipe) -> int:
 
 def describe_schedule(recipe: Recipe) -> str:
     """One sentence: when elastic training starts, what one elastic step trains, when the
-    importance re-ordering runs (the report's and `info`'s description of a recipe)."""
+    importance re-ordering runs (the report's description of a run's recipe)."""
     s, steps, k = recipe.sampling, recipe.train.steps, switch_step(recipe)
     if k >= steps:
         return f"the full network alone for all {steps} steps (no elastic training)"
