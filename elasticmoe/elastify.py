@@ -29,17 +29,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cost as costmod
 from . import dist as distmod
 from .checkpoint import load_model, save_model
 from .config import ConfigError, ElasticSpace, apply_overrides, load_mapping
 from .hf_import import import_hf, source_tokenizer
 from .ledger import Ledger
 from .model import ElasticMoE
-from .phases import calibration_batches, retrofit_recipe
+from .phases import reorder_on_calibration, retrofit_recipe
 from .recipe import PRESETS_DIR, Recipe, load_recipe
 from .reference import ORIGINAL, read_original
-from .reorder import reorder
 from .train import Job, TrainResult, resolve_device, run_job
 
 log = logging.getLogger(__name__)
@@ -178,7 +176,7 @@ def elastify(p: Plan | None, out: Path | str, resume: bool = False, progress: bo
     resuming = resume and (out / "checkpoints").exists()
     model = load_model(out / ORIGINAL)[0]  # float32, whatever the source's dtype: the student's master weights
     if not resuming:  # a resume loads the re-ordered, partly trained weights from its checkpoint
-        _reorder_once(model, data, recipe, Ledger(out / "ledger.jsonl"), out)
+        reorder_on_calibration(model, data, recipe, Ledger(out / "ledger.jsonl"), out, "elastify")
     meta = read_original(out)
     info = {"original": ORIGINAL, "source": meta.get("source"), "steps": recipe.train.steps}
     info["tokens"] = recipe.train.steps * recipe.train.batch_size * recipe.data.seq_len
@@ -188,18 +186,6 @@ def elastify(p: Plan | None, out: Path | str, resume: bool = False, progress: bo
         return run_job(job, par, resuming, progress=progress)
     finally:
         par.close()
-
-
-def _reorder_once(model: ElasticMoE, data, recipe: Recipe, ledger: Ledger, out: Path) -> None:
-    """The importance re-ordering before the first elastic step, on calibration batches of the
-    run's training data (recorded once per run: a restart before the first checkpoint redoes it)."""
-    calib = calibration_batches(data, recipe)
-    n = sum(c.numel() for c in calib)
-    ref = ledger.ref(out)
-    with ledger.phase("importance", run=ref, method="elastify", key=f"elastify-reorder:{ref}") as rec:
-        r = recipe.reorder
-        reorder(model, calib, None, r.experts_by, r.neurons, r.layers)
-        rec["tokens"], rec["flops"] = n, costmod.cost(model.config, None, recipe.data.seq_len).flops_forward * n
 
 
 __all__ = ["Plan", "elastify", "elastify_recipe", "frozen_teacher", "plan"]

@@ -567,6 +567,20 @@ def calibration_batches(data, recipe: Recipe) -> list[torch.Tensor]:
     return [next(batches)[0] for _ in range(recipe.reorder.batches)]
 
 
+def reorder_on_calibration(model, data, recipe: Recipe, ledger: Ledger, out: Path, method: str) -> None:
+    """The importance re-ordering of a trained model before its first elastic step (retrofit,
+    elastify), on `calibration_batches`, recorded in the ledger once per output folder `out`."""
+    from .reorder import reorder
+
+    calib = calibration_batches(data, recipe)
+    n = sum(c.numel() for c in calib)
+    ref = ledger.ref(out)
+    with ledger.phase("importance", run=ref, method=method, key=f"{method}-reorder:{ref}") as rec:
+        r = recipe.reorder
+        reorder(model, calib, None, r.experts_by, r.neurons, r.layers)
+        rec["tokens"], rec["flops"] = n, costmod.cost(model.config, None, recipe.data.seq_len).flops_forward * n
+
+
 def shape_label(shape: Subnet) -> str:
     """A folder name for a shape: `L[0-1] E4 k1 W32` -> `L0-1_E4_k1_W32`."""
     return re.sub(r"[^A-Za-z0-9._+-]", "", str(shape).replace(" ", "_").replace(",", "+"))
@@ -696,7 +710,6 @@ def retrofit_recipe(recipe: Recipe, n_steps: int, lr: float) -> Recipe:
 def _retrofit_parent(run_dir: Path, recipe: Recipe, data, out: Path, n_steps: int, dense, resume, lr, progress) -> None:
     """Write `out/parent`: the dense parent re-ordered, then trained elastically for `n_steps`
     (or check that the finished one there had that budget)."""
-    from .reorder import reorder
 
     if (out / "parent" / "manifest.json").exists():
         done = read_json(out / "parent" / "config.json")["meta"].get("retrofit", {})
@@ -713,13 +726,7 @@ def _retrofit_parent(run_dir: Path, recipe: Recipe, data, out: Path, n_steps: in
     ledger = Ledger(run_dir / "ledger.jsonl")
     seq = recipe.data.seq_len
     if not resuming:  # a resume loads the re-ordered, partly trained weights from its checkpoint
-        calib = calibration_batches(data, recipe)
-        n = sum(c.numel() for c in calib)
-        ref = ledger.ref(out)
-        with ledger.phase("importance", run=ref, method="retrofit", key=f"retrofit-reorder:{ref}") as rec:
-            r = recipe.reorder
-            reorder(model, calib, None, r.experts_by, r.neurons, r.layers)
-            rec["tokens"], rec["flops"] = n, costmod.cost(model.config, None, seq).flops_forward * n
+        reorder_on_calibration(model, data, recipe, ledger, out, "retrofit")
     tokens = n_steps * recipe.train.batch_size * seq
     info = {"steps": n_steps, "tokens": tokens, "lr": lr, "dense": str(dense_dir / "parent")}
     extra = {"method": "retrofit", "retrofit": info}
