@@ -22,7 +22,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from family_table import collect  # noqa: E402
+from family_table import _spread, collect  # noqa: E402
 
 ELASTIC_FT, ELASTIC_ZS, SCRATCH = "elastic + fine-tune", "elastic, zero-shot", "from scratch"
 SIZES = (1, 3, 10)
@@ -33,12 +33,10 @@ def _retrofit4x(methods: dict) -> str | None:
 
 
 def _cell(values: list[float], pct: bool = False) -> str:
-    if not values:
-        return "-"
+    if not values or not pct:
+        return _spread(values)
     m, half = mean(values), (max(values) - min(values)) / 2
-    if pct:
-        return f"{100 * m:+.1f}%" + (f" ± {100 * half:.1f}" if len(values) > 1 else "")
-    return f"{m:.3f}" + (f" ± {half:.3f}" if len(values) > 1 else "")
+    return f"{100 * m:+.1f}%" + (f" ± {100 * half:.1f}" if len(values) > 1 else "")
 
 
 def run_summary(run: Path) -> dict[str, float]:
