@@ -552,10 +552,13 @@ def cmd_arena(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run_pipeline
+    from .pipeline import family_of, run_pipeline
 
     _finite(args.finetune_fraction, 0, "--finetune-fraction", strict=False)
     _require(args.eval_examples >= 1, f"--eval-examples={args.eval_examples} must be >= 1")
+    chosen = {}
+    if args.children is not None:
+        chosen["family"], chosen["targeted"] = family_of([n.strip() for n in args.children.split(",") if n.strip()])
     recipe = _recipe(args)
     out = Path(args.out)
     check_separate(out, recipe_inputs(recipe))
@@ -567,6 +570,7 @@ def cmd_run(args) -> int:
             baselines=args.baselines,
             finetune_fraction=args.finetune_fraction,
             eval_examples=args.eval_examples,
+            **chosen,
         )
     print(f"done: {Path(args.out) / 'report.md'}")
     return 0
@@ -774,6 +778,11 @@ def _args_run(p: argparse.ArgumentParser) -> None:
         help="fine-tune budget per child as a fraction of the parent's training tokens",
     )
     p.add_argument("--eval-examples", type=int, default=100, help="test examples per structured task")
+    p.add_argument(
+        "--children",
+        help="comma-separated children to search for, extract and train, the first the reference "
+        "(default: ernie51-shape,active-third,half-latency,ernie51-find)",
+    )
     p.add_argument("--quiet", action="store_true")
 
 

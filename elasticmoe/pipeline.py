@@ -75,6 +75,7 @@ class Pipeline:
         self.finetune_fraction, self.eval_examples, self.progress = finetune_fraction, eval_examples, progress
         self.state_path = self.run / "pipeline.json"
         self.state: dict[str, Any] = read_json(self.state_path) if self.state_path.exists() else {"phases": {}}
+        self.state.setdefault("family", [*self.family, *self.targeted])  # run_pipeline checks a rerun's
         self.t0 = time.perf_counter()
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -369,6 +370,23 @@ def _transformers_generate(hf_dir: Path, n: int = 12) -> dict:
     return {"prompt": prompt, "text": tok.decode(out[0]), "new_tokens": int(out.shape[1] - ids.shape[1])}
 
 
+def family_of(names: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict]]:
+    """(family, targeted) for `run --children`: a subset of DEFAULT_FAMILY and TARGETED by name, the
+    first a DEFAULT_FAMILY member (the reference child: the report's and the baselines' first)."""
+    known = [*DEFAULT_FAMILY, *TARGETED]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ConfigError(f"--children {','.join(names)}: name each child once, from {', '.join(known)}")
+    if names[0] not in DEFAULT_FAMILY:
+        raise ConfigError(f"--children: the first child is the reference and must be one of {', '.join(DEFAULT_FAMILY)}")
+    family = {n: DEFAULT_FAMILY[n] for n in names if n in DEFAULT_FAMILY}
+    targeted = {n: TARGETED[n] for n in names if n in TARGETED}
+    for n, t in targeted.items():
+        if t["like"] not in family:
+            raise ConfigError(f"--children: {n} is ranked under {t['like']}'s constraints; name {t['like']} too")
+    return family, targeted
+
+
 def run_pipeline(recipe: Recipe, run_dir: Path | str, progress: bool = True, **kwargs: Any) -> dict:
     run_dir = Path(run_dir)
     if recipe.data.source == "shards":
@@ -382,4 +400,11 @@ def run_pipeline(recipe: Recipe, run_dir: Path | str, progress: bool = True, **k
 
         if load_recipe(saved).to_dict() != recipe.to_dict():
             raise ConfigError(f"{run_dir} was started with a different recipe ({saved}); use another --out")
-    return Pipeline(recipe, run_dir, progress=progress, **kwargs).run_all()
+    pipe = Pipeline(recipe, run_dir, progress=progress, **kwargs)
+    names = [*pipe.family, *pipe.targeted]
+    if pipe.state["family"] != names:  # a rerun must not mix two families
+        raise ConfigError(
+            f"{run_dir} was started with the children {','.join(pipe.state['family'])}, not "
+            f"{','.join(names)}; use the same --children or another --out"
+        )
+    return pipe.run_all()

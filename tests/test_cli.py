@@ -96,6 +96,8 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, cli, one_line_error):
         cli("extract", broken, "--subnet", "L2 E2 k1 W32", "--out", tmp_path / "y", ok=False), "model.safetensors"
     )
     one_line_error(cli("export", tmp_path / "nope", "--out", tmp_path / "z", ok=False), "not a model folder")
+    one_line_error(cli("run", "--config", "micro", "--children", "nope", "--out", tmp_path / "r", ok=False), "nope")
+    assert not (tmp_path / "r").exists()
     one_line_error(cli("finetune", run / "parent", "--tokens", "100", "--out", tmp_path / "f", ok=False), "data")
     # a model folder given where a run belongs is refused without leaving a lock file in it
     one_line_error(cli("report", run / "parent", ok=False), "not a run folder")

@@ -155,3 +155,29 @@ def test_targeted_child_is_ranked_by_its_objective_and_finetuned_on_its_mix(micr
     pipe.phase_finetune()
     meta = json.loads((micro_run / "finetuned" / "ernie-find" / "model" / "config.json").read_text())["meta"]
     assert meta["finetune"]["task_weights"] == objective
+
+
+def test_children_choose_the_family_and_a_rerun_keeps_it(tmp_path):
+    """`run --children`: a subset of the default family by name (the first the reference, a
+    targeted child only beside its twin); a rerun that names other children is refused."""
+    from elasticmoe.config import ConfigError
+    from elasticmoe.pipeline import DEFAULT_FAMILY, family_of, run_pipeline
+
+    family, targeted = family_of(["ernie51-shape"])
+    assert family == {"ernie51-shape": DEFAULT_FAMILY["ernie51-shape"]} and targeted == {}
+    family, targeted = family_of(["ernie51-shape", "ernie51-find"])
+    assert list(family) == ["ernie51-shape"] and list(targeted) == ["ernie51-find"]
+    for bad, words in (
+        (["nope"], "name each child once"),
+        (["ernie51-shape", "ernie51-shape"], "name each child once"),
+        ([], "name each child once"),
+        (["active-third", "ernie51-find"], "name ernie51-shape too"),
+        (["ernie51-find", "ernie51-shape"], "the first child is the reference"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            family_of(bad)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pipeline.json").write_text(json.dumps({"phases": {}, "family": ["ernie51-shape"]}))
+    with pytest.raises(ConfigError, match="started with the children ernie51-shape, not active-third"):
+        run_pipeline(load_recipe("micro"), run, progress=False, family={"active-third": DEFAULT_FAMILY["active-third"]})
