@@ -378,7 +378,8 @@ def family_of(names: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, 
     if unknown or not names or len(set(names)) != len(names):
         raise ConfigError(f"--children {','.join(names)}: name each child once, from {', '.join(known)}")
     if names[0] not in DEFAULT_FAMILY:
-        raise ConfigError(f"--children: the first child is the reference and must be one of {', '.join(DEFAULT_FAMILY)}")
+        one_of = ", ".join(DEFAULT_FAMILY)
+        raise ConfigError(f"--children: the first child is the reference and must be one of {one_of}")
     family = {n: DEFAULT_FAMILY[n] for n in names if n in DEFAULT_FAMILY}
     targeted = {n: TARGETED[n] for n in names if n in TARGETED}
     for n, t in targeted.items():
