@@ -87,3 +87,48 @@ def test_recipe_family_compares_arms_inside_each_run(tmp_path):
     assert "| b | elastic + fine-tune | 4.200 | 1.533 | 0.600 |" in md  # (40 + 2n) / 10n
     assert "| a | retrofit-4x + fine-tune | 6.100 | 2.100 | 0.700 |" in md
     assert recipe_family.main(["a"]) == 2
+
+
+def test_recipe_scale_groups_runs_by_budget_and_pairs_documents(tmp_path):
+    """bench/recipe_scale.py: the budget comes from each run's recipe, the gaps are the named
+    child's (not the first child's), each with the paired interval over the same documents, and
+    the plot is written."""
+    spec = importlib.util.spec_from_file_location(
+        "recipe_scale", Path(__file__).parents[1] / "bench" / "recipe_scale.py"
+    )
+    recipe_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe_scale)
+    docs = [100] * 42  # a multiple of 3: the per-document wobble below averages to exactly 1
+
+    def row(method: str, all_in: float, per_doc: float) -> dict:
+        bits = [per_doc * b * (1 + 0.01 * (i % 3 - 1)) for i, b in enumerate(docs)]  # same documents
+        score = sum(bits) / sum(docs)
+        text = {"score": score, "doc_bits": bits, "doc_bytes": docs, "ci": [score - 0.01, score + 0.01]}
+        return {"method": method, "eval": {"tasks": {"text": text}}, "cost": {"all-in": all_in}}
+
+    runs = []
+    for steps, seed, ours in ((250, 0, 2.9), (250, 1, 2.7), (1000, 0, 2.5)):
+        rows = [row("elastic + fine-tune", 30.0, ours), row("from scratch", 10.0, 2.5)]
+        rows.append(row("retrofit-4x + fine-tune", 40.0, 2.4))
+        other = {"rows": [row("elastic + fine-tune", 1.0, 9.9), row("from scratch", 1.0, 1.0)]}
+        report = {"methods": {"children": {"active-third": other, "ernie51-shape": {"rows": rows}}}}
+        run = tmp_path / f"r{steps}-{seed}"
+        run.mkdir()
+        (run / "report.json").write_text(json.dumps(report))
+        recipe = {"train": {"steps": steps, "batch_size": 8}, "data": {"seq_len": 128}}
+        (run / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+        runs.append(run)
+    figs = [recipe_scale.run_figures(r) for r in runs]
+    assert [f["tokens"] for f in figs] == [256_000, 256_000, 1_024_000]
+    assert figs[0]["gap"]["scratch"]["rel"] == pytest.approx(2.9 / 2.5 - 1)
+    lo, hi = figs[0]["gap"]["scratch"]["ci"]
+    assert 0 < lo < figs[0]["gap"]["scratch"]["diff"] < hi  # elastic measurably worse, paired
+    assert figs[2]["gap"]["scratch"]["ci"][0] <= 0 <= figs[2]["gap"]["scratch"]["ci"][1] + 1e-9  # level
+    assert figs[0]["cost"] == {"elastic": 3.0, "scratch": 1.0, "retrofit-4x": 4.0}
+    md = recipe_scale.render(figs)
+    assert "| 256,000 | 2 | 2.800 ± 0.100 | 2.500 ± 0.000 | 2.400 ± 0.000 | +12.0% ± 4.0% |" in md  # +16%, +8%
+    assert "| 1,024,000 | 1 | 2.500 |" in md
+    png = tmp_path / "scale.png"
+    assert recipe_scale.main([str(r) for r in runs] + ["--plot", str(png)]) == 0 and png.stat().st_size > 0
+    assert recipe_scale.main([str(tmp_path / "nope")]) == 2
+    assert recipe_scale.main([str(runs[0]), "--child", "half-latency"]) == 2
