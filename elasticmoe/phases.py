@@ -152,7 +152,8 @@ def _finetune_recipe(
         recipe,
         model=child_config,
         space=ElasticSpace.full(child_config),
-        data=dataclasses.replace(recipe.data, task_weights=dict(task_weights or {})),
+        # a fine-tune starts from trained weights: every level from its first step, no curriculum
+        data=dataclasses.replace(recipe.data, task_weights=dict(task_weights or {}), curriculum=0.0),
         sampling=SamplingConfig(mode="sandwich", n_random=0),
         distill=distill,
         reorder=dataclasses.replace(recipe.reorder, at_steps=()),

@@ -34,6 +34,10 @@ class DataConfig:
     # the embedded corpus's structured tasks: data.TaskSpec fields to change (levels, level_weights
     # = the training mix over levels, formats, counts), e.g. task_spec.level_weights=[4,3,2,1]
     task_spec: dict[str, Any] = field(default_factory=dict)
+    # the embedded corpus's level curriculum: over this fraction of train.steps the structured
+    # tasks' levels enter one by one, easiest first (tokens.StratifiedBatches); 0 = off, every
+    # level from the first step (the mix of task_spec.level_weights)
+    curriculum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class Recipe:
             "train.aux_weight": (0, None, False, False),
             "train.z_weight": (0, None, False, False),
             "data.scale": (0, None, True, False),
+            "data.curriculum": (0, 1, False, False),
             "sampling.full_fraction": (0, 1, False, False),
             "sampling.full_rows": (0, 1, True, False),
             "sampling.sub_rows": (0, 1, True, False),
@@ -221,6 +226,8 @@ class Recipe:
                 task_spec_from(d.task_spec)
             except ConfigError as exc:
                 p.append(f"data.task_spec: {exc}")
+        if isinstance(d.curriculum, (int, float)) and d.curriculum > 0 and d.source != "default":
+            p.append(f"data.curriculum={d.curriculum} needs graded tasks: only data.source=default has them")
         if d.loss_on not in ("all", "answers"):
             p.append(f"data.loss_on={d.loss_on!r}; allowed ['all', 'answers']")
         if s.mode not in SAMPLING_MODES:

@@ -37,6 +37,7 @@ from .tokens import (
     StratifiedBatches,
     TokenShards,
     answer_mask,
+    doc_levels,
     eval_windows,
     load_npy,
     mix_tasks,
@@ -85,11 +86,15 @@ class RunData:
         world_size: int = 1,
         task_weights: dict[str, float] | None = None,
         loss_on: str = "all",
+        curriculum: float = 0.0,
+        total_steps: int | None = None,
     ) -> BatchIterator | StratifiedBatches:
         """Training batches: every batch holds each task's share of rows (`task_weights`, else the
         run's mix, else shares of the tokens), in document-aligned windows; see StratifiedBatches.
         loss_on="answers": structured tasks' rows train on their answers only (`tokens.answer_mask`);
-        text (the embedded prose, your files, token shards) keeps every target."""
+        text (the embedded prose, your files, token shards) keeps every target. curriculum > 0
+        (`data.curriculum`): the structured tasks' levels enter easiest first over that fraction
+        of `total_steps` (StratifiedBatches)."""
         if self.train_shards is not None:  # memory-mapped: windows are read straight from the files
             # plain text: every token is trained on, whatever data.loss_on says
             return BatchIterator(self.train_shards, self.seq_len, batch_size, seed, rank, world_size)
@@ -98,6 +103,9 @@ class RunData:
         masks = None
         if loss_on == "answers":
             masks = {t: self.answer_mask("train", t) for t in arrays if t in STRUCTURED_TASKS}
+        levels = None
+        if curriculum:
+            levels = {t: doc_levels(arrays[t], self.tokenizer, t) for t in arrays if t in STRUCTURED_TASKS}
         return StratifiedBatches(
             arrays,
             weights,
@@ -108,6 +116,9 @@ class RunData:
             world_size,
             eos_id=self.tokenizer.eos_id,
             loss_masks=masks,
+            levels=levels,
+            curriculum=curriculum,
+            total_steps=total_steps,
         )
 
     def eval_windows(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .data import _expand, _task_order, answer_spans
+from .data import _expand, _task_order, answer_spans, example_level
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +316,44 @@ def aligned_starts(tokens: np.ndarray, eos_id: int, seq_len: int) -> np.ndarray:
     return np.asarray(starts, dtype=np.int64)
 
 
+class _Source:
+    """Document-aligned windows (`aligned_starts`) of one token stream, walked in a permutation seeded
+    by `seed` + [epoch]; a partial block at the end of an epoch is skipped. `targets`: the stream as
+    targets with IGNORE outside a loss mask (None: the stream itself)."""
+
+    def __init__(
+        self, stream: np.ndarray, targets: np.ndarray | None, seq_len: int, eos_id: int, seed: list[int]
+    ) -> None:
+        self.stream, self.targets, self.seed = stream, targets, seed
+        self.starts = aligned_starts(stream, eos_id, seq_len)
+        self.epoch, self.position = 0, 0
+        self._perm: np.ndarray | None = None
+
+    def take(self, n: int) -> list[int]:
+        """Start offsets of the next `n` windows."""
+        if self.position + n > len(self.starts):
+            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+        if self._perm is None:
+            self._perm = np.random.default_rng([*self.seed, self.epoch]).permutation(len(self.starts))
+        picked = self._perm[self.position : self.position + n]
+        self.position += n
+        return [int(self.starts[w]) for w in picked]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "windows": len(self.starts)}
+
+    def problems(self, name: str, st: dict) -> list[str]:
+        """Why the saved state `st` cannot be loaded into this source (none: it can)."""
+        if int(st["windows"]) != len(self.starts):
+            return [f"data state: {name} has {st['windows']} windows; this data {len(self.starts)}"]
+        if int(st["epoch"]) < 0 or not 0 <= int(st["position"]) <= len(self.starts):
+            return [f"data state: {name} epoch={st['epoch']}, position={st['position']} out of range"]
+        return []
+
+    def load_state_dict(self, st: dict) -> None:
+        self.epoch, self.position, self._perm = int(st["epoch"]), int(st["position"]), None
+
+
 class StratifiedBatches:
     """Endless (inputs, targets) batches with the same task mix every step, resumable to the exact batch.
 
@@ -336,6 +374,19 @@ class StratifiedBatches:
 
     `loss_masks` ({task: bool array aligned with its tokens}, from `answer_mask`) sets the targets
     outside the mask to IGNORE: that task's rows train on their answers only.
+
+    Curriculum (`curriculum` > 0, with `levels` = {task: the level of each of its documents, from
+    `doc_levels`} and the run's `total_steps`): each graded task's documents are split by level
+    into streams of their own (same seeded order, windows and epochs per level), and a task's rows
+    of a step are shared between the levels that have entered by then, in proportion to their
+    tokens, by systematic sampling seeded by (seed, task, step). Level k of L (easiest first)
+    enters at step floor(curriculum * total_steps * k / L): the easiest trains alone at first and
+    the hardest from curriculum * (L - 1) / L of the run on ("baby steps", Bengio et al. 2009;
+    Spitkovsky et al. 2010). Scaled to the run's steps, not to the stream, because a run reads
+    only part of a task's stream: an easy-first order of the stream would never reach the hard
+    levels. After the last entry the rows follow the levels' token shares, which is the level mix
+    of today's single stream. Rows are then of one level each; the task mix per step is unchanged.
+    The state holds each level's position and the curriculum (a resume under another is refused).
     """
 
     def __init__(
@@ -350,11 +401,15 @@ class StratifiedBatches:
         *,
         eos_id: int,
         loss_masks: dict[str, np.ndarray] | None = None,
+        levels: dict[str, np.ndarray] | None = None,
+        curriculum: float = 0.0,
+        total_steps: int | None = None,
     ) -> None:
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ConfigError(f"seq_len={seq_len!r} must be a positive integer")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need 0 <= rank < world")
+        _check_curriculum(curriculum, total_steps)
         weights = dict(weights) if weights is not None else {t: float(len(a)) for t, a in arrays.items()}
         problems = [f"weights[{t!r}]: no such task (have {sorted(arrays)})" for t in weights if t not in arrays]
         problems += [f"weights[{t!r}]={w} must be >= 0" for t, w in weights.items() if not w >= 0]
@@ -369,31 +424,64 @@ class StratifiedBatches:
         self.frac = np.clip(shares - self.base, 0.0, None)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.streams, self.starts, self.targets = {}, {}, {}
+        self.curriculum, self.total_steps = float(curriculum), total_steps
+        self.sources: dict[str, list[_Source]] = {}
+        self.levels: dict[str, list[int]] = {}  # graded tasks under the curriculum: their levels, easiest first
+        self.enters: dict[str, np.ndarray] = {}  # the step each of those levels enters at
         for i, task in enumerate(tasks):
-            docs = _split_docs(arrays[task], eos_id)
-            order = np.random.default_rng([seed, 11, i]).permutation(len(docs))
-            head = np.asarray([eos_id], dtype=arrays[task].dtype)
-            stream = np.concatenate([head, *(docs[j] for j in order)])
-            self.streams[task], self.starts[task] = stream, aligned_starts(stream, eos_id, seq_len)
-            if loss_masks and task in loss_masks:  # the same documents in the same order
-                if len(loss_masks[task]) != len(arrays[task]):
-                    have, want = len(loss_masks[task]), len(arrays[task])
-                    raise ConfigError(f"loss mask of task {task!r} has {have} entries for {want} tokens")
-                pieces = np.split(loss_masks[task], np.cumsum([len(d) for d in docs])[:-1])
-                keep = np.concatenate([[False], *(pieces[j] for j in order)])
-                self.targets[task] = np.where(keep, stream.astype(np.int64), IGNORE)  # the stream, as targets
+            graded = self.curriculum > 0 and levels is not None and task in levels
+            self.sources[task] = self._sources(i, task, arrays[task], eos_id, loss_masks, levels if graded else None)
             need = int(self.base[i]) + (self.frac[i] > 0)
-            if len(self.starts[task]) < max(need, 1):
-                raise ConfigError(
-                    f"data too small: task {task!r} has {len(self.starts[task])} windows of {seq_len + 1} tokens, "
-                    f"but one global batch needs {need}"
-                )
+            for k, source in enumerate(self.sources[task]):
+                if len(source.starts) < max(need, 1):
+                    which = f"task {task!r}" + (f" level {self.levels[task][k]}" if task in self.levels else "")
+                    raise ConfigError(
+                        f"data too small: {which} has {len(source.starts)} windows of {seq_len + 1} tokens, "
+                        f"but one global batch needs {need}"
+                    )
         self.step = 0
-        self.epochs = dict.fromkeys(tasks, 0)
-        self.positions = dict.fromkeys(tasks, 0)
-        self._perms: dict[str, np.ndarray] = {}
         logger.info("batches: rows per step %s", {t: round(float(x), 3) for t, x in zip(tasks, shares)})
+        for task, enter in self.enters.items():
+            logger.info("curriculum: %s levels %s enter at steps %s", task, self.levels[task], enter.tolist())
+
+    def _sources(
+        self,
+        i: int,
+        task: str,
+        tokens: np.ndarray,
+        eos_id: int,
+        loss_masks: dict[str, np.ndarray] | None,
+        levels: dict[str, np.ndarray] | None,
+    ) -> list[_Source]:
+        """The task's stream (its documents in an order seeded by (seed, task index)), or under the
+        curriculum one stream per level, each keeping that order."""
+        docs = _split_docs(tokens, eos_id)
+        order = np.random.default_rng([self.seed, 11, i]).permutation(len(docs))
+        pieces = None
+        if loss_masks and task in loss_masks:  # the same documents in the same order
+            if len(loss_masks[task]) != len(tokens):
+                have, want = len(loss_masks[task]), len(tokens)
+                raise ConfigError(f"loss mask of task {task!r} has {have} entries for {want} tokens")
+            pieces = np.split(loss_masks[task], np.cumsum([len(d) for d in docs])[:-1])
+        head = np.asarray([eos_id], dtype=tokens.dtype)
+
+        def source(picked: np.ndarray, seed: list[int]) -> _Source:
+            stream = np.concatenate([head, *(docs[j] for j in picked)])
+            targets = None
+            if pieces is not None:
+                keep = np.concatenate([[False], *(pieces[j] for j in picked)])
+                targets = np.where(keep, stream.astype(np.int64), IGNORE)  # the stream, as targets
+            return _Source(stream, targets, self.seq_len, eos_id, seed)
+
+        if levels is None:
+            return [source(order, [self.seed, i])]
+        of_doc = np.asarray(levels[task])
+        if len(of_doc) != len(docs):
+            raise ConfigError(f"levels of task {task!r}: {len(of_doc)} for {len(docs)} documents")
+        self.levels[task] = sorted({int(v) for v in of_doc})
+        n = len(self.levels[task])
+        self.enters[task] = np.array([int(self.curriculum * self.total_steps * k / n) for k in range(n)])
+        return [source(order[of_doc[order] == lv], [self.seed, 19, i, k]) for k, lv in enumerate(self.levels[task])]
 
     def rows_at(self, step: int) -> dict[str, int]:
         """Rows of each task in the global batch at `step` (sums to batch_size * world_size)."""
@@ -407,40 +495,52 @@ class StratifiedBatches:
             rows[np.minimum(picked, len(rows) - 1)] += 1
         return {t: int(n) for t, n in zip(self.tasks, rows)}
 
-    def _perm(self, i: int, task: str) -> np.ndarray:
-        if task not in self._perms:
-            rng = np.random.default_rng([self.seed, i, self.epochs[task]])
-            self._perms[task] = rng.permutation(len(self.starts[task]))
-        return self._perms[task]
+    def level_rows_at(self, task: str, step: int, rows: int) -> dict[int, int]:
+        """Under the curriculum: how a graded task's `rows` at `step` are shared between its levels
+        (the levels entered by `step`, in proportion to their tokens; systematic sampling)."""
+        tokens = np.array([len(s.stream) for s in self.sources[task]], dtype=np.float64)
+        weights = np.where(step >= self.enters[task], tokens, 0.0)
+        cum = np.cumsum(weights) / weights.sum() * rows
+        cum[np.flatnonzero(weights)[-1] :] = np.inf  # rounding never picks a level not entered yet
+        u = np.random.default_rng([self.seed, 17, self.tasks.index(task), step]).random()
+        picked = np.searchsorted(cum, u + np.arange(rows), side="right")
+        return dict(zip(self.levels[task], np.bincount(picked, minlength=len(weights)).tolist()))
 
     def __iter__(self) -> StratifiedBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen: list[tuple[str, int]] = []  # the global batch: (task, window), task by task
-        for i, (task, n) in enumerate(self.rows_at(self.step).items()):
+        chosen: list[tuple[_Source, int]] = []  # the global batch: (source, window start), task by task
+        for task, n in self.rows_at(self.step).items():
             if n == 0:
                 continue
-            if self.positions[task] + n > len(self.starts[task]):
-                self.epochs[task] += 1
-                self.positions[task] = 0
-                self._perms.pop(task, None)
-            pos = self.positions[task]
-            chosen += [(task, int(w)) for w in self._perm(i, task)[pos : pos + n]]
-            self.positions[task] += n
+            sources = self.sources[task]
+            counts = self.level_rows_at(task, self.step, n).values() if task in self.levels else [n]
+            for source, k in zip(sources, counts):
+                if k:
+                    chosen += [(source, s) for s in source.take(k)]
         self.step += 1
         mine = chosen[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        spans = [(t, self.starts[t][w]) for t, w in mine]
-        inputs = np.stack([self.streams[t][s : s + self.seq_len] for t, s in spans]).astype(np.int64)
-        targets = np.stack([self.targets.get(t, self.streams[t])[s + 1 : s + self.seq_len + 1] for t, s in spans])
+        inputs = np.stack([src.stream[s : s + self.seq_len] for src, s in mine]).astype(np.int64)
+        targets = np.stack(
+            [(src.stream if src.targets is None else src.targets)[s + 1 : s + self.seq_len + 1] for src, s in mine]
+        )
         return torch.from_numpy(inputs), torch.from_numpy(targets.astype(np.int64))
 
+    def _curriculum_state(self) -> dict[str, float | int] | None:
+        return {"fraction": self.curriculum, "steps": self.total_steps} if self.curriculum > 0 else None
+
     def state_dict(self) -> dict[str, Any]:
-        tasks = {
-            t: {"epoch": self.epochs[t], "position": self.positions[t], "windows": len(self.starts[t])}
-            for t in self.tasks
-        }
-        return {"step": self.step, "seed": self.seed, "tasks": tasks}
+        tasks: dict[str, Any] = {}
+        for t in self.tasks:
+            if t in self.levels:
+                tasks[t] = {"levels": {str(lv): s.state_dict() for lv, s in zip(self.levels[t], self.sources[t])}}
+            else:
+                tasks[t] = self.sources[t][0].state_dict()
+        state = {"step": self.step, "seed": self.seed, "tasks": tasks}
+        if self.curriculum > 0:
+            state["curriculum"] = self._curriculum_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "tasks" not in state or int(state.get("seed", self.seed)) != self.seed:
@@ -450,17 +550,51 @@ class StratifiedBatches:
             )
         if sorted(state["tasks"]) != sorted(self.tasks):
             raise ConfigError(f"data state has tasks {sorted(state['tasks'])}; this data mixes {sorted(self.tasks)}")
+        if state.get("curriculum") != self._curriculum_state():
+            raise ConfigError(
+                f"data state curriculum {state.get('curriculum')} does not match this run's {self._curriculum_state()} "
+                "(data.curriculum over train.steps)"
+            )
+        pairs = []  # (source, saved state)
         for t, st in state["tasks"].items():
-            if int(st["windows"]) != len(self.starts[t]):
-                raise ConfigError(f"data state: task {t} has {st['windows']} windows; this data {len(self.starts[t])}")
-            if int(st["epoch"]) < 0 or not 0 <= int(st["position"]) <= len(self.starts[t]):
-                raise ConfigError(f"data state: task {t} epoch={st['epoch']}, position={st['position']} out of range")
+            if t in self.levels:
+                saved = st.get("levels", {})
+                if sorted(saved, key=int) != [str(lv) for lv in self.levels[t]]:
+                    raise ConfigError(f"data state: task {t} has levels {sorted(saved)}; this data {self.levels[t]}")
+                pairs += [(s, saved[str(lv)], f"task {t} level {lv}") for lv, s in zip(self.levels[t], self.sources[t])]
+            else:
+                pairs.append((self.sources[t][0], st, f"task {t}"))
+        problems = [p for source, st, name in pairs for p in source.problems(name, st)]
+        if problems:
+            raise ConfigError("; ".join(problems))
         if int(state["step"]) < 0:
             raise ConfigError(f"data state step={state['step']} must be >= 0")
         self.step = int(state["step"])
-        self.epochs = {t: int(st["epoch"]) for t, st in state["tasks"].items()}
-        self.positions = {t: int(st["position"]) for t, st in state["tasks"].items()}
-        self._perms = {}
+        for source, st, _ in pairs:
+            source.load_state_dict(st)
+
+
+def _check_curriculum(curriculum: float, total_steps: int | None) -> None:
+    if isinstance(curriculum, bool) or not isinstance(curriculum, (int, float)) or not 0 <= curriculum <= 1:
+        raise ConfigError(f"data.curriculum={curriculum!r} must be a number in [0, 1] (0: off)")
+    if curriculum > 0 and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1):
+        raise ConfigError(
+            f"data.curriculum={curriculum} needs the run's total steps (train.steps), got {total_steps!r}"
+        )
+
+
+def doc_levels(tokens: np.ndarray, tokenizer: Any, task: str) -> np.ndarray:
+    """The level (`data.example_level`) of each EOS-terminated document of a graded task's tokens,
+    in order: what the curriculum of `StratifiedBatches` splits a task's stream by."""
+    docs = _split_docs(np.asarray(tokens), tokenizer.eos_id)
+    bodies = [d[:-1] if len(d) and d[-1] == tokenizer.eos_id else d for d in docs]
+    out = np.zeros(len(docs), dtype=np.int64)
+    for k, text in enumerate(tokenizer.decode_batch([b.tolist() for b in bodies])):
+        try:
+            out[k] = example_level(task, text)
+        except (ConfigError, AttributeError, ValueError):
+            raise ConfigError(f"task {task!r}: document {k} ({text[:60]!r}) has no difficulty level") from None
+    return out
 
 
 def eval_windows(

@@ -502,7 +502,13 @@ def run_job(
     weights = dict(recipe.data.task_weights) or None
     rank_args = () if world == 1 else (par.rank, world)
     batches = job.data.train_batches(
-        t.batch_size // world, t.seed, *rank_args, task_weights=weights, loss_on=recipe.data.loss_on
+        t.batch_size // world,
+        t.seed,
+        *rank_args,
+        task_weights=weights,
+        loss_on=recipe.data.loss_on,
+        curriculum=recipe.data.curriculum,
+        total_steps=t.steps,
     )
     step, bad_in_row, tokens_seen = 0, 0, 0
     # this attempt's id; the ids of all attempts whose work led to the saved state travel with the
