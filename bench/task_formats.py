@@ -2,10 +2,10 @@
 
 Each arm trains `tiny`'s full network alone (`sampling.full_fraction=1.0`: every step's gradient
 goes to the largest network, the fast proxy for the parent used in bench/TASKS.md) on the embedded
-corpus with some `data.task_spec` fields changed, then scores the parent on the test split: exact
-match per level (Wilson 95%), answer loss per task, text bits/byte. Arms share the seed, model,
-steps and tokens; only the structured data differs. One JSON line per (arm, seed) in --out; a rerun
-skips the lines already there.
+corpus with some `data.task_spec` fields changed (or the level curriculum, `data.curriculum`), then
+scores the parent on the test split: exact match per level (Wilson 95%), answer loss per task, text
+bits/byte. Arms share the seed, model, steps and tokens; only the structured data differs. One JSON
+line per (arm, seed) in --out; a rerun skips the lines already there.
 
     OMP_NUM_THREADS=1 python bench/task_formats.py --arms default not-reversed --seeds 0 1 \
         --root runs/task-formats --out bench/task-formats/results.jsonl
@@ -21,14 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-# arm -> data.task_spec overrides (the default formats: levels, kv every key queried, arith
-# reversed and zero-padded, sort over 0-9, find 3 queries, a uniform mix over levels)
+# arm -> recipe overrides of the structured data (the default formats: levels, kv every key queried,
+# arith reversed and zero-padded, sort over 0-3 since this ablation, find 3 queries, a uniform mix
+# over levels from the first step)
 ARMS = {
     "default": [],
     "not-reversed": ["data.task_spec.arith_reversed=false"],  # arith answers most-significant digit first
     "easy-first": ["data.task_spec.level_weights=[4,3,2,1]"],  # the mix leans to the easy levels
     "small-alphabet": ["data.task_spec.sort_value_max=3"],  # sort over 0-3 instead of 0-9
     "one-query": ["data.task_spec.find_queries=1"],  # find: one query per example instead of 3
+    # the levels enter easiest first, one every 1/8 of the run (all four from 3/8 of it on)
+    "curriculum": ["data.curriculum=0.5"],
 }
 COMMON = ["sampling.full_fraction=1.0"]
 
