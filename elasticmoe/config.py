@@ -99,7 +99,17 @@ def check_type(problems: list[str], name: str, value: Any, kind: type, of: type 
 
 QK_NORM_SCOPES = ("head", "all")  # RMSNorm over each head (Qwen3-MoE) or the whole projection (OLMoE)
 # ModelConfig fields written only when they differ from their default (see ModelConfig).
-IMPORT_OPTIONS = ("qk_norm_scope", "qkv_bias", "renormalize_top_k", "shared_expert_gate", "source_architecture")
+IMPORT_OPTIONS = (
+    "qk_norm_scope",
+    "qkv_bias",
+    "renormalize_top_k",
+    "shared_expert_gate",
+    "source_architecture",
+    "dense_layers",
+    "dense_width",
+    "router_bias",
+    "renormalize_min",
+)
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,11 @@ class ModelConfig:
     (OLMoE, Qwen2-MoE: `norm_topk_prob: false`); `shared_expert_gate` scales the shared expert
     by `sigmoid(g . x)` per token (Qwen2-MoE); `source_architecture` is the transformers class the
     model was imported from (e.g. "OlmoeForCausalLM"), which its exports (children included) use.
+    ERNIE-4.5-MoE: `dense_layers` are the layer indices whose feed-forward is one dense SwiGLU of
+    `dense_width` instead of the MoE (kept whole by sub-networks: their specs' experts, top-k and
+    width do not apply); `router_bias` adds a per-expert bias to the probabilities for choosing
+    the top-k only (`e_score_correction_bias`; the weights stay the unbiased probabilities);
+    `renormalize_min` floors the renormalisation's denominator (`moe_norm_min`; 0: no floor).
     """
 
     vocab_size: int = 2048
@@ -141,6 +156,10 @@ class ModelConfig:
     renormalize_top_k: bool = True
     shared_expert_gate: bool = False
     source_architecture: str = ""
+    dense_layers: tuple[int, ...] = ()
+    dense_width: int = 0
+    router_bias: bool = False
+    renormalize_min: float = 0.0
     # Per-layer (experts, top_k, expert_width), only for children extracted from a per-layer
     # sub-network; empty means every layer has (experts, top_k, expert_width).
     layer_shapes: tuple[tuple[int, int, int], ...] = ()
@@ -149,6 +168,8 @@ class ModelConfig:
         object.__setattr__(
             self, "layer_shapes", tuple(tuple(s) if isinstance(s, (list, tuple)) else s for s in self.layer_shapes)
         )
+        if isinstance(self.dense_layers, list):
+            object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         p: list[str] = []
         _int_in(p, "vocab_size", self.vocab_size, 2)
         _int_in(p, "d_model", self.d_model, 1)
@@ -179,7 +200,9 @@ class ModelConfig:
                 _int_in(p, f"layer_shapes[{i}] experts", e, 1, self.experts)
                 _int_in(p, f"layer_shapes[{i}] top_k", k, 1, min(e, self.experts) if isinstance(e, int) else None)
                 _int_in(p, f"layer_shapes[{i}] width", w, 1, self.expert_width)
-        for name in ("tie_embeddings", "qk_norm", "qkv_bias", "renormalize_top_k", "shared_expert_gate"):
+        self._check_dense(p)
+        check_number(p, "renormalize_min", self.renormalize_min, 0, 1, hi_open=True)
+        for name in ("tie_embeddings", "qk_norm", "qkv_bias", "renormalize_top_k", "shared_expert_gate", "router_bias"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"{name}={getattr(self, name)!r} must be true or false")
         if self.qk_norm_scope not in QK_NORM_SCOPES:
@@ -189,6 +212,26 @@ class ModelConfig:
         check_type(p, "source_architecture", self.source_architecture, str)
         _check(p)
 
+    def _check_dense(self, p: list[str]) -> None:
+        _int_in(p, "dense_width", self.dense_width, 0)
+        if not check_type(p, "dense_layers", self.dense_layers, tuple, int):
+            return
+        layers = self.layers if isinstance(self.layers, int) else 0
+        bad = [i for i in self.dense_layers if not 0 <= i < layers]
+        if bad:
+            p.append(f"dense_layers has indices {bad} outside [0, {layers - 1}]")
+        if list(self.dense_layers) != sorted(set(self.dense_layers)):
+            p.append(f"dense_layers={list(self.dense_layers)} must be strictly increasing")
+        if isinstance(self.dense_width, int) and bool(self.dense_layers) != (self.dense_width > 0):
+            p.append(
+                f"dense_layers={list(self.dense_layers)} and dense_width={self.dense_width}: a dense width "
+                "is given exactly when there are dense layers"
+            )
+
+    def is_dense(self, i: int) -> bool:
+        """Whether layer i's feed-forward is a dense SwiGLU (kept whole) instead of the MoE."""
+        return i in self.dense_layers
+
     def layer_shape(self, i: int) -> tuple[int, int, int]:
         """(experts, top_k, expert_width) of layer i."""
         return self.layer_shapes[i] if self.layer_shapes else (self.experts, self.top_k, self.expert_width)
@@ -196,7 +239,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layer_shapes"] = [list(s) for s in self.layer_shapes]
-        defaults = {f.name: f.default for f in fields(self)}
+        d["dense_layers"] = list(self.dense_layers)
+        defaults = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(self)}
         return {k: v for k, v in d.items() if k not in IMPORT_OPTIONS or v != defaults[k]}
 
     @classmethod

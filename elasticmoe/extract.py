@@ -8,8 +8,9 @@ sub-network touches:
 * in each, the first `experts` router rows and experts, and the first `width` neurons of each
   kept expert (rows of `w_gate`/`w_up`, columns of `w_down`): importance re-ordering has made
   these prefixes the best ones;
-* attention, q/k norms, block norms and the shared expert unchanged; embeddings, final norm and
-  LM head unchanged.
+* the router's selection bias (ERNIE-4.5) sliced with its experts;
+* attention, q/k norms, block norms, the shared expert and dense layers' MLPs unchanged;
+  embeddings, final norm and LM head unchanged.
 
 `child.layer_order` is the parent's keep-priority order restricted to the kept layers and
 renumbered, so shrinking the child further drops layers in the same order as the parent would.
@@ -47,7 +48,7 @@ class ExtractionError(ConfigError):
 
 def _slice(name: str, tensor: torch.Tensor, experts: int, width: int) -> torch.Tensor:
     """The prefix of a block tensor that a layer keeping `experts` experts of `width` neurons uses."""
-    if name == "moe.router.weight":  # (E, D)
+    if name in ("moe.router.weight", "moe.router_bias"):  # (E, D), (E,): the selection bias follows its expert
         return tensor[:experts]
     if name in ("moe.w_gate", "moe.w_up"):  # (E, W, D)
         return tensor[:experts, :width]

@@ -50,7 +50,7 @@ import torch
 from . import checkpoint
 from .config import ConfigError, ModelConfig
 from .hf import ARCHITECTURES, HFError, architecture_for, export_source
-from .model import ElasticMoE
+from .model import ElasticMoE, rope_rows_to_pairs
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _gguf():
 
 def _llama_arch(config: ModelConfig) -> str:
     """llama.cpp's arch for `config`; HFError for what this writer does not cover yet (OLMoE,
-    Qwen2-MoE, top-k weights not renormalised), which `--format hf` exports."""
+    Qwen2-MoE, ERNIE-4.5-MoE, top-k weights not renormalised), which `--format hf` exports."""
     model_type = architecture_for(config)
     if model_type not in ("mixtral", "qwen3_moe") or not config.renormalize_top_k:
         raise HFError(
@@ -93,13 +93,6 @@ def _llama_arch(config: ModelConfig) -> str:
             f"{ARCHITECTURES[model_type]} (renormalize_top_k={config.renormalize_top_k}): use --format hf"
         )
     return "qwen3moe" if model_type == "qwen3_moe" else "llama"
-
-
-def rope_pairs_permutation(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of a q/k projection from rotate-half order to llama.cpp's adjacent-pair order, per head."""
-    rows, cols = weight.shape
-    head_dim = rows // heads
-    return weight.reshape(heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
@@ -130,9 +123,9 @@ def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
         for ours_key, tensor in per_layer.items():
             w = ours[f"blocks.{i}.{ours_key}"]
             if arch == "llama" and ours_key == "attn.q_proj.weight":
-                w = rope_pairs_permutation(w, c.heads)
+                w = rope_rows_to_pairs(w, c.heads)
             elif arch == "llama" and ours_key == "attn.k_proj.weight":
-                w = rope_pairs_permutation(w, c.kv_heads)
+                w = rope_rows_to_pairs(w, c.kv_heads)
             out[N[tensor].format(bid=i)] = w
     return {f"{k}.weight": v.contiguous() for k, v in out.items()}
 

@@ -74,19 +74,20 @@ import torch
 
 from . import checkpoint
 from .config import ConfigError, ModelConfig
-from .model import ElasticMoE
+from .model import ElasticMoE, rope_rows_to_pairs
 
 log = logging.getLogger(__name__)
 
-MIXTRAL, QWEN3_MOE, OLMOE, QWEN2_MOE = "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"
+MIXTRAL, QWEN3_MOE, OLMOE, QWEN2_MOE, ERNIE = "mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "ernie4_5_moe"
 ARCHITECTURES = {
     MIXTRAL: "MixtralForCausalLM",
     QWEN3_MOE: "Qwen3MoeForCausalLM",
     OLMOE: "OlmoeForCausalLM",
     QWEN2_MOE: "Qwen2MoeForCausalLM",
+    ERNIE: "Ernie4_5_MoeForCausalLM",
 }
 MODEL_TYPES = {cls: model_type for model_type, cls in ARCHITECTURES.items()}
-QK_NORM_OF = {MIXTRAL: None, QWEN3_MOE: "head", OLMOE: "all", QWEN2_MOE: None}  # scope of its q/k RMSNorm
+QK_NORM_OF = {MIXTRAL: None, QWEN3_MOE: "head", OLMOE: "all", QWEN2_MOE: None, ERNIE: None}  # its q/k RMSNorm
 SPECIAL_TOKEN = "<|endoftext|>"
 # The one statement of how prompts are fed, quoted by the model cards and the lm-eval adapter.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -104,14 +105,18 @@ LAYER_KEYS = {
 }
 QK_NORM_KEYS = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
 QKV_BIAS_KEYS = {f"attn.{n}_proj.bias": f"self_attn.{n}_proj.bias" for n in "qkv"}
-SHARED_KEYS = {f"moe.shared.{n}.weight": f"mlp.shared_expert.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
+SWIGLU = ("gate_proj", "up_proj", "down_proj")
+SHARED_MODULE = {QWEN2_MOE: "mlp.shared_expert", ERNIE: "mlp.shared_experts"}  # architectures with one
+DENSE_KEYS = {f"mlp.{n}.weight": f"mlp.{n}.weight" for n in SWIGLU}  # a dense layer's MLP (ERNIE-4.5)
+ROUTER_BIAS_KEY = {ERNIE: "mlp.moe_statics.e_score_correction_bias"}  # stored (1, E), ours (E,)
+PAIR_ROPE = (ERNIE,)  # rotates adjacent q/k dims (2j, 2j+1): its rows are permuted on the way in and out
 SHARED_GATE_KEYS = {"moe.shared_gate.weight": "mlp.shared_expert_gate.weight"}
 GLOBAL_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
 HEAD_KEY = ("lm_head.weight", "lm_head.weight")
 # MoE module prefix and per-expert (gate, up, down) names as `save_pretrained` writes them.
-MOE_PREFIX = {MIXTRAL: "block_sparse_moe", QWEN3_MOE: "mlp", OLMOE: "mlp", QWEN2_MOE: "mlp"}
+MOE_PREFIX = {MIXTRAL: "block_sparse_moe", QWEN3_MOE: "mlp", OLMOE: "mlp", QWEN2_MOE: "mlp", ERNIE: "mlp"}
 EXPERT_NAMES = {MIXTRAL: ("w1", "w3", "w2")}
-EXPERT_NAMES.update({t: ("gate_proj", "up_proj", "down_proj") for t in (QWEN3_MOE, OLMOE, QWEN2_MOE)})
+EXPERT_NAMES.update({t: SWIGLU for t in (QWEN3_MOE, OLMOE, QWEN2_MOE, ERNIE)})
 # Keys some older checkpoints carry that hold no weights (recomputed buffers).
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -152,16 +157,64 @@ def _inexpressible(c: ModelConfig, model_type: str) -> list[str]:
         p.append(f"qkv_bias=true: {name} has no q/k/v biases")
     if model_type == QWEN2_MOE and not (c.shared_expert_width > 0 and c.shared_expert_gate):
         p.append(f"{name} needs a shared expert with its sigmoid gate (shared_expert_width > 0, shared_expert_gate)")
-    if model_type != QWEN2_MOE and c.shared_expert_width > 0:
+    if model_type not in SHARED_MODULE and c.shared_expert_width > 0:
         p.append(
             f"shared_expert_width={c.shared_expert_width}: {name} has no shared (always-on) expert, "
             "so its output would be silently lost"
         )
-    if model_type == MIXTRAL and not c.renormalize_top_k:
+    if model_type in (MIXTRAL, ERNIE) and not c.renormalize_top_k:
         p.append(f"renormalize_top_k=false: {name} always renormalises the top-k probabilities")
     if model_type in (OLMOE, QWEN2_MOE) and c.heads * c.head_dim != c.d_model:
         p.append(f"heads * head_dim = {c.heads * c.head_dim} != d_model={c.d_model}: {name} derives head_dim")
+    if model_type != ERNIE:
+        p.extend(_ernie_only(c, name))
+    else:
+        p.extend(_ernie_problems(c, name))
     return p
+
+
+def _ernie_only(c: ModelConfig, name: str) -> list[str]:
+    """The ERNIE-4.5 mechanisms another architecture has no field or module for."""
+    p = []
+    if c.dense_layers:
+        p.append(f"dense_layers={list(c.dense_layers)}: {name} has no dense (non-MoE) layers")
+    if c.router_bias:
+        p.append(f"router_bias=true: {name}'s router has no selection bias")
+    if c.renormalize_min > 0:
+        p.append(f"renormalize_min={c.renormalize_min}: {name} does not floor the top-k renormalisation")
+    return p
+
+
+def _ernie_problems(c: ModelConfig, name: str) -> list[str]:
+    p = []
+    if c.shared_expert_gate:
+        p.append(f"shared_expert_gate=true: {name}'s shared experts have no gate")
+    if c.shared_expert_width % c.expert_width:
+        p.append(
+            f"shared_expert_width={c.shared_expert_width} is not a multiple of expert_width={c.expert_width}: "
+            f"{name} states the shared experts' width as moe_num_shared_experts x moe_intermediate_size; "
+            "keep an expert width that divides it"
+        )
+    if ernie_moe_layers(c) is None:
+        p.append(
+            f"dense_layers={list(c.dense_layers)} of {c.layers} layers: {name} places MoE layers at every "
+            "moe_layer_interval-th layer from moe_layer_start_index to moe_layer_end_index; this pattern is not one"
+        )
+    return p
+
+
+def ernie_moe_layers(c: ModelConfig) -> tuple[int, int, int] | None:
+    """(moe_layer_start_index, moe_layer_end_index, moe_layer_interval) whose MoE layers are exactly
+    the layers of `c` outside `dense_layers` (ERNIE-4.5: layer i is MoE iff (i + 1) % interval == 0
+    and start <= i <= end), or None when no such triple exists."""
+    moe = [i for i in range(c.layers) if not c.is_dense(i)]
+    if not moe:
+        return c.layers, c.layers - 1, 1
+    start, end = moe[0], moe[-1]
+    for interval in range(1, c.layers + 1):
+        if [i for i in range(start, end + 1) if (i + 1) % interval == 0] == moe:
+            return start, end, interval
+    return None
 
 
 def _expert_keys(model_type: str, layer: int, expert: int) -> tuple[str, str, str]:
@@ -169,13 +222,19 @@ def _expert_keys(model_type: str, layer: int, expert: int) -> tuple[str, str, st
     return tuple(f"{prefix}.{name}.weight" for name in EXPERT_NAMES[model_type])  # type: ignore[return-value]
 
 
-def layer_keys(config: ModelConfig, model_type: str) -> dict[str, str]:
-    """Per-layer non-expert keys: ours after `blocks.{i}.` -> transformers' after `model.layers.{i}.`."""
+def layer_keys(config: ModelConfig, model_type: str, dense: bool = False) -> dict[str, str]:
+    """Per-layer keys but the experts and the router bias: ours after `blocks.{i}.` -> transformers'
+    after `model.layers.{i}.`, for an MoE layer or (`dense`) a dense one."""
     c, prefix = config, MOE_PREFIX[model_type]
-    out = dict(LAYER_KEYS, **{"moe.router.weight": f"{prefix}.gate.weight"})
+    out = dict(LAYER_KEYS)
     out.update(QK_NORM_KEYS if c.qk_norm else {})
     out.update(QKV_BIAS_KEYS if c.qkv_bias else {})
-    out.update(SHARED_KEYS if c.shared_expert_width else {})
+    if dense:
+        return {**out, **DENSE_KEYS}
+    out["moe.router.weight"] = f"{prefix}.gate.weight"
+    if c.shared_expert_width:
+        shared = SHARED_MODULE.get(model_type, SHARED_MODULE[QWEN2_MOE])
+        out.update({f"moe.shared.{n}.weight": f"{shared}.{n}.weight" for n in SWIGLU})
     out.update(SHARED_GATE_KEYS if c.shared_expert_gate else {})
     return out
 
@@ -187,9 +246,19 @@ def _hf_tensors(model: ElasticMoE, model_type: str) -> dict[str, torch.Tensor]:
     out = {hf: ours[k] for k, hf in GLOBAL_KEYS.items()}
     if not c.tie_embeddings:
         out[HEAD_KEY[1]] = ours[HEAD_KEY[0]]
-    per_layer = layer_keys(c, model_type)
     for i in range(c.layers):
-        out.update({f"model.layers.{i}.{hf}": ours[f"blocks.{i}.{k}"] for k, hf in per_layer.items()})
+        per_layer = layer_keys(c, model_type, c.is_dense(i))
+        layer = {hf: ours[f"blocks.{i}.{k}"] for k, hf in per_layer.items()}
+        if model_type in PAIR_ROPE:
+            layer["self_attn.q_proj.weight"] = rope_rows_to_pairs(layer["self_attn.q_proj.weight"], c.heads)
+            layer["self_attn.k_proj.weight"] = rope_rows_to_pairs(layer["self_attn.k_proj.weight"], c.kv_heads)
+        out.update({f"model.layers.{i}.{hf}": t for hf, t in layer.items()})
+        if c.is_dense(i):
+            continue
+        if model_type in ROUTER_BIAS_KEY:  # zeros for a model without one: the same routing
+            bias = ours.get(f"blocks.{i}.moe.router_bias")
+            bias = bias if bias is not None else ours[f"blocks.{i}.moe.router.weight"].new_zeros(c.layer_shape(i)[0])
+            out[f"model.layers.{i}.{ROUTER_BIAS_KEY[model_type]}"] = bias.float()[None]
         w_gate, w_up, w_down = (ours[f"blocks.{i}.moe.{n}"] for n in ("w_gate", "w_up", "w_down"))
         for e in range(w_gate.shape[0]):
             gate, up, down = _expert_keys(model_type, i, e)
@@ -271,6 +340,21 @@ def hf_config(
     }
     if model_type == MIXTRAL:
         out.update(intermediate_size=c.expert_width, num_local_experts=c.experts, router_jitter_noise=0.0)
+    elif model_type == ERNIE:
+        start, end, interval = ernie_moe_layers(c)
+        del out["num_experts_per_tok"]  # ERNIE's name is moe_k (attribute_map); one name, no conflict
+        out.update(
+            moe_intermediate_size=c.expert_width,
+            intermediate_size=c.dense_width or c.expert_width,  # the dense layers' width; unused without one
+            moe_num_experts=c.experts,
+            moe_k=c.top_k,
+            moe_num_shared_experts=c.shared_expert_width // c.expert_width,
+            moe_layer_start_index=start,
+            moe_layer_end_index=end,
+            moe_layer_interval=interval,
+            moe_norm_min=c.renormalize_min,
+            use_bias=False,
+        )
     elif model_type == OLMOE:
         out.update(
             intermediate_size=c.expert_width,

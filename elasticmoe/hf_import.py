@@ -1,5 +1,5 @@
-"""Import of a local Hugging Face Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE folder as an elastic
-parent: safetensors only, every header checked against config.json before a tensor is read,
+"""Import of a local Hugging Face Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE / ERNIE-4.5-MoE folder as
+an elastic parent: safetensors only, every header checked against config.json before a tensor is read,
 nothing from the folder executed (conventions and key names: `elasticmoe.hf`). The model records
 its source class (`ModelConfig.source_architecture`), so it and its children export back to it."""
 
@@ -17,27 +17,30 @@ from .checkpoint import check_weights_fit
 from .config import ConfigError, ElasticSpace, ModelConfig
 from .hf import (
     ARCHITECTURES,
+    ERNIE,
     FLOAT_DTYPES,
     GLOBAL_KEYS,
     HEAD_KEY,
     IGNORABLE_SUFFIXES,
     MIXTRAL,
     OLMOE,
+    PAIR_ROPE,
     PICKLE_SUFFIXES,
     QK_NORM_OF,
     QWEN2_MOE,
     QWEN3_MOE,
+    ROUTER_BIAS_KEY,
     HFError,
     _expert_keys,
     expected_shapes,
     layer_keys,
 )
-from .model import ElasticMoE
+from .model import ElasticMoE, rope_rows_from_pairs
 
 log = logging.getLogger(__name__)
 
 # transformers' config defaults (5.x dataclasses) for the fields a config.json may leave out
-_COMMON = {"rope_theta": 10_000.0, "use_sliding_window": False}
+_COMMON = {"rope_theta": 10_000.0, "use_sliding_window": False, "tie_word_embeddings": False}
 DEFAULTS: dict[str, dict[str, Any]] = {
     MIXTRAL: {
         **_COMMON,
@@ -91,13 +94,35 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "qkv_bias": True,  # transformers 4.x has no switch: q/k/v always have biases
         "norm_topk_prob": False,
     },
+    ERNIE: {
+        **_COMMON,
+        "hidden_size": 2560,
+        "num_attention_heads": 20,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500_000.0,
+        "tie_word_embeddings": True,
+        "num_experts": 64,  # named moe_num_experts in ERNIE
+        "num_experts_per_tok": 6,  # named moe_k
+        "moe_intermediate_size": 1536,
+        "intermediate_size": 12288,
+        "moe_num_shared_experts": 2,
+        "moe_layer_start_index": 1,
+        "moe_layer_end_index": -1,
+        "moe_layer_interval": 1,
+        "moe_norm_min": 1e-12,
+        "norm_topk_prob": True,  # not an ERNIE field: it always renormalises
+    },
 }
 WIDTH_KEY = {
     MIXTRAL: "intermediate_size",
     QWEN3_MOE: "moe_intermediate_size",
     OLMOE: "intermediate_size",
     QWEN2_MOE: "moe_intermediate_size",
+    ERNIE: "moe_intermediate_size",
 }
+ERNIE_NAMES = {"moe_num_experts": "num_experts", "moe_k": "num_experts_per_tok"}  # its names -> the common ones
 
 
 def _refuse_unsafe_files(folder: Path) -> None:
@@ -198,6 +223,8 @@ def _refusals(raw: dict[str, Any], model_type: str, get) -> list[str]:
             f"{raw.get('mlp_only_layers')}: this model has dense (non-MoE) layers, which our block lacks"
         )
     shared = get("shared_expert_intermediate_size")
+    if model_type == ERNIE and raw.get("use_bias"):
+        p.append("use_bias is true: biases on every projection and the LM head are not supported")
     if model_type == QWEN2_MOE and not (isinstance(shared, int) and shared > 0):
         p.append(f"shared_expert_intermediate_size={shared!r}: a Qwen2-MoE layer without a shared expert")
     if model_type != QWEN2_MOE and shared:
@@ -209,7 +236,7 @@ def _head_dim(raw: dict[str, Any], model_type: str, get, p: list[str]) -> Any:
     """head_dim as transformers reads it: stated (Mixtral, Qwen3-MoE) or hidden_size / heads."""
     hidden, heads = get("hidden_size"), get("num_attention_heads")
     derived = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
-    if model_type in (MIXTRAL, QWEN3_MOE):
+    if model_type in (MIXTRAL, QWEN3_MOE, ERNIE):
         return raw.get("head_dim") or derived
     if derived is not None and hidden % heads:
         p.append(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
@@ -227,6 +254,8 @@ def read_hf_config(folder: str | Path) -> tuple[str, ModelConfig]:
     raw = _read_json(path)
     model_type = _model_type(raw, path)
     defaults = DEFAULTS[model_type]
+    if model_type == ERNIE:
+        raw = {**raw, **{ours: raw[theirs] for theirs, ours in ERNIE_NAMES.items() if theirs in raw}}
 
     def get(key: str) -> Any:
         return raw.get(key, defaults.get(key))
@@ -250,7 +279,7 @@ def read_hf_config(folder: str | Path) -> tuple[str, ModelConfig]:
         rope_theta=theta,
         norm_eps=get("rms_norm_eps"),
         max_seq_len=get("max_position_embeddings"),
-        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(get("tie_word_embeddings")),
         qk_norm=QK_NORM_OF[model_type] is not None,
         qk_norm_scope=QK_NORM_OF[model_type] or "head",
         qkv_bias=model_type == QWEN2_MOE and bool(get("qkv_bias")),
@@ -259,10 +288,41 @@ def read_hf_config(folder: str | Path) -> tuple[str, ModelConfig]:
         shared_expert_gate=model_type == QWEN2_MOE,
         source_architecture=ARCHITECTURES[model_type],
     )
+    if model_type == ERNIE:
+        fields.update(_ernie_fields(get, raw.get("num_hidden_layers"), p))
+    if p:
+        raise HFError(f"{path} cannot be imported exactly: " + "; ".join(p))
     try:
         return model_type, ModelConfig(**fields)
     except ConfigError as exc:
         raise HFError(f"{path} describes a model our config rejects: {exc}") from None
+
+
+def _ernie_fields(get, layers: Any, p: list[str]) -> dict[str, Any]:
+    """ERNIE-4.5-MoE's dense layers, shared experts and router, as transformers builds them: layer i
+    is MoE iff (i + 1) % moe_layer_interval == 0 and start <= i <= end (end -1: the last layer);
+    the shared experts are one SwiGLU of moe_num_shared_experts x moe_intermediate_size; the router
+    chooses on probabilities + e_score_correction_bias and renormalises over max(sum, moe_norm_min)."""
+    names = ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_num_shared_experts")
+    start, end, interval, shared = (get(k) for k in names)
+    bad = [f"{k}={v!r}" for k, v in zip(names, (start, end, interval, shared)) if not isinstance(v, int)]
+    if isinstance(interval, int) and interval < 1:
+        bad.append(f"moe_layer_interval={interval} (at least 1)")
+    if isinstance(shared, int) and shared < 0:
+        bad.append(f"moe_num_shared_experts={shared} (at least 0)")
+    if bad or not isinstance(layers, int) or not isinstance(get("moe_intermediate_size"), int):
+        p.append("ERNIE-4.5 MoE fields must be integers: " + ", ".join(bad))
+        return {}
+    end = layers - 1 if end == -1 else end
+    dense = tuple(i for i in range(max(0, min(layers, 1 << 16))) if not ((i + 1) % interval == 0 and start <= i <= end))
+    return dict(
+        dense_layers=dense,
+        dense_width=get("intermediate_size") if dense else 0,
+        shared_expert_width=shared * get("moe_intermediate_size"),
+        shared_expert_gate=False,
+        router_bias=True,
+        renormalize_min=get("moe_norm_min"),
+    )
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -409,9 +469,18 @@ def _our_state(model_type: str, config: ModelConfig, read: _Reader) -> dict[str,
     state = {k: read.load(hf) for k, hf in GLOBAL_KEYS.items()}
     if not c.tie_embeddings:
         state[HEAD_KEY[0]] = read.load(HEAD_KEY[1])
-    per_layer = layer_keys(c, model_type)
     for i in range(c.layers):
+        per_layer = layer_keys(c, model_type, c.is_dense(i))
         state.update({f"blocks.{i}.{k}": read.load(f"model.layers.{i}.{hf}") for k, hf in per_layer.items()})
+        if model_type in PAIR_ROPE:  # adjacent-pair RoPE rows -> our rotate-half rows (an exact permutation)
+            for name, heads in (("q_proj", c.heads), ("k_proj", c.kv_heads)):
+                key = f"blocks.{i}.attn.{name}.weight"
+                state[key] = rope_rows_from_pairs(state[key], heads).contiguous()
+        if c.is_dense(i):
+            continue
+        if c.router_bias:  # kept in float32, as transformers keeps it
+            bias = read.load(f"model.layers.{i}.{ROUTER_BIAS_KEY[model_type]}", torch.float32)
+            state[f"blocks.{i}.moe.router_bias"] = bias.reshape(-1)
         keys = [_expert_keys(model_type, i, e) for e in range(c.layer_shape(i)[0])]
         for n, name in enumerate(("w_gate", "w_up", "w_down")):
             stacked = torch.empty((len(keys), *read.headers[keys[0][n]][1]), dtype=read.dtype)
@@ -443,7 +512,8 @@ def _source_dtype(headers: dict, expected: dict) -> torch.dtype:
 
 
 def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None, dtype: torch.dtype | None = None) -> ElasticMoE:
-    """Read a local Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder (safetensors) into an ElasticMoE.
+    """Read a local Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE or ERNIE-4.5-MoE folder (safetensors) into
+    an ElasticMoE.
 
     Nothing from the folder is executed: config.json is parsed as JSON and weights are read after
     every key and shape has been checked against the config. The model keeps the files' dtype

@@ -101,7 +101,9 @@ class LatencyTable:
         t0, was = time.perf_counter(), parent.training
         parent.eval()
         tokens = _tokens(c, batch, seq_len, device)
-        block = parent.blocks[parent.layer_order[0]]
+        # an MoE layer's timings (a dense layer, kept whole, is timed as one of these: an approximation)
+        block = next((parent.blocks[i] for i in parent.layer_order if parent.blocks[i].moe is not None), None)
+        block = block or parent.blocks[parent.layer_order[0]]
         with autocast(device):
             x = parent.embed(tokens)
             cos, sin = _rope(parent, seq_len, device, x.dtype)

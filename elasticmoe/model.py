@@ -9,10 +9,14 @@ Math follows Mixtral / Qwen3-MoE so an exporter can write a stock transformers c
 pre-RMSNorm (computed in float32), rotate-half RoPE, grouped-query attention through
 `scaled_dot_product_attention`, softmax router over the kept experts in float32 whose top-k
 probabilities are renormalised to sum to one (for top-1 the weight is 1 with a straight-through
-gradient, see MoE.forward), SwiGLU experts `down(silu(gate x) * up x)`. The options imported
+gradient, see MoE.route), SwiGLU experts `down(silu(gate x) * up x)`. The options imported
 architectures need (ModelConfig) change only what they name: q/k RMSNorm over the whole
 projection (OLMoE), q/k/v biases, top-k weights not renormalised, and a shared expert scaled by a
-sigmoid gate (Qwen2-MoE). A shared expert is never cut by a sub-network.
+sigmoid gate (Qwen2-MoE); dense layers (a plain SwiGLU in place of the MoE), a per-expert
+selection bias on the router's probabilities and a floor on the renormalisation (ERNIE-4.5-MoE).
+A shared expert and a dense layer are never cut by a sub-network (a dense layer can still be
+dropped whole by depth, like any layer). Interleaved-pair RoPE (ERNIE) needs no option: it is
+rotate-half with the q/k rows of each head permuted (`rope_rows_from_pairs`), done at import.
 
 Shape legend (suffixes on tensor names): B batch, T time (new tokens), S keys (cached + new),
 D d_model, H query heads, G kv heads, Dh head dim, V vocab, E experts kept, K top-k,
@@ -55,6 +59,20 @@ def apply_rope(x_BHTDh: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tens
     half = x_BHTDh.shape[-1] // 2
     rotated = torch.cat([-x_BHTDh[..., half:], x_BHTDh[..., :half]], dim=-1)
     return x_BHTDh * cos_TDh + rotated * sin_TDh
+
+
+def rope_rows_to_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q/k projection from our rotate-half order (dims j and j + Dh/2 rotate together) to
+    the adjacent-pair order (dims 2j and 2j+1; GPT-J, ERNIE-4.5, llama.cpp), per head. Both sides
+    rotate pair j by the same frequency, so q.k and the model's function are unchanged."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, -1).transpose(1, 2).reshape(weight.shape)
+
+
+def rope_rows_from_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of `rope_rows_to_pairs`: adjacent-pair rows to rotate-half rows, per head."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, -1).transpose(1, 2).reshape(weight.shape)
 
 
 # -- KV cache ---------------------------------------------------------------------------------
@@ -227,8 +245,12 @@ class MoE(nn.Module):
     gate/up and (E, D, W) for down, so an expert-prefix and a width-prefix are plain slices.
 
     `renormalize`: the top-k probabilities are renormalised to sum to one (Mixtral, Qwen3-MoE),
-    else used as they are (`norm_topk_prob: false` in OLMoE and Qwen2-MoE). `shared_gate`: the
-    shared expert's output is scaled by `sigmoid(shared_gate(x))` per token (Qwen2-MoE)."""
+    else used as they are (`norm_topk_prob: false` in OLMoE and Qwen2-MoE); `renormalize_min`
+    floors the sum (ERNIE's `moe_norm_min`). `shared_gate`: the shared expert's output is scaled
+    by `sigmoid(shared_gate(x))` per token (Qwen2-MoE). `selection_bias`: a per-expert float32
+    buffer `router_bias` added to the probabilities to choose the top-k, never to weigh them
+    (ERNIE-4.5's `e_score_correction_bias`); it is not trained here, and it moves and is sliced
+    with its expert (re-ordering, extraction)."""
 
     def __init__(
         self,
@@ -238,31 +260,49 @@ class MoE(nn.Module):
         shared_width: int,
         shared_gate: bool = False,
         renormalize: bool = True,
+        selection_bias: bool = False,
+        renormalize_min: float = 0.0,
     ):
         super().__init__()
-        self.renormalize = renormalize
+        self.renormalize, self.renormalize_min = renormalize, renormalize_min
         self.router = nn.Linear(d_model, experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(experts, width, d_model))
         self.w_up = nn.Parameter(torch.empty(experts, width, d_model))
         self.w_down = nn.Parameter(torch.empty(experts, d_model, width))
         self.shared = SwiGLU(d_model, shared_width) if shared_width > 0 else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
+        bias = torch.zeros(experts, dtype=torch.float32) if selection_bias else None
+        self.register_buffer("router_bias", bias)  # None: no buffer in the state dict
 
-    def forward(self, x_ND: torch.Tensor, spec: LayerSpec, dispatch: str = "auto"):
-        """`dispatch`: "auto" (grouped GEMM on CUDA, the loop elsewhere), "loop" or "grouped"."""
-        E, K, W = spec.experts, spec.top_k, spec.width
-        logits_NE = F.linear(x_ND, self.router.weight[:E])
+    def _floored(self, denominator: torch.Tensor) -> torch.Tensor:
+        return denominator.clamp_min(self.renormalize_min) if self.renormalize_min > 0 else denominator
+
+    def route(self, x_ND: torch.Tensor, experts: int, top_k: int):
+        """(logits_NE, probs_NE, weights_NK, chosen_NK) over the first `experts` experts: a softmax
+        in float32, the top-k of the probabilities (plus the selection bias, if any), weighted by
+        their probabilities, renormalised or not."""
+        logits_NE = F.linear(x_ND, self.router.weight[:experts])
         probs_NE = logits_NE.float().softmax(dim=-1)
-        top_p_NK, top_i_NK = probs_NE.topk(K, dim=-1)
+        if self.router_bias is None:
+            top_p_NK, top_i_NK = probs_NE.topk(top_k, dim=-1)
+        else:  # ERNIE-4.5: choose on biased scores, weigh by the unbiased probabilities
+            top_i_NK = (probs_NE + self.router_bias[:experts].float()).topk(top_k, dim=-1).indices
+            top_p_NK = probs_NE.gather(-1, top_i_NK)
         # Without renormalisation each chosen expert weighs its softmax probability (OLMoE, Qwen2-MoE).
-        if self.renormalize and K == 1:
+        if self.renormalize and top_k == 1:
             # Renormalising one probability gives exactly 1 and no gradient, so a k=1 router would
             # learn from the auxiliary losses alone. p / stop_grad(p) keeps the value exactly 1.0
             # (what Mixtral-style runtimes compute, so exports stay exact) with gradient d log p:
             # a straight-through gate that tells the router whether its choice helped the loss.
-            top_p_NK = top_p_NK / top_p_NK.detach()
+            top_p_NK = top_p_NK / self._floored(top_p_NK.detach())
         elif self.renormalize:
-            top_p_NK = top_p_NK / top_p_NK.sum(dim=-1, keepdim=True)
+            top_p_NK = top_p_NK / self._floored(top_p_NK.sum(dim=-1, keepdim=True))
+        return logits_NE, probs_NE, top_p_NK, top_i_NK
+
+    def forward(self, x_ND: torch.Tensor, spec: LayerSpec, dispatch: str = "auto"):
+        """`dispatch`: "auto" (grouped GEMM on CUDA, the loop elsewhere), "loop" or "grouped"."""
+        E, K, W = spec.experts, spec.top_k, spec.width
+        logits_NE, probs_NE, top_p_NK, top_i_NK = self.route(x_ND, E, K)
         method = dispatch
         if method == "auto":
             method = "grouped" if x_ND.is_cuda and _grouped_mm_available() else "loop"
@@ -288,13 +328,29 @@ class MoE(nn.Module):
 
 # -- block and model --------------------------------------------------------------------------
 class Block(nn.Module):
+    """Pre-norm attention, then the MoE; or, in a dense layer (`ModelConfig.dense_layers`), a plain
+    SwiGLU `mlp` of `dense_width` in the MoE's place, which ignores the layer's spec (kept whole)."""
+
     def __init__(self, c: ModelConfig, index: int):
         super().__init__()
         experts, _, width = c.layer_shape(index)
         self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
         self.attn = Attention(c)
         self.moe_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.moe = MoE(c.d_model, experts, width, c.shared_expert_width, c.shared_expert_gate, c.renormalize_top_k)
+        self.moe, self.mlp = None, None
+        if c.is_dense(index):
+            self.mlp = SwiGLU(c.d_model, c.dense_width)
+        else:
+            self.moe = MoE(
+                c.d_model,
+                experts,
+                width,
+                c.shared_expert_width,
+                c.shared_expert_gate,
+                c.renormalize_top_k,
+                c.router_bias,
+                c.renormalize_min,
+            )
 
     def forward(self, x_BTD, cos, sin, spec: LayerSpec, cache=None, slot=0, dispatch: str = "auto"):
         return self.moe_half(self.attention_half(x_BTD, cos, sin, cache, slot), spec, dispatch)
@@ -304,6 +360,9 @@ class Block(nn.Module):
         return x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, slot)
 
     def moe_half(self, x_BTD, spec: LayerSpec, dispatch: str = "auto"):
+        if self.moe is None:  # a dense layer: no router, no auxiliary losses
+            zero = x_BTD.new_zeros((), dtype=torch.float32)
+            return x_BTD + self.mlp(self.moe_norm(x_BTD)), zero, zero
         B, T, D = x_BTD.shape
         y_ND, aux, z = self.moe(self.moe_norm(x_BTD).reshape(B * T, D), spec, dispatch)
         return x_BTD + y_ND.view(B, T, D), aux, z
@@ -312,8 +371,8 @@ class Block(nn.Module):
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
-    aux_loss: torch.Tensor  # load-balance loss, mean over kept layers
-    z_loss: torch.Tensor  # router z-loss, mean over kept layers
+    aux_loss: torch.Tensor  # load-balance loss, mean over kept MoE layers
+    z_loss: torch.Tensor  # router z-loss, mean over kept MoE layers
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -376,7 +435,8 @@ class ElasticMoE(nn.Module):
         x_BTD = self.norm(x_BTD)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x_BTD, weight)
-        return ModelOutput(logits, aux / subnet.depth, z / subnet.depth)
+        routed = max(1, sum(not self.config.is_dense(i) for i in subnet.layers))
+        return ModelOutput(logits, aux / routed, z / routed)
 
     def new_cache(self, batch: int, max_len: int, subnet: Subnet | None = None) -> KVCache:
         c = self.config

@@ -48,11 +48,33 @@ def test_model_config_json_round_trip(rich_config, tmp_path):
 def test_import_options_left_out_at_their_defaults():
     """Options added for imported architectures are written only when set: the config files of
     every model without them stay byte-identical to what older versions wrote."""
+    from elasticmoe.config import IMPORT_OPTIONS
+
     plain = ModelConfig().to_dict()
-    for name in ("qk_norm_scope", "qkv_bias", "renormalize_top_k", "shared_expert_gate", "source_architecture"):
+    assert "dense_layers" in IMPORT_OPTIONS and "router_bias" in IMPORT_OPTIONS
+    for name in IMPORT_OPTIONS:
         assert name not in plain
     assert ModelConfig(qkv_bias=True).to_dict()["qkv_bias"] is True
     assert ModelConfig.from_dict(plain) == ModelConfig()
+
+
+def test_ernie_options_round_trip(tmp_path):
+    """Dense layers, the router's selection bias and the renormalisation floor (ERNIE-4.5) survive
+    YAML and JSON (a tuple of layer indices written as a list)."""
+    config = ModelConfig(
+        layers=4,
+        dense_layers=(0, 3),
+        dense_width=64,
+        shared_expert_width=512,
+        router_bias=True,
+        renormalize_min=1e-12,
+        source_architecture="Ernie4_5_MoeForCausalLM",
+    )
+    assert config.to_dict()["dense_layers"] == [0, 3] and config.is_dense(3) and not config.is_dense(1)
+    (tmp_path / "m.yaml").write_text(dump_yaml(config.to_dict()))
+    (tmp_path / "m.json").write_text(json.dumps(config.to_dict()))
+    for name in ("m.yaml", "m.json"):
+        assert ModelConfig.from_dict(load_mapping(tmp_path / name)) == config
 
 
 def test_model_config_yaml_round_trip(rich_config, tmp_path):
@@ -109,6 +131,12 @@ OUT = "is out of range; allowed"
         ({"qk_norm_scope": "rows"}, r"qk_norm_scope='rows' must be one of \['head', 'all'\]"),
         ({"shared_expert_gate": True}, r"shared_expert_gate=true needs a shared expert"),
         ({"source_architecture": 3}, r"source_architecture=3 must be a string"),
+        ({"dense_layers": [5], "dense_width": 8}, r"dense_layers has indices \[5\] outside \[0, 3\]"),
+        ({"dense_layers": [1, 0], "dense_width": 8}, r"dense_layers=\[1, 0\] must be strictly increasing"),
+        ({"dense_layers": [0]}, r"a dense width is given exactly when there are dense layers"),
+        ({"dense_width": 8}, r"a dense width is given exactly when there are dense layers"),
+        ({"renormalize_min": -1.0}, r"renormalize_min=-1.0 is out of range"),
+        ({"router_bias": "yes"}, r"router_bias='yes' must be true or false"),
         ({"layers": 2, "layer_shapes": [[8, 2, 256]]}, r"layer_shapes has 1 entries; expected layers=2"),
         ({**ONE_LAYER, "layer_shapes": [[8, 2, 300]]}, rf"layer_shapes\[0\] width=300 {OUT} \[1, 256\]"),
         ({**ONE_LAYER, "layer_shapes": [[2, 3, 256]]}, r"layer_shapes\[0\] top_k=3 is out of range; allowed \[1, 2\]"),

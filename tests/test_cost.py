@@ -18,6 +18,14 @@ VARIANTS = {
     "tied": {"tie_embeddings": True},
     "olmoe": {"qk_norm": True, "qk_norm_scope": "all", "renormalize_top_k": False},
     "qwen2_moe": {"shared_expert_width": 16, "shared_expert_gate": True, "qkv_bias": True, "renormalize_top_k": False},
+    # a dense layer 0 (kept whole: its spec does not apply), shared experts, a selection bias (not a parameter)
+    "ernie": {
+        "dense_layers": (0,),
+        "dense_width": 20,
+        "shared_expert_width": 16,
+        "router_bias": True,
+        "renormalize_min": 1e-12,
+    },
 }
 SUBNETS = {
     "uniform": Subnet.uniform((0, 2), 2, 1, 12),
@@ -40,6 +48,9 @@ def touched_params(model: ElasticMoE, subnet: Subnet) -> tuple[int, int]:
         block = model.blocks[i]
         total += sum(p.numel() for p in block.attn.parameters())  # q, k, v, o (+ q/k norms)
         total += block.attn_norm.weight.numel() + block.moe_norm.weight.numel()
+        if block.mlp is not None:  # a dense layer: its MLP whole, every weight active
+            total += sum(p.numel() for p in block.mlp.parameters())
+            continue
         moe = block.moe
         total += moe.router.weight[: s.experts].numel()
         one_expert = (
@@ -121,6 +132,25 @@ def test_one_block_counts_exactly_the_kept_matmuls(tiny_config, spec):
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model.blocks[1](x, cos, sin, spec)
     assert counter.get_total_flops() == layer_flops(config, spec.experts, spec.top_k, spec.width, T) * B * T
+
+
+def test_a_dense_block_counts_its_whole_mlp(tiny_config):
+    """A dense layer (ERNIE-4.5's leading layers) costs its attention and its whole MLP whatever the
+    spec asks; dropping it by depth removes exactly that."""
+    from elasticmoe.cost import dense_layer_flops, dense_layer_params
+
+    config = replace(tiny_config, dense_layers=(0,), dense_width=20)
+    model = _model(config)
+    B, T = 2, 16
+    x = torch.randn(B, T, config.d_model)
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T), x.dtype)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.blocks[0](x, cos, sin, LayerSpec(1, 1, 4))
+    assert counter.get_total_flops() == dense_layer_flops(config, T) * B * T
+    assert dense_layer_params(config) == sum(p.numel() for p in model.blocks[0].parameters())
+    kept, dropped = cost(config, Subnet.uniform((0, 1), 2, 1, 8)), cost(config, Subnet.uniform((1,), 2, 1, 8))
+    assert kept.total_params - dropped.total_params == dense_layer_params(config)
+    assert kept.active_params - dropped.active_params == dense_layer_params(config)
 
 
 def test_flops_and_memory_grow_with_the_subnet(tiny_config):

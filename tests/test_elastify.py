@@ -47,6 +47,15 @@ def hf_moe(kind: str, seed: int = 0, width: int = 24):
         )
     elif kind == "olmoe":
         cfg = transformers.OlmoeConfig(intermediate_size=width, num_experts=4, norm_topk_prob=False, **common)
+    elif kind == "ernie4_5_moe":  # layer 0 dense, 2 shared experts, a selection bias, pair RoPE
+        cfg = transformers.Ernie4_5_MoeConfig(
+            moe_intermediate_size=width,
+            intermediate_size=40,
+            moe_num_experts=4,
+            moe_num_shared_experts=2,
+            moe_layer_start_index=1,
+            **common,
+        )
     else:
         cfg = transformers.Qwen2MoeConfig(
             moe_intermediate_size=width,
@@ -153,6 +162,7 @@ def test_resume_keeps_the_original_as_teacher(tmp_path, cli_main):
     "kind",
     [
         "qwen2_moe",
+        "ernie4_5_moe",
         pytest.param("mixtral", marks=pytest.mark.slow),
         pytest.param("qwen3_moe", marks=pytest.mark.slow),
         pytest.param("olmoe", marks=pytest.mark.slow),
@@ -167,15 +177,18 @@ def test_child_after_elastify_exports_to_the_source_class(tmp_path, cli_main, ca
     args = ("elastify", src, "--out", run, "--config", "micro", "--tokens", 3 * STEP_TOKENS, "--quiet")
     assert cli_main(*args, "--parent-flops", "2e12") == 0
     assert "original" in capsys.readouterr().out
-    assert cli_main("extract", run, "--subnet", "L2 E2 k1 W12", "--out", run / "children" / "c0") == 0
+    spec = "L[0,2] E2 k1 W12" if kind == "ernie4_5_moe" else "L2 E2 k1 W12"  # ERNIE: keep its dense layer 0
+    assert cli_main("extract", run, "--subnet", spec, "--out", run / "children" / "c0") == 0
     assert cli_main("export", run / "children" / "c0", "--format", "hf", "--out", tmp_path / "hf") == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     assert type(hf).__name__ == type(hf_moe(kind)).__name__
     parent, _ = load_model(run / "parent")
-    subnet = Subnet.parse("L2 E2 k1 W12", parent.config, parent.layer_order)
+    subnet = Subnet.parse(spec, parent.config, parent.layer_order)
     x = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (hf(x).logits - parent(x, subnet).logits).abs().max().item() <= TOL
+    if kind == "ernie4_5_moe":
+        assert hf.config.moe_layer_start_index == 1 and hf.config.num_hidden_layers == 2
     if kind != "qwen2_moe":
         return
     results = run / "eval" / "results.json"
@@ -199,10 +212,20 @@ def test_unsupported_architecture_is_one_line_and_writes_nothing(tmp_path, cli_m
     assert not (tmp_path / "run").exists()
 
 
-def test_weights_not_matching_the_config_refused_before_writing(tmp_path, cli_main, capsys, one_line_error):
-    src = saved(tmp_path, "qwen3_moe")
+@pytest.mark.parametrize(
+    "kind,patch",
+    [
+        ("qwen3_moe", {"moe_intermediate_size": 32}),
+        ("ernie4_5_moe", {"moe_layer_start_index": 0}),  # layer 0 would be MoE; the files hold a dense MLP
+        ("ernie4_5_moe", {"moe_num_shared_experts": 1}),  # the shared experts' width
+    ],
+)
+def test_weights_not_matching_the_config_refused_before_writing(
+    tmp_path, cli_main, capsys, one_line_error, kind, patch
+):
+    src = saved(tmp_path, kind)
     cfg = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps({**cfg, "moe_intermediate_size": 32}))
+    (src / "config.json").write_text(json.dumps({**cfg, **patch}))
     code = cli_main("elastify", src, "--out", tmp_path / "run", "--config", "micro")
     res = type("Res", (), {"returncode": code, "stderr": capsys.readouterr().err})
     one_line_error(res, "do not match config.json")

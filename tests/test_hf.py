@@ -142,6 +142,15 @@ def random_hf_model(kind: str, tied: bool):
         cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=20, num_experts=4, norm_topk_prob=True, **common)
     elif kind == "olmoe":  # q/k norm over the whole projection, top-k weights not renormalised
         cfg = transformers.OlmoeConfig(intermediate_size=20, num_experts=4, norm_topk_prob=False, **common)
+    elif kind == "ernie4_5_moe":  # a leading dense layer, 2 ungated shared experts, a selection bias, pair RoPE
+        cfg = transformers.Ernie4_5_MoeConfig(
+            moe_intermediate_size=24,  # W16 and W8 children: widths divide the shared 2 x 24
+            intermediate_size=36,
+            moe_num_experts=4,
+            moe_num_shared_experts=2,
+            moe_layer_start_index=1,
+            **common,
+        )
     else:  # qwen2_moe: a shared expert with its sigmoid gate, q/k/v biases, top-k not renormalised
         cfg = transformers.Qwen2MoeConfig(
             moe_intermediate_size=20,
@@ -153,13 +162,22 @@ def random_hf_model(kind: str, tied: bool):
         )
     torch.manual_seed(6)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # transformers' init leaves norms at 1 and may zero routers
+    with torch.no_grad():  # transformers' init leaves norms at 1 and may zero routers (and ERNIE's bias)
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
     return model.eval()
 
 
-KINDS = [("mixtral", False), ("qwen3_moe", True), ("olmoe", False), ("qwen2_moe", False), ("qwen2_moe", True)]
+KINDS = [
+    ("mixtral", False),
+    ("qwen3_moe", True),
+    ("olmoe", False),
+    ("qwen2_moe", False),
+    ("qwen2_moe", True),
+    ("ernie4_5_moe", False),
+    ("ernie4_5_moe", True),
+]
+SHARED = {"qwen2_moe": (12, True), "ernie4_5_moe": (48, False)}  # (shared_expert_width, shared_expert_gate)
 
 
 @pytest.mark.parametrize("kind,tied", KINDS)
@@ -171,8 +189,11 @@ def test_import_export_round_trip(tmp_path, kind, tied):
     c = model.config
     assert c.source_architecture == type(hf).__name__ and c.tie_embeddings == tied
     assert c.qk_norm == (kind in ("qwen3_moe", "olmoe")) and c.qk_norm_scope == ("all" if kind == "olmoe" else "head")
-    assert c.renormalize_top_k == (kind in ("mixtral", "qwen3_moe")) and c.qkv_bias == (kind == "qwen2_moe")
-    assert (c.shared_expert_width, c.shared_expert_gate) == ((12, True) if kind == "qwen2_moe" else (0, False))
+    assert c.renormalize_top_k == (kind in ("mixtral", "qwen3_moe", "ernie4_5_moe"))
+    assert c.qkv_bias == (kind == "qwen2_moe")
+    assert (c.shared_expert_width, c.shared_expert_gate) == SHARED.get(kind, (0, False))
+    ernie = kind == "ernie4_5_moe"
+    assert (c.dense_layers, c.dense_width, c.router_bias) == (((0,), 36, True) if ernie else ((), 0, False))
     assert c.rope_theta == 1000.0 and c.norm_eps == 1e-5
     tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(7))
     assert max_logit_diff_hf(model, hf, tokens) <= TOL
@@ -185,10 +206,11 @@ def test_import_export_round_trip(tmp_path, kind, tied):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
-@pytest.mark.parametrize("kind", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("kind", ["olmoe", "qwen2_moe", "ernie4_5_moe"])
 def test_child_exports_to_source_class(tmp_path, kind):
     """A child of an imported parent is its source's class in transformers, with the logits of the
-    parent running that sub-network; a shared expert and its gate come through whole."""
+    parent running that sub-network; a shared expert and its gate come through whole, and so does
+    ERNIE's dense layer 0 (the first child drops it by depth, the second keeps it)."""
     random_hf_model(kind, False).save_pretrained(tmp_path / "src")
     parent = import_hf(tmp_path / "src")
     tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(8))
@@ -201,11 +223,18 @@ def test_child_exports_to_source_class(tmp_path, kind):
         assert (hf(tokens).logits - parent(tokens, subnet).logits).abs().max() <= TOL
         child = checkpoint.load_model(tmp_path / f"child{n}")[0]
         assert child.config.shared_expert_width == parent.config.shared_expert_width
-        if kind == "qwen2_moe":
-            kept = dict(child.named_parameters())
-            for name, w in parent.blocks[subnet.layers[-1]].moe.named_parameters():
-                if name.startswith("shared"):
-                    assert torch.equal(kept[f"blocks.{subnet.depth - 1}.moe.{name}"], w)
+        kept = dict(child.named_parameters())
+        for name, w in parent.blocks[subnet.layers[-1]].moe.named_parameters():
+            if name.startswith("shared"):
+                assert torch.equal(kept[f"blocks.{subnet.depth - 1}.moe.{name}"], w)
+        if kind == "ernie4_5_moe":
+            assert child.config.dense_layers == ((0,) if 0 in subnet.layers else ())
+            assert hf.config.moe_layer_start_index == (1 if 0 in subnet.layers else 0)
+            kept_bias = parent.blocks[1].moe.router_bias[: subnet.specs[0].experts]
+            assert torch.equal(child.blocks[-1].moe.router_bias, kept_bias)
+            for name, w in parent.blocks[0].mlp.named_parameters():
+                if 0 in subnet.layers:
+                    assert torch.equal(kept[f"blocks.0.mlp.{name}"], w)  # the dense layer, whole
 
 
 def test_unsupported_architecture_is_one_line(tmp_path, cli_main, capsys, one_line_error):
@@ -252,6 +281,66 @@ def test_export_refuses_what_the_source_class_lacks(tiny_config, tmp_path):
     with pytest.raises(HFError, match="always renormalises"):
         export_hf(make_model(replace(tiny_config, renormalize_top_k=False)), tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ernie_selection_bias_follows_its_expert(tmp_path):
+    """ERNIE-4.5's selection bias decides the top-k (zeroing it changes the logits), moves with its
+    expert when experts are re-ordered (the full model's function unchanged) and is sliced with the
+    kept experts; the parent re-ordered by importance still exports exactly."""
+    from elasticmoe.extract import extract
+    from elasticmoe.reorder import permute_experts, reorder
+
+    random_hf_model("ernie4_5_moe", False).save_pretrained(tmp_path / "src")
+    model = import_hf(tmp_path / "src")
+    tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(9))
+    before = model(tokens).logits
+    bias = model.blocks[1].moe.router_bias.clone()
+    plain = import_hf(tmp_path / "src")
+    plain.blocks[1].moe.router_bias.zero_()
+    assert (plain(tokens).logits - before).abs().max() > 1e-3  # the bias changes which experts are chosen
+    perm = torch.tensor([2, 0, 3, 1])
+    permute_experts(model, 1, perm)
+    assert torch.equal(model.blocks[1].moe.router_bias, bias[perm])
+    assert (model(tokens).logits - before).abs().max() <= 1e-5
+    child = extract(model, Subnet.uniform([0, 1], 2, 1, 24))
+    assert torch.equal(child.blocks[1].moe.router_bias, bias[perm][:2])
+    summary = reorder(model, [tokens])
+    assert summary["expert_perms"][0] == [] and sorted(summary["expert_perms"][1]) == [0, 1, 2, 3]
+    assert (model(tokens).logits - before).abs().max() <= 1e-5
+    export_hf(model, tmp_path / "out", verify_tokens=tokens)
+    assert max_logit_diff_hf(model, load_hf(tmp_path / "out"), tokens) <= TOL
+
+
+def test_ernie_layouts_and_refusals(tiny_config, tmp_path):
+    """ERNIE's MoE-layer pattern (start, end, interval) is found for any dense set it can state and
+    refused otherwise; its mechanisms are refused by the other classes; use_bias is refused at
+    import; GGUF says in one line to use --format hf."""
+    from elasticmoe.gguf_export import export_gguf
+    from elasticmoe.hf import ernie_moe_layers
+
+    shared = 2 * tiny_config.expert_width
+    ernie = replace(tiny_config, source_architecture="Ernie4_5_MoeForCausalLM", shared_expert_width=shared, layers=6)
+    assert ernie_moe_layers(replace(ernie, dense_layers=(0,), dense_width=8)) == (1, 5, 1)
+    assert ernie_moe_layers(replace(ernie, dense_layers=(0, 2, 4), dense_width=8)) == (1, 5, 2)
+    assert ernie_moe_layers(replace(ernie, dense_layers=(0, 5), dense_width=8)) == (1, 4, 1)
+    assert ernie_moe_layers(replace(ernie, dense_layers=(0, 1, 2, 3, 4, 5), dense_width=8)) == (6, 5, 1)
+    with pytest.raises(HFError, match="moe_layer_interval"):
+        export_hf(make_model(replace(ernie, dense_layers=(0, 2, 3), dense_width=8)), tmp_path / "a")
+    with pytest.raises(HFError, match="not a multiple of expert_width"):
+        export_hf(make_model(replace(ernie, shared_expert_width=40)), tmp_path / "b")
+    with pytest.raises(HFError, match="no dense"):
+        export_hf(make_model(replace(tiny_config, dense_layers=(0,), dense_width=8)), tmp_path / "c")
+    with pytest.raises(HFError, match="selection bias"):
+        export_hf(make_model(replace(tiny_config, router_bias=True)), tmp_path / "d")
+    tok = write_tokenizer(tmp_path / "tokenizer.json", tiny_config.vocab_size)
+    with pytest.raises(HFError, match="use --format hf"):
+        export_gguf(make_model(ernie), tmp_path / "e", tokenizer_path=tok)
+    assert list(tmp_path.iterdir()) == [tok]
+    random_hf_model("ernie4_5_moe", False).save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_bias": True}))
+    with pytest.raises(HFError, match="use_bias"):
+        import_hf(tmp_path / "src")
 
 
 def test_import_space_validated(tmp_path):
