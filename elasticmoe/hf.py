@@ -8,20 +8,27 @@ a model trained here exports by `qk_norm`:
 * `Qwen3MoeForCausalLM` (`qwen3_moe`): `qk_norm` per head, `renormalize_top_k` as `norm_topk_prob`;
 * `OlmoeForCausalLM` (`olmoe`): `qk_norm_scope="all"`, `renormalize_top_k` as `norm_topk_prob`;
 * `Qwen2MoeForCausalLM` (`qwen2_moe`): a shared expert with `shared_expert_gate`, `qkv_bias`,
-  `renormalize_top_k` as `norm_topk_prob`.
+  `renormalize_top_k` as `norm_topk_prob`;
+* `Ernie4_5_MoeForCausalLM` (`ernie4_5_moe`): `dense_layers` (from `moe_layer_start_index`,
+  `moe_layer_end_index`, `moe_layer_interval`) of `dense_width` (`intermediate_size`), ungated
+  shared experts (`shared_expert_width = moe_num_shared_experts x moe_intermediate_size`),
+  `router_bias` (`mlp.moe_statics.e_score_correction_bias`, stored (1, E)), `renormalize_min`
+  (`moe_norm_min`), adjacent-pair RoPE (q/k rows permuted per head, `rope_rows_to_pairs`), no
+  biases (`use_bias: true` is refused).
 
-Elastic in all four: layers, experts, top-k, expert width; kept whole: attention, norms, and
-Qwen2-MoE's shared expert with its gate. Every layer is sparse (Qwen: `decoder_sparse_step=1`,
-`mlp_only_layers=[]`).
+Elastic in all five: layers, experts, top-k, expert width; kept whole: attention, norms,
+Qwen2-MoE's shared expert with its gate, ERNIE's shared experts and dense layers. Every other
+layer is sparse (Qwen: `decoder_sparse_step=1`, `mlp_only_layers=[]`).
 
 Conventions fixed by this mapping (each is what both sides compute; the parity tests prove it):
 
-* router: softmax over the experts in float32, top-k of the probabilities, the k kept
-  probabilities renormalised to sum to one when `renormalize_top_k` (Mixtral always; the others
-  by `norm_topk_prob`), else used as they are; no router bias, no jitter at inference;
-* shared expert (Qwen2-MoE only): a SwiGLU expert every token passes through, its output scaled
-  by `sigmoid(shared_expert_gate x)`, added to the routed experts' output; other architectures
-  have none, and a model with one is refused for them;
+* router: softmax over the experts in float32, top-k of the probabilities (ERNIE: of the
+  probabilities plus the selection bias), the k kept probabilities renormalised to sum to one
+  when `renormalize_top_k` (Mixtral and ERNIE always, ERNIE over max(sum, `moe_norm_min`); the
+  others by `norm_topk_prob`), else used as they are; no jitter at inference;
+* shared expert (Qwen2-MoE, ERNIE): a SwiGLU expert every token passes through, added to the
+  routed experts' output, in Qwen2-MoE scaled by `sigmoid(shared_expert_gate x)`; other
+  architectures have none, and a model with one is refused for them;
 * q/k norm: Qwen3-MoE's RMSNorm over each head (`head_dim` weights); OLMoE's over the whole
   q and k projections (`heads * head_dim`, `kv_heads * head_dim` weights), which is why OLMoE and
   Qwen2-MoE (which derive `head_dim = hidden_size / heads`) need `heads * head_dim = d_model`;
@@ -56,9 +63,10 @@ Import is defensive: only safetensors, parsed without running anything from the 
 Refused: pickle weight files (`.bin`, `.pt`, `.pth`, `.pkl`, ...) even beside safetensors, Python
 files, `auto_map` (remote code), unknown model types or architectures, quantized weights, RoPE
 scaling, sliding windows, attention biases outside Qwen2-MoE's q/k/v, OLMoE's `clip_qkv`, dense
-(non-MoE) layers, a Qwen2-MoE without a shared expert, and safetensors headers whose keys or
-shapes differ from what config.json implies (checked from the headers before any tensor is read or
-the model is allocated). Imported weights become float32.
+(non-MoE) layers outside ERNIE, ERNIE's `use_bias`, a Qwen2-MoE without a shared expert, and
+safetensors headers whose keys or shapes differ from what config.json implies (checked from the
+headers before any tensor is read or the model is allocated). Imported weights keep the files'
+dtype (float32 where they mix dtypes, as ERNIE's float32 router beside bf16 weights does).
 """
 
 from __future__ import annotations
