@@ -10,6 +10,7 @@ line per (arm, seed) in --out; a rerun skips the lines already there.
     OMP_NUM_THREADS=1 python bench/task_formats.py --arms default not-reversed --seeds 0 1 \
         --root runs/task-formats --out bench/task-formats/results.jsonl
     python bench/task_formats.py --table bench/task-formats/results.jsonl
+    python bench/task_formats.py --table bench/task-formats/curriculum.jsonl --versus default curriculum
 """
 
 from __future__ import annotations
@@ -103,6 +104,34 @@ def table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _pooled_em(levels: dict) -> float:
+    """Exact match over all levels of a task (each level's [em, lo, hi, n], counts recovered)."""
+    return sum(round(v[0] * v[3]) for v in levels.values()) / sum(v[3] for v in levels.values())
+
+
+def versus(path: Path, base: str, arm: str) -> str:
+    """Markdown: for every seed run by both arms, `arm` minus `base` in each task's answer loss
+    (nats/token, all levels) and exact match (all levels pooled), and in text bits/byte; then the
+    mean over seeds. A difference whose sign changes from seed to seed is inside the noise."""
+    rows = {(r["arm"], r["seed"]): r["results"] for r in map(json.loads, path.read_text().splitlines())}
+    seeds = sorted(s for a, s in rows if a == base and (arm, s) in rows)
+    tasks = ["kv", "arith", "sort", "find"]
+    head = "| seed | " + " | ".join(f"{t} answer loss" for t in tasks) + " | "
+    head += " | ".join(f"{t} EM" for t in tasks) + " | text bpb |"
+    lines = [f"{arm} minus {base}:", "", head, "|---|" + "---|" * (2 * len(tasks) + 1)]
+    diffs = []
+    for seed in seeds:
+        x, y = rows[base, seed], rows[arm, seed]
+        d = [y[f"{t}/answer-loss"] - x[f"{t}/answer-loss"] for t in tasks]
+        d += [_pooled_em(y[t]) - _pooled_em(x[t]) for t in tasks] + [y["text"] - x["text"]]
+        diffs.append(d)
+        lines.append(f"| {seed} | " + " | ".join(f"{v:+.3f}" for v in d) + " |")
+    if diffs:
+        mean = [sum(col) / len(diffs) for col in zip(*diffs)]
+        lines.append("| mean | " + " | ".join(f"{v:+.3f}" for v in mean) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -111,9 +140,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench/task-formats/results.jsonl"))
     p.add_argument("--examples", type=int, default=400, help="test examples per task (shared between levels)")
     p.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    p.add_argument("--versus", nargs=2, metavar=("BASE", "ARM"), help="with --table: ARM minus BASE, seed by seed")
     args = p.parse_args()
     if args.table:
-        print(table(args.table))
+        print(versus(args.table, *args.versus) if args.versus else table(args.table))
         return
     run(args.arms, args.seeds, args.root, args.out, args.examples)
 

@@ -191,7 +191,9 @@ class TaskSpec:
 
     Training draws each example's level from `level_weights` (one weight per position in a task's
     levels, the same for every task; empty: uniform): the level mix of the training stream is a
-    recipe knob (`data.task_spec.level_weights`). Every held-out split holds `held_out` examples
+    recipe knob (`data.task_spec.level_weights`); `data.curriculum` lets the levels enter easiest
+    first over the run instead (the batches do it, tokens.StratifiedBatches: this split is the same
+    either way). Every held-out split holds `held_out` examples
     of *every* level (val, search, test), so each level is scored on its own. A level with few
     possible examples (arith with 1 digit: 155; sort of 3 over 0-3: 64) gives at most half of them
     to the held-out splits. Sort draws from 0-3: a small alphabet sorts far better at `tiny`'s
