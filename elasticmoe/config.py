@@ -109,7 +109,12 @@ IMPORT_OPTIONS = (
     "dense_width",
     "router_bias",
     "renormalize_min",
+    "router_score",
+    "routed_scale",
+    "renormalize_eps",
+    "rope_dims",
 )
+ROUTER_SCORES = ("softmax", "sigmoid")  # over the experts (most), or per expert (GLM-4.5, DeepSeek-V3)
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,10 @@ class ModelConfig:
     width do not apply); `router_bias` adds a per-expert bias to the probabilities for choosing
     the top-k only (`e_score_correction_bias`; the weights stay the unbiased probabilities);
     `renormalize_min` floors the renormalisation's denominator (`moe_norm_min`; 0: no floor).
+    GLM-4.5 MoE: `router_score="sigmoid"` scores each expert by `sigmoid(logit)` instead of a
+    softmax over the experts; `renormalize_eps` is added to the renormalisation's denominator
+    (GLM: 1e-20); `routed_scale` multiplies the routed experts' weights (`routed_scaling_factor`);
+    `rope_dims` rotates only the first `rope_dims` dims of each head (partial RoPE; 0: all).
     """
 
     vocab_size: int = 2048
@@ -160,6 +169,10 @@ class ModelConfig:
     dense_width: int = 0
     router_bias: bool = False
     renormalize_min: float = 0.0
+    router_score: str = "softmax"
+    routed_scale: float = 1.0
+    renormalize_eps: float = 0.0
+    rope_dims: int = 0
     # Per-layer (experts, top_k, expert_width), only for children extracted from a per-layer
     # sub-network; empty means every layer has (experts, top_k, expert_width).
     layer_shapes: tuple[tuple[int, int, int], ...] = ()
@@ -202,6 +215,14 @@ class ModelConfig:
                 _int_in(p, f"layer_shapes[{i}] width", w, 1, self.expert_width)
         self._check_dense(p)
         check_number(p, "renormalize_min", self.renormalize_min, 0, 1, hi_open=True)
+        check_number(p, "renormalize_eps", self.renormalize_eps, 0, 1, hi_open=True)
+        check_number(p, "routed_scale", self.routed_scale, 0, lo_open=True)
+        if self.router_score not in ROUTER_SCORES:
+            p.append(f"router_score={self.router_score!r} must be one of {list(ROUTER_SCORES)}")
+        head_dim = self.head_dim if isinstance(self.head_dim, int) else None
+        _int_in(p, "rope_dims", self.rope_dims, 0, head_dim)
+        if isinstance(self.rope_dims, int) and self.rope_dims % 2:
+            p.append(f"rope_dims={self.rope_dims} must be even (RoPE rotates pairs)")
         for name in ("tie_embeddings", "qk_norm", "qkv_bias", "renormalize_top_k", "shared_expert_gate", "router_bias"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"{name}={getattr(self, name)!r} must be true or false")
@@ -227,6 +248,11 @@ class ModelConfig:
                 f"dense_layers={list(self.dense_layers)} and dense_width={self.dense_width}: a dense width "
                 "is given exactly when there are dense layers"
             )
+
+    @property
+    def rotary_dims(self) -> int:
+        """How many leading dims of each head RoPE rotates."""
+        return self.rope_dims or self.head_dim
 
     def is_dense(self, i: int) -> bool:
         """Whether layer i's feed-forward is a dense SwiGLU (kept whole) instead of the MoE."""

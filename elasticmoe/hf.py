@@ -86,16 +86,21 @@ from .model import ElasticMoE, rope_rows_to_pairs
 
 log = logging.getLogger(__name__)
 
-MIXTRAL, QWEN3_MOE, OLMOE, QWEN2_MOE, ERNIE = "mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "ernie4_5_moe"
+MIXTRAL, QWEN3_MOE, OLMOE, QWEN2_MOE = "mixtral", "qwen3_moe", "olmoe", "qwen2_moe"
+ERNIE, GLM = "ernie4_5_moe", "glm4_moe"
 ARCHITECTURES = {
     MIXTRAL: "MixtralForCausalLM",
     QWEN3_MOE: "Qwen3MoeForCausalLM",
     OLMOE: "OlmoeForCausalLM",
     QWEN2_MOE: "Qwen2MoeForCausalLM",
     ERNIE: "Ernie4_5_MoeForCausalLM",
+    GLM: "Glm4MoeForCausalLM",
 }
 MODEL_TYPES = {cls: model_type for model_type, cls in ARCHITECTURES.items()}
-QK_NORM_OF = {MIXTRAL: None, QWEN3_MOE: "head", OLMOE: "all", QWEN2_MOE: None, ERNIE: None}  # its q/k RMSNorm
+# the scope of its q/k RMSNorm (GLM-4.5: per head when `use_qk_norm`, else none: either is fine)
+QK_NORM_OF = {MIXTRAL: None, QWEN3_MOE: "head", OLMOE: "all", QWEN2_MOE: None, ERNIE: None, GLM: "head"}
+QK_NORM_OPTIONAL = (GLM,)
+QKV_BIAS_OF = (QWEN2_MOE, GLM)  # architectures with q/k/v biases (and none on o_proj)
 SPECIAL_TOKEN = "<|endoftext|>"
 # The one statement of how prompts are fed, quoted by the model cards and the lm-eval adapter.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -114,17 +119,21 @@ LAYER_KEYS = {
 QK_NORM_KEYS = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
 QKV_BIAS_KEYS = {f"attn.{n}_proj.bias": f"self_attn.{n}_proj.bias" for n in "qkv"}
 SWIGLU = ("gate_proj", "up_proj", "down_proj")
-SHARED_MODULE = {QWEN2_MOE: "mlp.shared_expert", ERNIE: "mlp.shared_experts"}  # architectures with one
-DENSE_KEYS = {f"mlp.{n}.weight": f"mlp.{n}.weight" for n in SWIGLU}  # a dense layer's MLP (ERNIE-4.5)
-ROUTER_BIAS_KEY = {ERNIE: "mlp.moe_statics.e_score_correction_bias"}  # stored (1, E), ours (E,)
+SHARED_MODULE = {QWEN2_MOE: "mlp.shared_expert", ERNIE: "mlp.shared_experts", GLM: "mlp.shared_experts"}
+DENSE_KEYS = {f"mlp.{n}.weight": f"mlp.{n}.weight" for n in SWIGLU}  # a dense layer's MLP (ERNIE, GLM)
+# the router's selection bias and the shape it is stored in (ours: (E,))
+ROUTER_BIAS_KEY = {
+    ERNIE: ("mlp.moe_statics.e_score_correction_bias", (1, -1)),
+    GLM: ("mlp.gate.e_score_correction_bias", (-1,)),
+}
 PAIR_ROPE = (ERNIE,)  # rotates adjacent q/k dims (2j, 2j+1): its rows are permuted on the way in and out
 SHARED_GATE_KEYS = {"moe.shared_gate.weight": "mlp.shared_expert_gate.weight"}
 GLOBAL_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
 HEAD_KEY = ("lm_head.weight", "lm_head.weight")
 # MoE module prefix and per-expert (gate, up, down) names as `save_pretrained` writes them.
-MOE_PREFIX = {MIXTRAL: "block_sparse_moe", QWEN3_MOE: "mlp", OLMOE: "mlp", QWEN2_MOE: "mlp", ERNIE: "mlp"}
+MOE_PREFIX = {MIXTRAL: "block_sparse_moe", QWEN3_MOE: "mlp", OLMOE: "mlp", QWEN2_MOE: "mlp", ERNIE: "mlp", GLM: "mlp"}
 EXPERT_NAMES = {MIXTRAL: ("w1", "w3", "w2")}
-EXPERT_NAMES.update({t: SWIGLU for t in (QWEN3_MOE, OLMOE, QWEN2_MOE, ERNIE)})
+EXPERT_NAMES.update({t: SWIGLU for t in (QWEN3_MOE, OLMOE, QWEN2_MOE, ERNIE, GLM)})
 # Keys some older checkpoints carry that hold no weights (recomputed buffers).
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -159,9 +168,9 @@ def _inexpressible(c: ModelConfig, model_type: str) -> list[str]:
     name, p = ARCHITECTURES[model_type], []
     ours, theirs = (c.qk_norm_scope if c.qk_norm else None), QK_NORM_OF[model_type]
     scope = {None: "no", "head": "a per-head", "all": "a whole-projection"}
-    if ours != theirs:
+    if ours != theirs and not (ours is None and model_type in QK_NORM_OPTIONAL):
         p.append(f"{name} has {scope[theirs]} q/k RMSNorm, this model {scope[ours]} one")
-    if c.qkv_bias and model_type != QWEN2_MOE:
+    if c.qkv_bias and model_type not in QKV_BIAS_OF:
         p.append(f"qkv_bias=true: {name} has no q/k/v biases")
     if model_type == QWEN2_MOE and not (c.shared_expert_width > 0 and c.shared_expert_gate):
         p.append(f"{name} needs a shared expert with its sigmoid gate (shared_expert_width > 0, shared_expert_gate)")
@@ -174,40 +183,46 @@ def _inexpressible(c: ModelConfig, model_type: str) -> list[str]:
         p.append(f"renormalize_top_k=false: {name} always renormalises the top-k probabilities")
     if model_type in (OLMOE, QWEN2_MOE) and c.heads * c.head_dim != c.d_model:
         p.append(f"heads * head_dim = {c.heads * c.head_dim} != d_model={c.d_model}: {name} derives head_dim")
-    if model_type != ERNIE:
-        p.extend(_ernie_only(c, name))
-    else:
-        p.extend(_ernie_problems(c, name))
-    return p
+    return p + _router_and_layout(c, model_type, name)
 
 
-def _ernie_only(c: ModelConfig, name: str) -> list[str]:
-    """The ERNIE-4.5 mechanisms another architecture has no field or module for."""
-    p = []
-    if c.dense_layers:
+def _router_and_layout(c: ModelConfig, model_type: str, name: str) -> list[str]:
+    """What of the ERNIE-4.5 / GLM-4.5 options (dense layers, router, shared experts, partial RoPE)
+    the architecture cannot state."""
+    p, glm = [], model_type == GLM
+    if c.dense_layers and model_type not in (ERNIE, GLM):
         p.append(f"dense_layers={list(c.dense_layers)}: {name} has no dense (non-MoE) layers")
-    if c.router_bias:
-        p.append(f"router_bias=true: {name}'s router has no selection bias")
-    if c.renormalize_min > 0:
-        p.append(f"renormalize_min={c.renormalize_min}: {name} does not floor the top-k renormalisation")
-    return p
-
-
-def _ernie_problems(c: ModelConfig, name: str) -> list[str]:
-    p = []
-    if c.shared_expert_gate:
-        p.append(f"shared_expert_gate=true: {name}'s shared experts have no gate")
-    if c.shared_expert_width % c.expert_width:
-        p.append(
-            f"shared_expert_width={c.shared_expert_width} is not a multiple of expert_width={c.expert_width}: "
-            f"{name} states the shared experts' width as moe_num_shared_experts x moe_intermediate_size; "
-            "keep an expert width that divides it"
-        )
-    if ernie_moe_layers(c) is None:
+    if c.dense_layers and glm and c.dense_layers != tuple(range(len(c.dense_layers))):
+        p.append(f"dense_layers={list(c.dense_layers)}: {name}'s dense layers are the first_k_dense_replace first")
+    if model_type == ERNIE and ernie_moe_layers(c) is None:
         p.append(
             f"dense_layers={list(c.dense_layers)} of {c.layers} layers: {name} places MoE layers at every "
             "moe_layer_interval-th layer from moe_layer_start_index to moe_layer_end_index; this pattern is not one"
         )
+    if c.router_bias and model_type not in ROUTER_BIAS_KEY:
+        p.append(f"router_bias=true: {name}'s router has no selection bias")
+    if c.renormalize_min > 0 and model_type != ERNIE:
+        p.append(f"renormalize_min={c.renormalize_min}: {name} does not floor the top-k renormalisation")
+    eps = 1e-20 if glm and c.renormalize_top_k else 0.0
+    if c.renormalize_eps != eps:
+        p.append(f"renormalize_eps={c.renormalize_eps}: {name} adds {eps:g} to the renormalisation's sum")
+    if c.router_score != ("sigmoid" if glm else "softmax"):
+        p.append(f"router_score={c.router_score!r}: {name}'s router is a {'sigmoid' if glm else 'softmax'}")
+    if c.routed_scale != 1.0 and not glm:
+        p.append(f"routed_scale={c.routed_scale}: {name} does not scale the routed experts' weights")
+    if c.rope_dims and not glm:
+        p.append(f"rope_dims={c.rope_dims}: {name} rotates the whole head")
+    if c.rope_dims and glm and int(c.head_dim * (c.rope_dims / c.head_dim)) != c.rope_dims:
+        p.append(f"rope_dims={c.rope_dims} of head_dim={c.head_dim}: not a partial_rotary_factor {name} reproduces")
+    if model_type in (ERNIE, GLM):
+        if c.shared_expert_gate:
+            p.append(f"shared_expert_gate=true: {name}'s shared experts have no gate")
+        if c.shared_expert_width % c.expert_width:
+            p.append(
+                f"shared_expert_width={c.shared_expert_width} is not a multiple of expert_width={c.expert_width}: "
+                f"{name} states the shared experts' width as a number of experts x the expert width; "
+                "keep an expert width that divides it"
+            )
     return p
 
 
@@ -266,7 +281,8 @@ def _hf_tensors(model: ElasticMoE, model_type: str) -> dict[str, torch.Tensor]:
         if model_type in ROUTER_BIAS_KEY:  # zeros for a model without one: the same routing
             bias = ours.get(f"blocks.{i}.moe.router_bias")
             bias = bias if bias is not None else ours[f"blocks.{i}.moe.router.weight"].new_zeros(c.layer_shape(i)[0])
-            out[f"model.layers.{i}.{ROUTER_BIAS_KEY[model_type]}"] = bias.float()[None]
+            key, shape = ROUTER_BIAS_KEY[model_type]
+            out[f"model.layers.{i}.{key}"] = bias.float().reshape(shape)
         w_gate, w_up, w_down = (ours[f"blocks.{i}.moe.{n}"] for n in ("w_gate", "w_up", "w_down"))
         for e in range(w_gate.shape[0]):
             gate, up, down = _expert_keys(model_type, i, e)
@@ -348,6 +364,22 @@ def hf_config(
     }
     if model_type == MIXTRAL:
         out.update(intermediate_size=c.expert_width, num_local_experts=c.experts, router_jitter_noise=0.0)
+    elif model_type == GLM:
+        out["rope_parameters"]["partial_rotary_factor"] = c.rotary_dims / c.head_dim
+        out.update(
+            moe_intermediate_size=c.expert_width,
+            intermediate_size=c.dense_width or c.expert_width,  # the dense layers' width; unused without one
+            n_routed_experts=c.experts,
+            n_shared_experts=c.shared_expert_width // c.expert_width,
+            first_k_dense_replace=len(c.dense_layers),
+            routed_scaling_factor=c.routed_scale,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=c.renormalize_top_k,
+            use_qk_norm=c.qk_norm,
+            attention_bias=c.qkv_bias,
+            num_nextn_predict_layers=0,  # no multi-token-prediction layer
+        )
     elif model_type == ERNIE:
         start, end, interval = ernie_moe_layers(c)
         del out["num_experts_per_tok"]  # ERNIE's name is moe_k (attribute_map); one name, no conflict

@@ -19,6 +19,7 @@ from .hf import (
     ARCHITECTURES,
     ERNIE,
     FLOAT_DTYPES,
+    GLM,
     GLOBAL_KEYS,
     HEAD_KEY,
     IGNORABLE_SUFFIXES,
@@ -114,6 +115,28 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "moe_norm_min": 1e-12,
         "norm_topk_prob": True,  # not an ERNIE field: it always renormalises
     },
+    GLM: {
+        **_COMMON,
+        "hidden_size": 4096,
+        "num_attention_heads": 96,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "num_experts": 128,  # named n_routed_experts in GLM
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 1408,
+        "intermediate_size": 10944,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "routed_scaling_factor": 1.0,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "use_qk_norm": False,
+        "attention_bias": False,
+        "partial_rotary_factor": 0.5,  # what transformers sets when rope_parameters leaves it out
+        "num_nextn_predict_layers": 1,
+    },
 }
 WIDTH_KEY = {
     MIXTRAL: "intermediate_size",
@@ -121,8 +144,13 @@ WIDTH_KEY = {
     OLMOE: "intermediate_size",
     QWEN2_MOE: "moe_intermediate_size",
     ERNIE: "moe_intermediate_size",
+    GLM: "moe_intermediate_size",
 }
-ERNIE_NAMES = {"moe_num_experts": "num_experts", "moe_k": "num_experts_per_tok"}  # its names -> the common ones
+# their names -> the common ones
+RENAMES = {
+    ERNIE: {"moe_num_experts": "num_experts", "moe_k": "num_experts_per_tok"},
+    GLM: {"n_routed_experts": "num_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+}
 
 
 def _refuse_unsafe_files(folder: Path) -> None:
@@ -151,18 +179,21 @@ def _refuse_unsafe_files(folder: Path) -> None:
         )
 
 
-def _rope_theta(raw: dict[str, Any], default: float, p: list[str]) -> float:
+def _rope_theta(raw: dict[str, Any], defaults: dict[str, Any], p: list[str]) -> tuple[float, Any]:
+    """(theta, partial_rotary_factor) of plain RoPE; anything else is a problem in `p`."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
         p.append(f"rope_parameters={params!r} must be a mapping")
-        return 0.0
+        return 0.0, 1.0
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         p.append(f"rope_type={rope_type!r}: only plain RoPE ('default') is supported, no scaling")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        p.append(f"partial_rotary_factor={params['partial_rotary_factor']}: only full-head RoPE is supported")
-    theta = params.get("rope_theta", raw.get("rope_theta", default))
-    return float(theta) if isinstance(theta, (int, float)) else theta
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    partial = defaults.get("partial_rotary_factor", 1.0) if partial is None else partial
+    if partial != 1.0 and "partial_rotary_factor" not in defaults:
+        p.append(f"partial_rotary_factor={partial}: only full-head RoPE is supported")
+    theta = params.get("rope_theta", raw.get("rope_theta", defaults["rope_theta"]))
+    return (float(theta) if isinstance(theta, (int, float)) else theta), partial
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -202,8 +233,13 @@ def _refusals(raw: dict[str, Any], model_type: str, get) -> list[str]:
         p.append("quantization_config is set: quantized weights are not supported")
     if raw.get("hidden_act", "silu") not in ("silu", "swish"):
         p.append(f"hidden_act={raw.get('hidden_act')!r}: experts must be SwiGLU (silu)")
-    if raw.get("attention_bias") or raw.get("mlp_bias"):
+    if (raw.get("attention_bias") and model_type != GLM) or raw.get("mlp_bias"):
         p.append("attention_bias / mlp_bias is true: our projections have no biases (only Qwen2-MoE's q/k/v)")
+    if model_type == GLM and (get("n_group"), get("topk_group")) != (1, 1):
+        p.append(
+            f"n_group={get('n_group')}, topk_group={get('topk_group')}: group-limited top-k is not supported "
+            "(GLM-4.5's released models use one group)"
+        )
     if model_type != QWEN2_MOE and raw.get("qkv_bias"):
         p.append(f"qkv_bias is true: {ARCHITECTURES[model_type]} has no q/k/v biases")
     if raw.get("clip_qkv") is not None:
@@ -236,7 +272,7 @@ def _head_dim(raw: dict[str, Any], model_type: str, get, p: list[str]) -> Any:
     """head_dim as transformers reads it: stated (Mixtral, Qwen3-MoE) or hidden_size / heads."""
     hidden, heads = get("hidden_size"), get("num_attention_heads")
     derived = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
-    if model_type in (MIXTRAL, QWEN3_MOE, ERNIE):
+    if model_type in (MIXTRAL, QWEN3_MOE, ERNIE, GLM):
         return raw.get("head_dim") or derived
     if derived is not None and hidden % heads:
         p.append(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
@@ -254,15 +290,15 @@ def read_hf_config(folder: str | Path) -> tuple[str, ModelConfig]:
     raw = _read_json(path)
     model_type = _model_type(raw, path)
     defaults = DEFAULTS[model_type]
-    if model_type == ERNIE:
-        raw = {**raw, **{ours: raw[theirs] for theirs, ours in ERNIE_NAMES.items() if theirs in raw}}
+    renames = RENAMES.get(model_type, {})
+    raw = {**raw, **{ours: raw[theirs] for theirs, ours in renames.items() if theirs in raw}}
 
     def get(key: str) -> Any:
         return raw.get(key, defaults.get(key))
 
     p = _refusals(raw, model_type, get)
     head_dim = _head_dim(raw, model_type, get, p)
-    theta = _rope_theta(raw, defaults["rope_theta"], p)
+    theta, partial = _rope_theta(raw, defaults, p)
     if p:
         raise HFError(f"{path} cannot be imported exactly: " + "; ".join(p))
     heads = get("num_attention_heads")
@@ -280,9 +316,9 @@ def read_hf_config(folder: str | Path) -> tuple[str, ModelConfig]:
         norm_eps=get("rms_norm_eps"),
         max_seq_len=get("max_position_embeddings"),
         tie_embeddings=bool(get("tie_word_embeddings")),
-        qk_norm=QK_NORM_OF[model_type] is not None,
+        qk_norm=QK_NORM_OF[model_type] is not None and (model_type != GLM or bool(get("use_qk_norm"))),
         qk_norm_scope=QK_NORM_OF[model_type] or "head",
-        qkv_bias=model_type == QWEN2_MOE and bool(get("qkv_bias")),
+        qkv_bias=bool(get("qkv_bias") if model_type == QWEN2_MOE else model_type == GLM and get("attention_bias")),
         renormalize_top_k=bool(get("norm_topk_prob")),
         shared_expert_width=get("shared_expert_intermediate_size") if model_type == QWEN2_MOE else 0,
         shared_expert_gate=model_type == QWEN2_MOE,
@@ -290,6 +326,8 @@ def read_hf_config(folder: str | Path) -> tuple[str, ModelConfig]:
     )
     if model_type == ERNIE:
         fields.update(_ernie_fields(get, raw.get("num_hidden_layers"), p))
+    if model_type == GLM:
+        fields.update(_glm_fields(get, raw.get("num_hidden_layers"), head_dim, partial, p))
     if p:
         raise HFError(f"{path} cannot be imported exactly: " + "; ".join(p))
     try:
@@ -322,6 +360,34 @@ def _ernie_fields(get, layers: Any, p: list[str]) -> dict[str, Any]:
         shared_expert_gate=False,
         router_bias=True,
         renormalize_min=get("moe_norm_min"),
+    )
+
+
+def _glm_fields(get, layers: Any, head_dim: Any, partial: Any, p: list[str]) -> dict[str, Any]:
+    """GLM-4.5 MoE as transformers builds it: the first `first_k_dense_replace` layers dense, shared
+    experts of n_shared_experts x moe_intermediate_size, a sigmoid router choosing on scores +
+    e_score_correction_bias, renormalised over sum + 1e-20 when norm_topk_prob, scaled by
+    routed_scaling_factor; RoPE on the first int(head_dim x partial_rotary_factor) dims of a head."""
+    names = ("first_k_dense_replace", "n_shared_experts", "moe_intermediate_size")
+    first, shared, width = (get(k) for k in names)
+    bad = [f"{k}={v!r}" for k, v in zip(names, (first, shared, width)) if not isinstance(v, int) or v < 0]
+    if not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        bad.append(f"partial_rotary_factor={partial!r}")
+    if bad or not isinstance(layers, int) or not isinstance(head_dim, int):
+        p.append("GLM-4.5 fields must be non-negative integers, partial_rotary_factor in (0, 1]: " + ", ".join(bad))
+        return {}
+    dense = tuple(range(min(first, layers, 1 << 16)))
+    rotary = int(head_dim * partial)
+    return dict(
+        dense_layers=dense,
+        dense_width=get("intermediate_size") if dense else 0,
+        shared_expert_width=shared * width,
+        shared_expert_gate=False,
+        router_bias=True,
+        router_score="sigmoid",
+        routed_scale=get("routed_scaling_factor"),
+        renormalize_eps=1e-20 if get("norm_topk_prob") else 0.0,
+        rope_dims=0 if rotary == head_dim else rotary,
     )
 
 
@@ -380,12 +446,28 @@ def _check_size(config: ModelConfig, headers: dict) -> None:
         )
 
 
-def _check_headers(headers: dict, expected: dict[str, tuple[int, ...]], tied: bool) -> None:
+def mtp_layers(folder: Path, model_type: str, layers: int) -> tuple[str, ...]:
+    """Key prefixes of GLM-4.5's multi-token-prediction layers (`num_nextn_predict_layers` layers
+    after the last one), which transformers skips when loading and the import leaves out too."""
+    if model_type != GLM:
+        return ()
+    raw = _read_json(folder / "config.json")
+    n = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", DEFAULTS[GLM]["num_nextn_predict_layers"]))
+    n = n if isinstance(n, int) and 0 <= n <= 64 else 0
+    return tuple(f"model.layers.{i}." for i in range(layers, layers + n))
+
+
+def _check_headers(
+    headers: dict, expected: dict[str, tuple[int, ...]], tied: bool, skipped: tuple[str, ...] = ()
+) -> None:
     p: list[str] = []
     extra = [
         k
         for k in headers
-        if k not in expected and not k.endswith(IGNORABLE_SUFFIXES) and not (tied and k == "lm_head.weight")
+        if k not in expected
+        and not k.endswith(IGNORABLE_SUFFIXES)
+        and not (tied and k == "lm_head.weight")
+        and not k.startswith(skipped or ("\0",))
     ]
     missing = [k for k in expected if k not in headers]
     wrong = [
@@ -479,7 +561,7 @@ def _our_state(model_type: str, config: ModelConfig, read: _Reader) -> dict[str,
         if c.is_dense(i):
             continue
         if c.router_bias:  # kept in float32, as transformers keeps it
-            bias = read.load(f"model.layers.{i}.{ROUTER_BIAS_KEY[model_type]}", torch.float32)
+            bias = read.load(f"model.layers.{i}.{ROUTER_BIAS_KEY[model_type][0]}", torch.float32)
             state[f"blocks.{i}.moe.router_bias"] = bias.reshape(-1)
         keys = [_expert_keys(model_type, i, e) for e in range(c.layer_shape(i)[0])]
         for n, name in enumerate(("w_gate", "w_up", "w_down")):
@@ -533,7 +615,10 @@ def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None, dtype: torc
     headers = _read_headers(_weight_files(folder))
     _check_size(config, headers)
     expected = expected_shapes(config, model_type)
-    _check_headers(headers, expected, config.tie_embeddings)
+    skipped = mtp_layers(folder, model_type, config.layers)
+    _check_headers(headers, expected, config.tie_embeddings, skipped)
+    if any(k.startswith(skipped) for k in headers if skipped):
+        log.info("%s: its multi-token-prediction layer(s) are left out (transformers skips them too)", folder)
     if space is not None:
         space.validate(config)
     read = _Reader(headers, dtype or _source_dtype(headers, expected))

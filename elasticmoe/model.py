@@ -55,10 +55,15 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     return emb_TDh.cos().to(dtype), emb_TDh.sin().to(dtype)
 
 
-def apply_rope(x_BHTDh: torch.Tensor, cos_TDh: torch.Tensor, sin_TDh: torch.Tensor) -> torch.Tensor:
-    half = x_BHTDh.shape[-1] // 2
+def apply_rope(x_BHTDh: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first R dims of each head (R = Dh but for partial RoPE, GLM-4.5)."""
+    dims = cos_TR.shape[-1]
+    if dims < x_BHTDh.shape[-1]:
+        rot, keep = x_BHTDh[..., :dims], x_BHTDh[..., dims:]
+        return torch.cat([apply_rope(rot, cos_TR, sin_TR), keep], dim=-1)
+    half = dims // 2
     rotated = torch.cat([-x_BHTDh[..., half:], x_BHTDh[..., :half]], dim=-1)
-    return x_BHTDh * cos_TDh + rotated * sin_TDh
+    return x_BHTDh * cos_TR + rotated * sin_TR
 
 
 def rope_rows_to_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -240,17 +245,41 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How a router turns its logits into the top-k experts' weights (ModelConfig's router options).
+
+    `score`: "softmax" over the experts (Mixtral, Qwen, OLMoE, ERNIE) or "sigmoid" per expert
+    (GLM-4.5). `renormalize`: the k kept scores are divided by their sum (Mixtral, Qwen3-MoE,
+    ERNIE, GLM), else used as they are (`norm_topk_prob: false` in OLMoE and Qwen2-MoE); the sum
+    is floored at `renormalize_min` (ERNIE's `moe_norm_min`) and has `renormalize_eps` added
+    (GLM: 1e-20). `scale` multiplies the weights at the end (GLM's `routed_scaling_factor`)."""
+
+    score: str = "softmax"
+    renormalize: bool = True
+    renormalize_min: float = 0.0
+    renormalize_eps: float = 0.0
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, c: ModelConfig) -> Routing:
+        return cls(c.router_score, c.renormalize_top_k, c.renormalize_min, c.renormalize_eps, c.routed_scale)
+
+    def denominator(self, total: torch.Tensor) -> torch.Tensor:
+        if self.renormalize_min > 0:
+            total = total.clamp_min(self.renormalize_min)
+        return total + self.renormalize_eps if self.renormalize_eps > 0 else total
+
+
 class MoE(nn.Module):
     """Router + stacked experts (+ optional shared expert). Expert tensors are (E, W, D) for
     gate/up and (E, D, W) for down, so an expert-prefix and a width-prefix are plain slices.
 
-    `renormalize`: the top-k probabilities are renormalised to sum to one (Mixtral, Qwen3-MoE),
-    else used as they are (`norm_topk_prob: false` in OLMoE and Qwen2-MoE); `renormalize_min`
-    floors the sum (ERNIE's `moe_norm_min`). `shared_gate`: the shared expert's output is scaled
-    by `sigmoid(shared_gate(x))` per token (Qwen2-MoE). `selection_bias`: a per-expert float32
-    buffer `router_bias` added to the probabilities to choose the top-k, never to weigh them
-    (ERNIE-4.5's `e_score_correction_bias`); it is not trained here, and it moves and is sliced
-    with its expert (re-ordering, extraction)."""
+    `routing`: how scores become weights (`Routing`). `shared_gate`: the shared expert's output is
+    scaled by `sigmoid(shared_gate(x))` per token (Qwen2-MoE). `selection_bias`: a per-expert
+    float32 buffer `router_bias` added to the scores to choose the top-k, never to weigh them
+    (ERNIE-4.5's and GLM-4.5's `e_score_correction_bias`); it is not trained here, and it moves and
+    is sliced with its expert (re-ordering, extraction)."""
 
     def __init__(
         self,
@@ -259,12 +288,11 @@ class MoE(nn.Module):
         width: int,
         shared_width: int,
         shared_gate: bool = False,
-        renormalize: bool = True,
+        routing: Routing = Routing(),
         selection_bias: bool = False,
-        renormalize_min: float = 0.0,
     ):
         super().__init__()
-        self.renormalize, self.renormalize_min = renormalize, renormalize_min
+        self.routing = routing
         self.router = nn.Linear(d_model, experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(experts, width, d_model))
         self.w_up = nn.Parameter(torch.empty(experts, width, d_model))
@@ -274,29 +302,29 @@ class MoE(nn.Module):
         bias = torch.zeros(experts, dtype=torch.float32) if selection_bias else None
         self.register_buffer("router_bias", bias)  # None: no buffer in the state dict
 
-    def _floored(self, denominator: torch.Tensor) -> torch.Tensor:
-        return denominator.clamp_min(self.renormalize_min) if self.renormalize_min > 0 else denominator
-
     def route(self, x_ND: torch.Tensor, experts: int, top_k: int):
-        """(logits_NE, probs_NE, weights_NK, chosen_NK) over the first `experts` experts: a softmax
-        in float32, the top-k of the probabilities (plus the selection bias, if any), weighted by
-        their probabilities, renormalised or not."""
+        """(logits_NE, probs_NE, weights_NK, chosen_NK) over the first `experts` experts: scores in
+        float32 (a softmax, or a sigmoid per expert), the top-k of the scores (plus the selection
+        bias, if any), weighted by their scores, renormalised or not, scaled."""
+        r = self.routing
         logits_NE = F.linear(x_ND, self.router.weight[:experts])
-        probs_NE = logits_NE.float().softmax(dim=-1)
+        probs_NE = logits_NE.float().sigmoid() if r.score == "sigmoid" else logits_NE.float().softmax(dim=-1)
         if self.router_bias is None:
             top_p_NK, top_i_NK = probs_NE.topk(top_k, dim=-1)
-        else:  # ERNIE-4.5: choose on biased scores, weigh by the unbiased probabilities
+        else:  # ERNIE-4.5, GLM-4.5: choose on biased scores, weigh by the unbiased ones
             top_i_NK = (probs_NE + self.router_bias[:experts].float()).topk(top_k, dim=-1).indices
             top_p_NK = probs_NE.gather(-1, top_i_NK)
         # Without renormalisation each chosen expert weighs its softmax probability (OLMoE, Qwen2-MoE).
-        if self.renormalize and top_k == 1:
+        if r.renormalize and top_k == 1:
             # Renormalising one probability gives exactly 1 and no gradient, so a k=1 router would
             # learn from the auxiliary losses alone. p / stop_grad(p) keeps the value exactly 1.0
             # (what Mixtral-style runtimes compute, so exports stay exact) with gradient d log p:
             # a straight-through gate that tells the router whether its choice helped the loss.
-            top_p_NK = top_p_NK / self._floored(top_p_NK.detach())
-        elif self.renormalize:
-            top_p_NK = top_p_NK / self._floored(top_p_NK.sum(dim=-1, keepdim=True))
+            top_p_NK = top_p_NK / r.denominator(top_p_NK.detach())
+        elif r.renormalize:
+            top_p_NK = top_p_NK / r.denominator(top_p_NK.sum(dim=-1, keepdim=True))
+        if r.scale != 1.0:
+            top_p_NK = top_p_NK * r.scale
         return logits_NE, probs_NE, top_p_NK, top_i_NK
 
     def forward(self, x_ND: torch.Tensor, spec: LayerSpec, dispatch: str = "auto"):
@@ -320,6 +348,8 @@ class MoE(nn.Module):
         # Switch Transformer load balance (Fedus et al. 2021, eq. 4) over the kept experts:
         # E * sum_e f_e * P_e, f_e = fraction of assignments to e, P_e = mean router probability.
         f_E = torch.bincount(top_i_NK.reshape(-1), minlength=E).float() / top_i_NK.numel()
+        if self.routing.score == "sigmoid":  # P_e from scores normalised per token (DeepSeek-V3, eq. 18-20)
+            probs_NE = probs_NE / probs_NE.sum(dim=-1, keepdim=True)
         aux = E * (f_E * probs_NE.mean(dim=0)).sum()
         # Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean squared log-partition.
         z = torch.logsumexp(logits_NE.float(), dim=-1).square().mean()
@@ -342,14 +372,7 @@ class Block(nn.Module):
             self.mlp = SwiGLU(c.d_model, c.dense_width)
         else:
             self.moe = MoE(
-                c.d_model,
-                experts,
-                width,
-                c.shared_expert_width,
-                c.shared_expert_gate,
-                c.renormalize_top_k,
-                c.router_bias,
-                c.renormalize_min,
+                c.d_model, experts, width, c.shared_expert_width, c.shared_expert_gate, Routing.of(c), c.router_bias
             )
 
     def forward(self, x_BTD, cos, sin, spec: LayerSpec, cache=None, slot=0, dispatch: str = "auto"):
@@ -376,8 +399,10 @@ class ModelOutput:
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """RoPE's inverse frequencies theta^(-2i/head_dim), i < head_dim / 2 (Su et al. 2021)."""
-    return 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
+    """RoPE's inverse frequencies theta^(-2i/R), i < R / 2 (Su et al. 2021), R the rotated dims of a
+    head (all of it, or `rope_dims`)."""
+    dims = config.rotary_dims
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dims, 2).float() / dims))
 
 
 class ElasticMoE(nn.Module):

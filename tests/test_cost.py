@@ -26,6 +26,18 @@ VARIANTS = {
         "router_bias": True,
         "renormalize_min": 1e-12,
     },
+    # the same with a sigmoid router and partial RoPE (neither changes a count), q/k norm and biases
+    "glm": {
+        "dense_layers": (0,),
+        "dense_width": 20,
+        "shared_expert_width": 16,
+        "router_bias": True,
+        "router_score": "sigmoid",
+        "routed_scale": 2.5,
+        "rope_dims": 4,
+        "qk_norm": True,
+        "qkv_bias": True,
+    },
 }
 SUBNETS = {
     "uniform": Subnet.uniform((0, 2), 2, 1, 12),

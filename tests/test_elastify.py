@@ -56,6 +56,19 @@ def hf_moe(kind: str, seed: int = 0, width: int = 24):
             moe_layer_start_index=1,
             **common,
         )
+    elif kind == "glm4_moe":  # layer 0 dense, sigmoid router with a selection bias, partial RoPE
+        rope = {**common["rope_parameters"], "partial_rotary_factor": 0.5}
+        cfg = transformers.Glm4MoeConfig(
+            moe_intermediate_size=width,
+            intermediate_size=40,
+            n_routed_experts=4,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.0,
+            use_qk_norm=True,
+            head_dim=8,
+            **{**common, "rope_parameters": rope},
+        )
     else:
         cfg = transformers.Qwen2MoeConfig(
             moe_intermediate_size=width,
@@ -163,6 +176,7 @@ def test_resume_keeps_the_original_as_teacher(tmp_path, cli_main):
     [
         "qwen2_moe",
         "ernie4_5_moe",
+        "glm4_moe",
         pytest.param("mixtral", marks=pytest.mark.slow),
         pytest.param("qwen3_moe", marks=pytest.mark.slow),
         pytest.param("olmoe", marks=pytest.mark.slow),
@@ -177,7 +191,8 @@ def test_child_after_elastify_exports_to_the_source_class(tmp_path, cli_main, ca
     args = ("elastify", src, "--out", run, "--config", "micro", "--tokens", 3 * STEP_TOKENS, "--quiet")
     assert cli_main(*args, "--parent-flops", "2e12") == 0
     assert "original" in capsys.readouterr().out
-    spec = "L[0,2] E2 k1 W12" if kind == "ernie4_5_moe" else "L2 E2 k1 W12"  # ERNIE: keep its dense layer 0
+    # ERNIE, GLM: keep the dense layer 0
+    spec = "L[0,2] E2 k1 W12" if kind in ("ernie4_5_moe", "glm4_moe") else "L2 E2 k1 W12"
     assert cli_main("extract", run, "--subnet", spec, "--out", run / "children" / "c0") == 0
     assert cli_main("export", run / "children" / "c0", "--format", "hf", "--out", tmp_path / "hf") == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
@@ -189,6 +204,8 @@ def test_child_after_elastify_exports_to_the_source_class(tmp_path, cli_main, ca
         assert (hf(x).logits - parent(x, subnet).logits).abs().max().item() <= TOL
     if kind == "ernie4_5_moe":
         assert hf.config.moe_layer_start_index == 1 and hf.config.num_hidden_layers == 2
+    if kind == "glm4_moe":
+        assert hf.config.first_k_dense_replace == 1 and hf.config.num_hidden_layers == 2
     if kind != "qwen2_moe":
         return
     results = run / "eval" / "results.json"
@@ -218,6 +235,7 @@ def test_unsupported_architecture_is_one_line_and_writes_nothing(tmp_path, cli_m
         ("qwen3_moe", {"moe_intermediate_size": 32}),
         ("ernie4_5_moe", {"moe_layer_start_index": 0}),  # layer 0 would be MoE; the files hold a dense MLP
         ("ernie4_5_moe", {"moe_num_shared_experts": 1}),  # the shared experts' width
+        ("glm4_moe", {"first_k_dense_replace": 2}),  # layer 1 would be dense; the files hold experts
     ],
 )
 def test_weights_not_matching_the_config_refused_before_writing(

@@ -151,6 +151,18 @@ def random_hf_model(kind: str, tied: bool):
             moe_layer_start_index=1,
             **common,
         )
+    elif kind == "glm4_moe":  # ERNIE's layout with a sigmoid router, scaled weights, partial RoPE, q/k norm
+        cfg = transformers.Glm4MoeConfig(
+            moe_intermediate_size=24,
+            intermediate_size=36,
+            n_routed_experts=4,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            attention_bias=True,
+            use_qk_norm=True,
+            **{**common, "rope_parameters": {**common["rope_parameters"], "partial_rotary_factor": 0.5}},
+        )
     else:  # qwen2_moe: a shared expert with its sigmoid gate, q/k/v biases, top-k not renormalised
         cfg = transformers.Qwen2MoeConfig(
             moe_intermediate_size=20,
@@ -176,8 +188,9 @@ KINDS = [
     ("qwen2_moe", True),
     ("ernie4_5_moe", False),
     ("ernie4_5_moe", True),
+    ("glm4_moe", False),
 ]
-SHARED = {"qwen2_moe": (12, True), "ernie4_5_moe": (48, False)}  # (shared_expert_width, shared_expert_gate)
+SHARED = {"qwen2_moe": (12, True), "ernie4_5_moe": (48, False), "glm4_moe": (48, False)}  # (width, gate)
 
 
 @pytest.mark.parametrize("kind,tied", KINDS)
@@ -188,12 +201,15 @@ def test_import_export_round_trip(tmp_path, kind, tied):
     model = import_hf(tmp_path / "src", space=ElasticSpace((1, 2), (2, 4), (1, 2), (10, 20)))
     c = model.config
     assert c.source_architecture == type(hf).__name__ and c.tie_embeddings == tied
-    assert c.qk_norm == (kind in ("qwen3_moe", "olmoe")) and c.qk_norm_scope == ("all" if kind == "olmoe" else "head")
-    assert c.renormalize_top_k == (kind in ("mixtral", "qwen3_moe", "ernie4_5_moe"))
-    assert c.qkv_bias == (kind == "qwen2_moe")
+    assert c.qk_norm == (kind in ("qwen3_moe", "olmoe", "glm4_moe"))
+    assert c.qk_norm_scope == ("all" if kind == "olmoe" else "head")
+    assert c.renormalize_top_k == (kind in ("mixtral", "qwen3_moe", "ernie4_5_moe", "glm4_moe"))
+    assert c.qkv_bias == (kind in ("qwen2_moe", "glm4_moe"))
     assert (c.shared_expert_width, c.shared_expert_gate) == SHARED.get(kind, (0, False))
-    ernie = kind == "ernie4_5_moe"
-    assert (c.dense_layers, c.dense_width, c.router_bias) == (((0,), 36, True) if ernie else ((), 0, False))
+    layout = kind in ("ernie4_5_moe", "glm4_moe")
+    assert (c.dense_layers, c.dense_width, c.router_bias) == (((0,), 36, True) if layout else ((), 0, False))
+    glm = kind == "glm4_moe"
+    assert (c.router_score, c.routed_scale, c.rope_dims) == (("sigmoid", 2.5, 4) if glm else ("softmax", 1.0, 0))
     assert c.rope_theta == 1000.0 and c.norm_eps == 1e-5
     tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(7))
     assert max_logit_diff_hf(model, hf, tokens) <= TOL
@@ -206,7 +222,7 @@ def test_import_export_round_trip(tmp_path, kind, tied):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
-@pytest.mark.parametrize("kind", ["olmoe", "qwen2_moe", "ernie4_5_moe"])
+@pytest.mark.parametrize("kind", ["olmoe", "qwen2_moe", "ernie4_5_moe", "glm4_moe"])
 def test_child_exports_to_source_class(tmp_path, kind):
     """A child of an imported parent is its source's class in transformers, with the logits of the
     parent running that sub-network; a shared expert and its gate come through whole, and so does
@@ -219,7 +235,8 @@ def test_child_exports_to_source_class(tmp_path, kind):
         export_hf(tmp_path / f"child{n}", tmp_path / f"hf{n}", verify_tokens=tokens)
         hf = load_hf(tmp_path / f"hf{n}")
         assert type(hf).__name__ == parent.config.source_architecture
-        assert hf.config.num_experts == subnet.specs[0].experts
+        experts = hf.config.n_routed_experts if kind == "glm4_moe" else hf.config.num_experts
+        assert experts == subnet.specs[0].experts
         assert (hf(tokens).logits - parent(tokens, subnet).logits).abs().max() <= TOL
         child = checkpoint.load_model(tmp_path / f"child{n}")[0]
         assert child.config.shared_expert_width == parent.config.shared_expert_width
@@ -227,9 +244,12 @@ def test_child_exports_to_source_class(tmp_path, kind):
         for name, w in parent.blocks[subnet.layers[-1]].moe.named_parameters():
             if name.startswith("shared"):
                 assert torch.equal(kept[f"blocks.{subnet.depth - 1}.moe.{name}"], w)
-        if kind == "ernie4_5_moe":
+        if kind == "glm4_moe":
+            assert hf.config.first_k_dense_replace == (1 if 0 in subnet.layers else 0)
+        if kind in ("ernie4_5_moe", "glm4_moe"):
             assert child.config.dense_layers == ((0,) if 0 in subnet.layers else ())
-            assert hf.config.moe_layer_start_index == (1 if 0 in subnet.layers else 0)
+            if kind == "ernie4_5_moe":
+                assert hf.config.moe_layer_start_index == (1 if 0 in subnet.layers else 0)
             kept_bias = parent.blocks[1].moe.router_bias[: subnet.specs[0].experts]
             assert torch.equal(child.blocks[-1].moe.router_bias, kept_bias)
             for name, w in parent.blocks[0].mlp.named_parameters():
@@ -309,6 +329,30 @@ def test_ernie_selection_bias_follows_its_expert(tmp_path):
     assert (model(tokens).logits - before).abs().max() <= 1e-5
     export_hf(model, tmp_path / "out", verify_tokens=tokens)
     assert max_logit_diff_hf(model, load_hf(tmp_path / "out"), tokens) <= TOL
+
+
+def test_glm_refusals_and_its_prediction_layer(tmp_path):
+    """GLM-4.5's group-limited top-k (more than one group) is refused; its multi-token-prediction
+    layer's weights (after the last layer) are left out, as transformers leaves them; a dense layer
+    that is not among the first is refused on export."""
+    random_hf_model("glm4_moe", False).save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "config.json"
+    base = json.loads(path.read_text())
+    path.write_text(json.dumps({**base, "n_group": 2, "topk_group": 1}))
+    with pytest.raises(HFError, match="group-limited top-k"):
+        import_hf(tmp_path / "src")
+    path.write_text(json.dumps({**base, "num_nextn_predict_layers": 1}))
+    weights = tmp_path / "src" / "model.safetensors"
+    tensors = load_file(str(weights))
+    mtp = {"model.layers.2.eh_proj.weight": torch.zeros(32, 64)}  # the layer after the last
+    save_file({**tensors, **mtp}, str(weights), metadata={"format": "pt"})
+    model = import_hf(tmp_path / "src")
+    path.write_text(json.dumps({**base, "num_nextn_predict_layers": 0}))
+    with pytest.raises(HFError, match="unexpected tensors"):
+        import_hf(tmp_path / "src")
+    with pytest.raises(HFError, match="first_k_dense_replace"):
+        export_hf(make_model(replace(model.config, dense_layers=(1,))), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_ernie_layouts_and_refusals(tiny_config, tmp_path):

@@ -22,6 +22,27 @@ VARIANTS = {
     "all": {"shared_expert_width": 8, "qk_norm": True, "tie_embeddings": True},
     "olmoe": {"qk_norm": True, "qk_norm_scope": "all", "renormalize_top_k": False},
     "qwen2_moe": {"shared_expert_width": 8, "shared_expert_gate": True, "qkv_bias": True, "renormalize_top_k": False},
+    # dense layer 0 (kept whole), ungated shared experts, a selection bias, a floored renormalisation
+    "ernie": {
+        "dense_layers": (0,),
+        "dense_width": 20,
+        "shared_expert_width": 16,
+        "router_bias": True,
+        "renormalize_min": 1e-12,
+    },
+    # the same layout with a sigmoid router, scaled weights, partial RoPE, per-head q/k norm, q/k/v biases
+    "glm": {
+        "dense_layers": (0,),
+        "dense_width": 20,
+        "shared_expert_width": 16,
+        "router_bias": True,
+        "router_score": "sigmoid",
+        "routed_scale": 2.5,
+        "renormalize_eps": 1e-20,
+        "rope_dims": 4,
+        "qk_norm": True,
+        "qkv_bias": True,
+    },
 }
 
 
@@ -34,6 +55,9 @@ def make_model(config: ModelConfig, seed: int = 0, std: float = 0.1) -> ElasticM
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("router_bias"):  # a selection bias that changes which experts are chosen
+                b.normal_(0.0, 0.3)
     return model.eval()
 
 
@@ -67,7 +91,12 @@ def copy_kept_weights(parent: ElasticMoE, child: ElasticMoE, subnet: Subnet) -> 
         for a, b in zip(dst.attn.parameters(), src.attn.parameters()):
             n += _put(a, b)
         n += _put(dst.attn_norm.weight, src.attn_norm.weight) + _put(dst.moe_norm.weight, src.moe_norm.weight)
+        if src.mlp is not None:  # a dense layer, whole
+            n += sum(_put(a, b) for a, b in zip(dst.mlp.parameters(), src.mlp.parameters()))
+            continue
         E, W = s.experts, s.width
+        if src.moe.router_bias is not None:
+            _put(dst.moe.router_bias, src.moe.router_bias[:E])  # a buffer, not a parameter
         n += _put(dst.moe.router.weight, src.moe.router.weight[:E])
         n += _put(dst.moe.w_gate, src.moe.w_gate[:E, :W]) + _put(dst.moe.w_up, src.moe.w_up[:E, :W])
         n += _put(dst.moe.w_down, src.moe.w_down[:E, :, :W])
@@ -81,13 +110,14 @@ def copy_kept_weights(parent: ElasticMoE, child: ElasticMoE, subnet: Subnet) -> 
 
 def standalone_config(parent: ModelConfig, subnet: Subnet) -> ModelConfig:
     """The child's shape, written out by hand (deliberately not cost.child_config)."""
+    dense = tuple(n for n, i in enumerate(subnet.layers) if i in parent.dense_layers)
+    parent = replace(parent, layers=subnet.depth, dense_layers=dense, dense_width=parent.dense_width if dense else 0)
     if subnet.is_uniform:
         s = subnet.specs[0]
-        return replace(parent, layers=subnet.depth, experts=s.experts, top_k=s.top_k, expert_width=s.width)
+        return replace(parent, experts=s.experts, top_k=s.top_k, expert_width=s.width)
     shapes = tuple((s.experts, s.top_k, s.width) for s in subnet.specs)
     return replace(
         parent,
-        layers=subnet.depth,
         experts=max(e for e, _, _ in shapes),
         top_k=max(k for _, k, _ in shapes),
         expert_width=max(w for _, _, w in shapes),
