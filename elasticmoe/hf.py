@@ -14,19 +14,27 @@ a model trained here exports by `qk_norm`:
   shared experts (`shared_expert_width = moe_num_shared_experts x moe_intermediate_size`),
   `router_bias` (`mlp.moe_statics.e_score_correction_bias`, stored (1, E)), `renormalize_min`
   (`moe_norm_min`), adjacent-pair RoPE (q/k rows permuted per head, `rope_rows_to_pairs`), no
-  biases (`use_bias: true` is refused).
+  biases (`use_bias: true` is refused);
+* `Glm4MoeForCausalLM` (`glm4_moe`): the first `first_k_dense_replace` layers dense, ungated
+  shared experts (`n_shared_experts x moe_intermediate_size`), `router_score="sigmoid"` with
+  `router_bias` (`mlp.gate.e_score_correction_bias`, (E,)), `renormalize_eps=1e-20` when
+  `norm_topk_prob`, `routed_scale` (`routed_scaling_factor`), `rope_dims` (`partial_rotary_factor`
+  x head_dim), `qk_norm` per head as `use_qk_norm`, `qkv_bias` as `attention_bias`; one expert
+  group only (`n_group > 1` is refused); the multi-token-prediction layer is left out at import
+  (as transformers leaves it) and an export states `num_nextn_predict_layers: 0`.
 
-Elastic in all five: layers, experts, top-k, expert width; kept whole: attention, norms,
-Qwen2-MoE's shared expert with its gate, ERNIE's shared experts and dense layers. Every other
-layer is sparse (Qwen: `decoder_sparse_step=1`, `mlp_only_layers=[]`).
+Elastic in all six: layers, experts, top-k, expert width; kept whole: attention, norms,
+Qwen2-MoE's shared expert with its gate, ERNIE's and GLM's shared experts and dense layers.
+Every other layer is sparse (Qwen: `decoder_sparse_step=1`, `mlp_only_layers=[]`).
 
 Conventions fixed by this mapping (each is what both sides compute; the parity tests prove it):
 
-* router: softmax over the experts in float32, top-k of the probabilities (ERNIE: of the
-  probabilities plus the selection bias), the k kept probabilities renormalised to sum to one
-  when `renormalize_top_k` (Mixtral and ERNIE always, ERNIE over max(sum, `moe_norm_min`); the
-  others by `norm_topk_prob`), else used as they are; no jitter at inference;
-* shared expert (Qwen2-MoE, ERNIE): a SwiGLU expert every token passes through, added to the
+* router: softmax over the experts in float32 (GLM: a sigmoid per expert), top-k of the
+  scores (ERNIE, GLM: of the scores plus the selection bias), the k kept scores renormalised to
+  sum to one when `renormalize_top_k` (Mixtral and ERNIE always, ERNIE over max(sum,
+  `moe_norm_min`), GLM over sum + 1e-20; the others by `norm_topk_prob`), else used as they are,
+  then scaled by `routed_scale` (GLM); no jitter at inference;
+* shared expert (Qwen2-MoE, ERNIE, GLM): a SwiGLU expert every token passes through, added to the
   routed experts' output, in Qwen2-MoE scaled by `sigmoid(shared_expert_gate x)`; other
   architectures have none, and a model with one is refused for them;
 * q/k norm: Qwen3-MoE's RMSNorm over each head (`head_dim` weights); OLMoE's over the whole
@@ -55,18 +63,21 @@ Conventions fixed by this mapping (each is what both sides compute; the parity t
   convention is `tokenizer.PROMPT_CONVENTION`.
 
 What the target architecture cannot express, we refuse to export (with the reason): e.g. a shared
-expert outside Qwen2-MoE, a q/k norm other than its own, and per-layer heterogeneous expert
-counts, top-k or widths (`layer_shapes`). The parent's `layer_order` (keep priority) has no
-transformers field; it goes into the provenance.
+expert outside Qwen2-MoE, ERNIE and GLM, a q/k norm other than its own, a router other than its
+own, a child's expert width that does not divide ERNIE's or GLM's shared experts' width (their
+configs state it as a count of experts), and per-layer heterogeneous expert counts, top-k or
+widths (`layer_shapes`). The parent's `layer_order` (keep priority) has no transformers field; it
+goes into the provenance.
 
 Import is defensive: only safetensors, parsed without running anything from the folder.
 Refused: pickle weight files (`.bin`, `.pt`, `.pth`, `.pkl`, ...) even beside safetensors, Python
 files, `auto_map` (remote code), unknown model types or architectures, quantized weights, RoPE
-scaling, sliding windows, attention biases outside Qwen2-MoE's q/k/v, OLMoE's `clip_qkv`, dense
-(non-MoE) layers outside ERNIE, ERNIE's `use_bias`, a Qwen2-MoE without a shared expert, and
-safetensors headers whose keys or shapes differ from what config.json implies (checked from the
-headers before any tensor is read or the model is allocated). Imported weights keep the files'
-dtype (float32 where they mix dtypes, as ERNIE's float32 router beside bf16 weights does).
+scaling, sliding windows, attention biases outside Qwen2-MoE's and GLM's q/k/v, OLMoE's
+`clip_qkv`, dense (non-MoE) layers outside ERNIE and GLM, ERNIE's `use_bias`, GLM's group-limited
+top-k, a Qwen2-MoE without a shared expert, and safetensors headers whose keys or shapes differ
+from what config.json implies (checked from the headers before any tensor is read or the model is
+allocated). Imported weights keep the files' dtype (float32 where they mix dtypes, as ERNIE's
+float32 router beside bf16 weights does).
 """
 
 from __future__ import annotations

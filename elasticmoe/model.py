@@ -13,10 +13,12 @@ gradient, see MoE.route), SwiGLU experts `down(silu(gate x) * up x)`. The option
 architectures need (ModelConfig) change only what they name: q/k RMSNorm over the whole
 projection (OLMoE), q/k/v biases, top-k weights not renormalised, and a shared expert scaled by a
 sigmoid gate (Qwen2-MoE); dense layers (a plain SwiGLU in place of the MoE), a per-expert
-selection bias on the router's probabilities and a floor on the renormalisation (ERNIE-4.5-MoE).
-A shared expert and a dense layer are never cut by a sub-network (a dense layer can still be
-dropped whole by depth, like any layer). Interleaved-pair RoPE (ERNIE) needs no option: it is
-rotate-half with the q/k rows of each head permuted (`rope_rows_from_pairs`), done at import.
+selection bias on the router's scores and a floor on the renormalisation (ERNIE-4.5-MoE); a
+sigmoid router, a scale on the routed weights and RoPE on part of each head (GLM-4.5 MoE). The
+router's options live in one place (`Routing`). A shared expert and a dense layer are never cut
+by a sub-network (a dense layer can still be dropped whole by depth, like any layer).
+Interleaved-pair RoPE (ERNIE) needs no option: it is rotate-half with the q/k rows of each head
+permuted (`rope_rows_from_pairs`), done at import.
 
 Shape legend (suffixes on tensor names): B batch, T time (new tokens), S keys (cached + new),
 D d_model, H query heads, G kv heads, Dh head dim, V vocab, E experts kept, K top-k,
