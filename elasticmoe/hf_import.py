@@ -446,20 +446,22 @@ def _check_size(config: ModelConfig, headers: dict) -> None:
         )
 
 
-def mtp_layers(folder: Path, model_type: str, layers: int) -> tuple[str, ...]:
-    """Key prefixes of GLM-4.5's multi-token-prediction layers (`num_nextn_predict_layers` layers
-    after the last one), which transformers skips when loading and the import leaves out too."""
+def mtp_keys(folder: Path, model_type: str, layers: int):
+    """Which keys hold a multi-token-prediction module, which transformers skips when loading and
+    the import leaves out too: GLM-4.5's `num_nextn_predict_layers` layers after the last one,
+    ERNIE-4.5's keys naming `mtp`."""
+    if model_type == ERNIE:
+        return lambda key: "mtp" in key
     if model_type != GLM:
-        return ()
+        return lambda key: False
     raw = _read_json(folder / "config.json")
     n = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers", DEFAULTS[GLM]["num_nextn_predict_layers"]))
     n = n if isinstance(n, int) and 0 <= n <= 64 else 0
-    return tuple(f"model.layers.{i}." for i in range(layers, layers + n))
+    prefixes = tuple(f"model.layers.{i}." for i in range(layers, layers + n))
+    return lambda key: key.startswith(prefixes) if prefixes else False
 
 
-def _check_headers(
-    headers: dict, expected: dict[str, tuple[int, ...]], tied: bool, skipped: tuple[str, ...] = ()
-) -> None:
+def _check_headers(headers: dict, expected: dict[str, tuple[int, ...]], tied: bool, skipped=lambda key: False) -> None:
     p: list[str] = []
     extra = [
         k
@@ -467,7 +469,7 @@ def _check_headers(
         if k not in expected
         and not k.endswith(IGNORABLE_SUFFIXES)
         and not (tied and k == "lm_head.weight")
-        and not k.startswith(skipped or ("\0",))
+        and not skipped(k)
     ]
     missing = [k for k in expected if k not in headers]
     wrong = [
@@ -615,9 +617,9 @@ def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None, dtype: torc
     headers = _read_headers(_weight_files(folder))
     _check_size(config, headers)
     expected = expected_shapes(config, model_type)
-    skipped = mtp_layers(folder, model_type, config.layers)
+    skipped = mtp_keys(folder, model_type, config.layers)
     _check_headers(headers, expected, config.tie_embeddings, skipped)
-    if any(k.startswith(skipped) for k in headers if skipped):
+    if any(skipped(k) for k in headers if k not in expected):
         log.info("%s: its multi-token-prediction layer(s) are left out (transformers skips them too)", folder)
     if space is not None:
         space.validate(config)

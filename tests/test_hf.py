@@ -382,8 +382,17 @@ def test_ernie_layouts_and_refusals(tiny_config, tmp_path):
     assert list(tmp_path.iterdir()) == [tok]
     random_hf_model("ernie4_5_moe", False).save_pretrained(tmp_path / "src")
     path = tmp_path / "src" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "use_bias": True}))
+    base = json.loads(path.read_text())
+    path.write_text(json.dumps({**base, "use_bias": True}))
     with pytest.raises(HFError, match="use_bias"):
+        import_hf(tmp_path / "src")
+    path.write_text(json.dumps(base))  # its multi-token-prediction weights are left out, as transformers does
+    weights = tmp_path / "src" / "model.safetensors"
+    mtp = {"model.mtp_linear_proj.0.weight": torch.zeros(32, 64), "model.mtp_emb_norm.0.weight": torch.ones(32)}
+    save_file({**load_file(str(weights)), **mtp}, str(weights), metadata={"format": "pt"})
+    assert import_hf(tmp_path / "src").config.router_bias
+    save_file({**load_file(str(weights)), "model.extra.weight": torch.ones(32)}, str(weights))
+    with pytest.raises(HFError, match="unexpected tensors"):
         import_hf(tmp_path / "src")
 
 
