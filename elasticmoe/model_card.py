@@ -243,21 +243,41 @@ def model_card(
     else:
         lines.append("No evaluation of this model yet: `elasticmoe eval RUN_DIR/parent THIS_CHILD`, then export again.")
     lines += ["", *_usage(Path(str(record.get("out") or "THIS_FOLDER")).name, gguf_file), ""]
+    lines += ["## Conventions", "", *_conventions(c), "", "## Full provenance", ""]
     lines += [
-        "## Conventions",
-        "",
-        "- router: float32 softmax over experts, top-k, kept probabilities renormalised to sum to one",
-        "- SwiGLU experts, no biases anywhere, no shared expert",
-        "- RoPE rotate-half (`rope_type: default`); RMSNorm computed in float32",
-        "",
-        "## Full provenance",
-        "",
         "```json",
         json.dumps(portable(json.loads(json.dumps(record, default=str))), indent=2),
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _conventions(c) -> list[str]:
+    """What the exported block computes, from its config (hf.py's conventions, per option)."""
+    score = "sigmoid per expert" if c.router_score == "sigmoid" else "softmax over the experts"
+    choice = "top-k of the scores + a per-expert selection bias" if c.router_bias else "top-k"
+    weights = "kept scores renormalised to sum to one" if c.renormalize_top_k else "kept scores as they are"
+    scale = f", times {c.routed_scale:g}" if c.routed_scale != 1.0 else ""
+    shared = "no shared expert"
+    if c.shared_expert_width:
+        shared = f"a shared expert of width {c.shared_expert_width}" + (
+            " with a sigmoid gate" if c.shared_expert_gate else ""
+        )
+    dense = (
+        f"dense layers {list(c.dense_layers)} (width {c.dense_width}, kept whole)"
+        if c.dense_layers
+        else "every layer MoE"
+    )
+    biases = "biases on q/k/v only" if c.qkv_bias else "no biases"
+    rope = f"on the first {c.rope_dims} dims of each head" if c.rope_dims else "on the whole head"
+    pairs = c.source_architecture == "Ernie4_5_MoeForCausalLM"  # its q/k rows are exported in its pair order
+    kind = "on adjacent pairs" if pairs else "rotate-half"
+    return [
+        f"- router: float32 {score}, {choice}, {weights}{scale}",
+        f"- SwiGLU experts, {biases}, {shared}; {dense}",
+        f"- RoPE {kind} (`rope_type: default`) {rope}; RMSNorm computed in float32",
+    ]
 
 
 __all__ = ["cost_rows", "eval_rows", "model_card", "model_name", "run_folder"]
