@@ -61,7 +61,8 @@ class LatencyTable:
     """Forward-pass time of a sub-network as a sum of measured parts:
     `base_ms` (embedding, RoPE tables, final norm, LM head) + per kept layer `attention_ms`
     (norm, attention, residual) + `moe_ms[(experts, top_k, width)]` (norm, router, experts,
-    residual). Measured on one device at `batch x seq_len` tokens: `statistic` (median or min) of
+    residual); a dense layer (`dense_layers`, ERNIE-4.5 / GLM-4.5) costs `attention_ms + dense_ms`
+    whatever its spec. Measured on one device at `batch x seq_len` tokens: `statistic` (median or min) of
     `repeats` interleaved rounds. (Fitting an overhead term, a + b * depth (+ c * experts), to a few
     direct measurements made held-out errors no better on 2 shared CPU cores: noise dominates.)"""
 
@@ -74,6 +75,8 @@ class LatencyTable:
     moe_ms: dict[tuple[int, int, int], float]
     statistic: str = "median"
     meta: dict[str, Any] = field(default_factory=dict)
+    dense_layers: tuple[int, ...] = ()  # the parent's dense layers and the time of one
+    dense_ms: float = 0.0
     parent: Any = field(default=None, repr=False, compare=False)  # kept for validate(); never saved
 
     @classmethod
@@ -101,9 +104,8 @@ class LatencyTable:
         t0, was = time.perf_counter(), parent.training
         parent.eval()
         tokens = _tokens(c, batch, seq_len, device)
-        # an MoE layer's timings (a dense layer, kept whole, is timed as one of these: an approximation)
-        block = next((parent.blocks[i] for i in parent.layer_order if parent.blocks[i].moe is not None), None)
-        block = block or parent.blocks[parent.layer_order[0]]
+        moe_layers = [i for i in parent.layer_order if not c.is_dense(i)] or parent.layer_order
+        block = parent.blocks[moe_layers[0]]
         with autocast(device):
             x = parent.embed(tokens)
             cos, sin = _rope(parent, seq_len, device, x.dtype)
@@ -112,12 +114,16 @@ class LatencyTable:
                 "attention": lambda: block.attention_half(x, cos, sin),
             }
             fns.update({s: (lambda s=s: block.moe_half(x, LayerSpec(*s))[0]) for s in sorted(shapes)})
+            if c.dense_layers:  # kept whole: one time whatever the spec
+                dense = parent.blocks[c.dense_layers[0]]
+                fns["dense"] = lambda: dense.moe_half(x, LayerSpec(c.experts, c.top_k, c.expert_width))[0]
             ms = _time_ms(fns, device, repeats, warmup, statistic)
         parent.train(was)
         moe = {s: ms[s] for s in sorted(shapes)}
         table = cls(
             seq_len, batch, str(device), repeats, ms["base"], ms["attention"], moe, statistic=statistic, parent=parent
         )
+        table.dense_layers, table.dense_ms = tuple(c.dense_layers), ms.get("dense", 0.0)
         table.meta = {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -130,10 +136,12 @@ class LatencyTable:
 
     def predict(self, subnet: Subnet) -> float:
         """Predicted forward milliseconds of `subnet`."""
-        return self.base_ms + sum(self.layer_ms(s) for s in subnet.specs)
+        return self.base_ms + sum(self.layer_ms(s, i) for i, s in zip(subnet.layers, subnet.specs))
 
-    def layer_ms(self, s: LayerSpec) -> float:
-        """Predicted milliseconds of one kept layer with shape `s`."""
+    def layer_ms(self, s: LayerSpec, layer: int | None = None) -> float:
+        """Predicted milliseconds of one kept layer (parent index `layer`) with shape `s`."""
+        if layer in self.dense_layers:
+            return self.attention_ms + self.dense_ms
         key = (s.experts, s.top_k, s.width)
         if key not in self.moe_ms:
             raise ConfigError(
@@ -192,6 +200,7 @@ class LatencyTable:
             "statistic": self.statistic,
             "moe_ms": [{"experts": e, "top_k": k, "width": w, "ms": ms} for (e, k, w), ms in self.moe_ms.items()],
             "meta": self.meta,
+            **({"dense_layers": list(self.dense_layers), "dense_ms": self.dense_ms} if self.dense_layers else {}),
         }
 
     def save(self, path: Path | str) -> None:
@@ -215,6 +224,8 @@ class LatencyTable:
                 moe,
                 d["statistic"],
                 d.get("meta", {}),
+                tuple(d.get("dense_layers", ())),
+                float(d.get("dense_ms", 0.0)),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"cannot read latency table {path}: {exc}") from None

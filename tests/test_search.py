@@ -258,6 +258,28 @@ def test_latency_table_predicts_direct_measurement(parent, space, tmp_path):
         table.predict(Subnet.uniform([0], 3, 1, 8))
 
 
+def test_latency_table_times_a_dense_layer_once(tiny_config, space, tmp_path):
+    """A dense layer (ERNIE-4.5, GLM-4.5) is kept whole: its time is one figure whatever its spec,
+    and it survives saving."""
+    from dataclasses import replace
+
+    from elasticmoe.subnet import LayerSpec
+
+    config = replace(tiny_config, dense_layers=(0,), dense_width=40)
+    torch.manual_seed(0)
+    parent = ElasticMoE(config).eval()
+    table = LatencyTable.measure(parent, SEQ, 1, "cpu", repeats=1, space=space)
+    assert table.dense_layers == (0,) and table.dense_ms > 0
+    a, b = Subnet.uniform([0, 1], 2, 1, 8), Subnet((0, 1), (LayerSpec(4, 2, 24), LayerSpec(2, 1, 8)))
+    assert (
+        table.predict(a)
+        == table.predict(b)
+        == pytest.approx(table.base_ms + 2 * table.attention_ms + table.dense_ms + table.moe_ms[(2, 1, 8)])
+    )
+    table.save(tmp_path / "latency.json")
+    assert LatencyTable.load(tmp_path / "latency.json").predict(a) == pytest.approx(table.predict(a))
+
+
 def test_ridge_fits_a_linear_relation():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 5)) * [1, 10, 100, 0.1, 3]
