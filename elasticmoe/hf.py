@@ -76,8 +76,8 @@ scaling, sliding windows, attention biases outside Qwen2-MoE's and GLM's q/k/v, 
 `clip_qkv`, dense (non-MoE) layers outside ERNIE and GLM, ERNIE's `use_bias`, GLM's group-limited
 top-k, a Qwen2-MoE without a shared expert, and safetensors headers whose keys or shapes differ
 from what config.json implies (checked from the headers before any tensor is read or the model is
-allocated). Imported weights keep the files' dtype (float32 where they mix dtypes, as ERNIE's
-float32 router beside bf16 weights does).
+allocated). Imported weights keep the files' dtype (float32 where they mix dtypes); routers and
+selection biases stored in float32 beside bf16 weights (ERNIE, GLM) stay float32.
 """
 
 from __future__ import annotations

@@ -555,7 +555,10 @@ def _our_state(model_type: str, config: ModelConfig, read: _Reader) -> dict[str,
         state[HEAD_KEY[0]] = read.load(HEAD_KEY[1])
     for i in range(c.layers):
         per_layer = layer_keys(c, model_type, c.is_dense(i))
-        state.update({f"blocks.{i}.{k}": read.load(f"model.layers.{i}.{hf}") for k, hf in per_layer.items()})
+        for k, hf in per_layer.items():
+            key = f"model.layers.{i}.{hf}"
+            float32_router = k == "moe.router.weight" and read.headers[key][2] == "F32"  # as the source computes it
+            state[f"blocks.{i}.{k}"] = read.load(key, torch.float32 if float32_router else None)
         if model_type in PAIR_ROPE:  # adjacent-pair RoPE rows -> our rotate-half rows (an exact permutation)
             for name, heads in (("q_proj", c.heads), ("k_proj", c.kv_heads)):
                 key = f"blocks.{i}.attn.{name}.weight"
@@ -588,10 +591,14 @@ def source_tokenizer(hf_dir: str | Path, vocab_size: int) -> Path | None:
     return tok
 
 
+ROUTER_SUFFIXES = (".gate.weight", "e_score_correction_bias")  # routers and their selection biases
+
+
 def _source_dtype(headers: dict, expected: dict) -> torch.dtype:
     """The dtype every weight shares (bf16 stays bf16: no float32 copy of the model is made), or
-    float32 when the files mix dtypes."""
-    found = {headers[k][2] for k in expected if k in headers}
+    float32 when the files mix dtypes. Routers and selection biases do not count: ERNIE-4.5 and
+    GLM-4.5 keep them in float32 beside bf16 weights, and so do we (`_our_state`)."""
+    found = {headers[k][2] for k in expected if k in headers and not k.endswith(ROUTER_SUFFIXES)}
     return FLOAT_DTYPES[found.pop()] if len(found) == 1 else torch.float32
 
 

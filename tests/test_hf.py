@@ -623,14 +623,24 @@ def test_model_card_has_cost_eval_convention_and_usage(tiny_config, tmp_path, tr
     assert PROMPT_CONVENTION in card and "AutoModelForCausalLM" in card and "--format gguf" in card
 
 
-def test_import_keeps_the_source_dtype(tmp_path):
-    """A bf16 folder imports as bf16, value for value (no float32 copy of the model is made); the
-    saved parent loads as float32 with the same values, and its logits are transformers' own on
-    those weights."""
-    hf = random_hf_model("qwen3_moe", False).to(torch.bfloat16)
-    hf.save_pretrained(tmp_path / "src")
+@pytest.mark.parametrize("kind", ["qwen3_moe", "ernie4_5_moe", "glm4_moe"])
+def test_import_keeps_the_source_dtype(tmp_path, kind):
+    """A bf16 folder imports as bf16, value for value (no float32 copy of the model is made; ERNIE's
+    routers, float32 in its bf16 files as transformers keeps them, stay float32, and so do the
+    selection biases); the saved parent loads as float32 with the same values, and its logits are
+    transformers' own on those weights."""
+    random_hf_model(kind, False).save_pretrained(tmp_path / "f32")
+    transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "f32"), dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "src"
+    )
     model = import_hf(tmp_path / "src")
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    routers = {n for n, _ in model.named_parameters() if n.endswith("router.weight")}
+    assert {p.dtype for n, p in model.named_parameters() if n not in routers} == {torch.bfloat16}
+    router_dtype = torch.float32 if kind == "ernie4_5_moe" else torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if n in routers} == {router_dtype}
+    assert all(b.dtype == torch.float32 for n, b in model.named_buffers() if n.endswith("router_bias"))
+    with torch.no_grad():  # runs as it is (a float32 router reads its input in float32)
+        assert model(torch.zeros(1, 4, dtype=torch.long)).logits.dtype == torch.bfloat16
     files = load_file(str(tmp_path / "src" / "model.safetensors"))
     assert torch.equal(model.blocks[1].moe.w_up[3], files["model.layers.1.mlp.experts.3.up_proj.weight"])
     assert torch.equal(model.embed.weight, files["model.embed_tokens.weight"])
