@@ -794,7 +794,10 @@ COMMANDS = {
     "search": ("find the best sub-networks under constraints (a Pareto frontier)", _args_search),
     "extract": ("materialise a sub-network as a standalone, verified child", _args_extract),
     "export": ("write a model folder in another tool's format", _args_export),
-    "import-hf": ("turn a local Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE folder into an elastic parent", _args_import_hf),
+    "import-hf": (
+        "turn a local Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, ERNIE-4.5-MoE or GLM-4.5 MoE folder into an elastic parent",
+        _args_import_hf,
+    ),
     "elastify": ("make a local transformers MoE elastic, the original frozen as its teacher", _args_elastify),
     "finetune": ("distil a child from its parent (or plain fine-tune without --teacher)", _args_finetune),
     "baseline": ("a measured alternative to an elastic child (scratch is the denominator)", _args_baseline),

@@ -318,7 +318,7 @@ class MoE(nn.Module):
         else:  # ERNIE-4.5, GLM-4.5: choose on biased scores, weigh by the unbiased ones
             top_i_NK = (probs_NE + self.router_bias[:experts].float()).topk(top_k, dim=-1).indices
             top_p_NK = probs_NE.gather(-1, top_i_NK)
-        # Without renormalisation each chosen expert weighs its softmax probability (OLMoE, Qwen2-MoE).
+        # Without renormalisation each chosen expert weighs its score as it is (OLMoE, Qwen2-MoE).
         if r.renormalize and top_k == 1:
             # Renormalising one probability gives exactly 1 and no gradient, so a k=1 router would
             # learn from the auxiliary losses alone. p / stop_grad(p) keeps the value exactly 1.0
