@@ -309,9 +309,8 @@ class MoE(nn.Module):
         float32 (a softmax, or a sigmoid per expert), the top-k of the scores (plus the selection
         bias, if any), weighted by their scores, renormalised or not, scaled."""
         r, w_ED = self.routing, self.router.weight[:experts]
-        logits_NE = F.linear(
-            x_ND.to(w_ED.dtype), w_ED
-        )  # a float32 router beside bf16 weights (ERNIE) reads x in float32
+        # a float32 router beside bf16 weights (ERNIE's files) reads its input in float32
+        logits_NE = F.linear(x_ND.to(w_ED.dtype), w_ED)
         probs_NE = logits_NE.float().sigmoid() if r.score == "sigmoid" else logits_NE.float().softmax(dim=-1)
         if self.router_bias is None:
             top_p_NK, top_i_NK = probs_NE.topk(top_k, dim=-1)
