@@ -355,6 +355,29 @@ def test_glm_refusals_and_its_prediction_layer(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind", ["ernie4_5_moe", "glm4_moe"])
+def test_released_style_configs_import(tmp_path, kind):
+    """config.json as the released ERNIE-4.5 / GLM-4.5 folders write it (transformers 4.x style: a
+    top-level rope_theta, GLM's top-level partial_rotary_factor, no rope_parameters, and fields
+    neither transformers nor we use) imports to the same model, with transformers' logits."""
+    random_hf_model(kind, False).save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "config.json"
+    cfg = json.loads(path.read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg.update(rope_theta=rope["rope_theta"], torch_dtype="bfloat16", use_cache=False)
+    if kind == "ernie4_5_moe":
+        cfg.update(moe_gate="top2_fused", moe_capacity=[64, 64, 64], moe_use_aux_free=True, use_rmsnorm=True)
+        cfg.update(moe_layer_end_index=-1, head_dim=8)
+    else:
+        cfg.update(partial_rotary_factor=rope["partial_rotary_factor"], num_nextn_predict_layers=1)
+    path.write_text(json.dumps(cfg))
+    model = import_hf(tmp_path / "src")
+    assert model.config.dense_layers == (0,) and model.config.rope_theta == 1000.0
+    assert model.config.rope_dims == (4 if kind == "glm4_moe" else 0)
+    tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(10))
+    assert max_logit_diff_hf(model, load_hf(tmp_path / "src"), tokens) <= TOL
+
+
 def test_ernie_layouts_and_refusals(tiny_config, tmp_path):
     """ERNIE's MoE-layer pattern (start, end, interval) is found for any dense set it can state and
     refused otherwise; its mechanisms are refused by the other classes; use_bias is refused at
