@@ -368,11 +368,12 @@ class Replicated(Parallel):
         return model if self.is_main else None
 
     def reorder(self, model: ElasticMoE, opt, fn: Callable[[ElasticMoE, Any], dict]) -> dict:
-        """Importance re-ordering on rank 0, then its parameters, optimizer state and layer order
-        broadcast: ranks must not each measure (CUDA index_add is not bit-deterministic, and a
-        near-tie could then permute differently on different ranks)."""
+        """Importance re-ordering on rank 0, then its parameters, buffers (a router's selection bias
+        moves with its expert), optimizer state and layer order broadcast: ranks must not each
+        measure (CUDA index_add is not bit-deterministic, and a near-tie could then permute
+        differently on different ranks)."""
         summary = fn(model, opt) if self.is_main else None
-        tensors = [*model.parameters()]
+        tensors = [*model.parameters(), *model.buffers()]
         for p in model.parameters():
             state = opt.state.get(p, {})
             tensors += [state[k] for k in sorted(state) if torch.is_tensor(state[k])]

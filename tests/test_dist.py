@@ -219,6 +219,52 @@ def test_a_hung_rank_fails_the_job_in_bounded_time_with_a_clear_message(tmp_path
     assert not (run / "parent").exists()
 
 
+SELECTION_BIAS_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from elasticmoe.config import ModelConfig
+from elasticmoe.dist import setup
+from elasticmoe.model import ElasticMoE
+from elasticmoe.reorder import reorder
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+par = setup(torch.device("cpu"), sys.argv[1])
+c = ModelConfig(vocab_size=97, d_model=32, layers=3, heads=4, kv_heads=2, head_dim=8, experts=4, top_k=2,
+                expert_width=24, max_seq_len=64, dense_layers=(0,), dense_width=20, router_bias=True)
+torch.manual_seed(0)
+model = ElasticMoE(c)
+with torch.no_grad():  # a bias only rank 0 holds: the broadcast after re-ordering must carry it
+    for n, b in model.named_buffers():
+        if n.endswith("router_bias"):
+            b.normal_(generator=torch.Generator().manual_seed(int(n.split(".")[1])))
+model = par.wrap(model)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+tokens = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(1))
+model(tokens).logits.sum().backward()
+opt.step()
+summary = par.reorder(model, opt, lambda m, o: reorder(m, [tokens], o))
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+bias = torch.cat([full[f"blocks.{i}.moe.router_bias"].flatten() for i in (1, 2)])
+gathered = [torch.zeros_like(bias) for _ in range(2)]
+dist.all_gather(gathered, bias)
+if par.is_main:
+    print("PERMS", summary["expert_perms"], "AGREE", torch.equal(gathered[0], gathered[1]))
+par.close()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_selection_bias_follows_its_expert_on_every_rank(tmp_path, mode):
+    """ERNIE-4.5 / GLM-4.5's router selection bias is a buffer: re-ordering on rank 0 must carry it
+    to every rank with the experts it belongs to (DDP broadcast parameters only, before)."""
+    script = tmp_path / "bias.py"
+    script.write_text(SELECTION_BIAS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), mode]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "AGREE True" in res.stdout and "PERMS [[], [" in res.stdout, res.stdout[-2000:]
+
+
 def test_global_batch_must_divide_by_world_size(tmp_path, monkeypatch):
     monkeypatch.setattr(distmod, "setup", lambda device, parallel: distmod.Parallel(device, 0, 3))
     with pytest.raises(ConfigError, match=r"train.batch_size=4 is the global batch.*world size 3"):
