@@ -1,7 +1,8 @@
-"""Import of a local Hugging Face Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE / ERNIE-4.5-MoE folder as
-an elastic parent: safetensors only, every header checked against config.json before a tensor is read,
-nothing from the folder executed (conventions and key names: `elasticmoe.hf`). The model records
-its source class (`ModelConfig.source_architecture`), so it and its children export back to it."""
+"""Import of a local Hugging Face Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE / ERNIE-4.5-MoE / GLM-4.5
+MoE folder as an elastic parent: safetensors only, every header checked against config.json before
+a tensor is read, nothing from the folder executed (conventions and key names: `elasticmoe.hf`).
+The model records its source class (`ModelConfig.source_architecture`), so it and its children
+export back to it."""
 
 from __future__ import annotations
 
@@ -603,8 +604,8 @@ def _source_dtype(headers: dict, expected: dict) -> torch.dtype:
 
 
 def import_hf(hf_dir: str | Path, space: ElasticSpace | None = None, dtype: torch.dtype | None = None) -> ElasticMoE:
-    """Read a local Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE or ERNIE-4.5-MoE folder (safetensors) into
-    an ElasticMoE.
+    """Read a local Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, ERNIE-4.5-MoE or GLM-4.5 MoE folder
+    (safetensors) into an ElasticMoE.
 
     Nothing from the folder is executed: config.json is parsed as JSON and weights are read after
     every key and shape has been checked against the config. The model keeps the files' dtype
