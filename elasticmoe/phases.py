@@ -687,12 +687,14 @@ def retrofit_child_dirs(out: Path | str, child: str) -> tuple[Path, Path]:
 
 def retrofit_recipe(recipe: Recipe, n_steps: int, lr: float) -> Recipe:
     """The run's elastic recipe for a short retrofit: its space, sampling and in-place
-    distillation; its re-orderings at the same fractions of training; no full-network warm-up (the
-    dense parent is that network, trained); the given learning rate; a batch order of its own."""
+    distillation; its re-orderings at the same fractions of training; no full-network warm-up and
+    no level curriculum (the dense parent is that network, trained); the given learning rate; a
+    batch order of its own."""
     t = recipe.train
     at = sorted({min(n_steps, max(1, round(s * n_steps / t.steps))) for s in recipe.reorder.at_steps})
     return dataclasses.replace(
         recipe,
+        data=dataclasses.replace(recipe.data, curriculum=0.0),
         sampling=dataclasses.replace(recipe.sampling, full_fraction=0.0),
         reorder=dataclasses.replace(recipe.reorder, at_steps=tuple(at)),
         train=dataclasses.replace(

@@ -187,3 +187,14 @@ def test_run_data_curriculum_on_the_embedded_corpus(tmp_path) -> None:
     train(r, tmp_path / "b", resume=True, progress=False)
     losses = [[m["loss"] for m in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in m] for d in "ab"]
     assert losses[0] == losses[1] and len(losses[0]) >= 2
+
+
+def test_runs_from_trained_weights_have_no_curriculum() -> None:
+    """Fine-tunes and the retrofit's elastic phase start from trained weights: every level at once."""
+    from elasticmoe.phases import _finetune_recipe, retrofit_recipe
+    from elasticmoe.recipe import DistillConfig
+
+    r = load_recipe("micro", ["data.curriculum=0.5"])
+    assert retrofit_recipe(r, 10, 1e-3).data.curriculum == 0.0
+    ft = _finetune_recipe(r, r.model, DistillConfig(), {"kv": 1.0}, 1e-3, 10, 4, 5, "cpu")
+    assert ft.data.curriculum == 0.0 and ft.data.task_weights == {"kv": 1.0}
