@@ -12,6 +12,12 @@ budget (one point per run, the mean as a line).
         --plot bench/recipe-results/scale.png > table.md
 
 Launch the runs with bench/recipe-results/scale-launch.sh (resumable: a rerun skips finished phases).
+
+`--pair A=B` instead compares two runs of the same seed: A's elastic + fine-tune child against B's
+retrofit-4x + fine-tune child (B a `--baselines all` run), paired over the same test documents,
+with A's all-in FLOPs as a multiple of B's retrofit-4x (the switch at retrofit-4x's FLOPs):
+
+    python bench/recipe_scale.py --pair runs/scale/ff0.714-1400-s0=runs/fam23/warm80-s0
 """
 
 from __future__ import annotations
@@ -66,6 +72,44 @@ def run_figures(run: Path, child: str = "ernie51-shape") -> dict:
             "ci": list(ci) if ci else None,
         }
     return out
+
+
+def pair(a: Path, b: Path, child: str = "ernie51-shape") -> dict:
+    """A's fine-tuned elastic child against B's retrofit-4x + fine-tune child (same seed and data)."""
+    rows = []
+    for run in (a, b):
+        children = (json.loads((run / "report.json").read_text()).get("methods") or {}).get("children") or {}
+        if child not in children:
+            raise ValueError(f"{run}/report.json has no methods table for {child}")
+        rows.append({r["method"]: r for r in children[child]["rows"]})
+    ours, theirs = rows[0].get(ELASTIC), rows[1].get(RIVALS["retrofit-4x"])
+    if not (_text(ours) and _text(theirs)):
+        raise ValueError(f"{a} needs an {ELASTIC} row and {b} a {RIVALS['retrofit-4x']} row with text scores")
+    ci = paired_text_diff(_text(ours), _text(theirs))
+    return {
+        "a": str(a),
+        "b": str(b),
+        "elastic": _text(ours)["score"],
+        "retrofit-4x": _text(theirs)["score"],
+        "diff": _text(ours)["score"] - _text(theirs)["score"],
+        "ci": list(ci) if ci else None,
+        "flops_ratio": ours["cost"]["all-in"] / theirs["cost"]["all-in"],
+    }
+
+
+def render_pairs(pairs: list[dict]) -> str:
+    lines = [
+        "| elastic run (A) | retrofit-4x from (B) | A: elastic + ft | B: retrofit-4x + ft | A minus B [95% paired] "
+        "| A's all-in FLOPs / B's |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in pairs:
+        ci = f" [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]" if p["ci"] else ""
+        lines.append(
+            f"| {p['a']} | {p['b']} | {p['elastic']:.3f} | {p['retrofit-4x']:.3f} | {p['diff']:+.3f}{ci} "
+            f"| {p['flops_ratio']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _pm(values: list[float], fmt: str) -> str:
@@ -127,11 +171,23 @@ def plot(figs: list[dict], path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("runs", nargs="*", type=Path)
+    p.add_argument("--pair", action="append", default=[], metavar="A=B", help="A's elastic child vs B's retrofit-4x")
     p.add_argument("--child", default="ernie51-shape", help="the child compared (a name from --children)")
     p.add_argument("--plot", type=Path, help="write the gap-vs-budget plot here (png)")
     p.add_argument("--json", type=Path, help="write each run's figures here")
     args = p.parse_args(argv)
+    if args.pair:
+        try:
+            pairs = [pair(Path(a), Path(b), args.child) for a, _, b in (x.partition("=") for x in args.pair)]
+        except (ValueError, OSError) as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        print(render_pairs(pairs), end="")
+        return 0
+    if not args.runs:
+        print("give run folders, or --pair A=B", file=sys.stderr)
+        return 2
     missing = [str(r) for r in args.runs if not (r / "report.json").is_file() or not (r / "recipe.yaml").is_file()]
     if missing:
         print(f"no report.json/recipe.yaml in {', '.join(missing)}", file=sys.stderr)

@@ -130,5 +130,12 @@ def test_recipe_scale_groups_runs_by_budget_and_pairs_documents(tmp_path):
     assert "| 1,024,000 | 1 | 2.500 |" in md
     png = tmp_path / "scale.png"
     assert recipe_scale.main([str(r) for r in runs] + ["--plot", str(png)]) == 0 and png.stat().st_size > 0
+    # --pair: one run's elastic child against another run's retrofit-4x child, same documents
+    paired = recipe_scale.pair(runs[2], runs[0])
+    assert paired["diff"] == pytest.approx(2.5 - 2.4) and paired["flops_ratio"] == pytest.approx(30 / 40)
+    assert paired["ci"][0] > 0
+    assert recipe_scale.main(["--pair", f"{runs[2]}={runs[0]}"]) == 0
+    assert recipe_scale.main(["--pair", f"{runs[2]}={tmp_path / 'nope'}"]) == 2
+    assert recipe_scale.main([]) == 2
     assert recipe_scale.main([str(tmp_path / "nope")]) == 2
     assert recipe_scale.main([str(runs[0]), "--child", "half-latency"]) == 2
