@@ -110,8 +110,8 @@ def _alone_recipe(base, spec: str | None):
         base,
         model=model,
         space=ElasticSpace.full(model),
-        sampling=SamplingConfig(mode="sandwich", n_random=0),
-        reorder=dataclasses.replace(base.reorder, at_steps=()),
+        sampling=SamplingConfig(mode="sandwich", n_random=0, full_fraction=0.0),
+        reorder=dataclasses.replace(base.reorder, at_steps=(), at_switch=False),
     )
 
 

@@ -154,9 +154,9 @@ def _finetune_recipe(
         space=ElasticSpace.full(child_config),
         # a fine-tune starts from trained weights: every level from its first step, no curriculum
         data=dataclasses.replace(recipe.data, task_weights=dict(task_weights or {}), curriculum=0.0),
-        sampling=SamplingConfig(mode="sandwich", n_random=0),
+        sampling=SamplingConfig(mode="sandwich", n_random=0, full_fraction=0.0),
         distill=distill,
-        reorder=dataclasses.replace(recipe.reorder, at_steps=()),
+        reorder=dataclasses.replace(recipe.reorder, at_steps=(), at_switch=False),
         train=dataclasses.replace(
             recipe.train,
             lr=lr,
@@ -513,7 +513,7 @@ def baseline(
         recipe,
         model=model_cfg,
         space=ElasticSpace.full(model_cfg),
-        sampling=SamplingConfig(mode="sandwich", n_random=0),
+        sampling=SamplingConfig(mode="sandwich", n_random=0, full_fraction=0.0),
         train=dataclasses.replace(
             recipe.train,
             steps=n_steps,
@@ -521,7 +521,7 @@ def baseline(
             warmup=min(recipe.train.warmup, max(1, n_steps // 10)),
             ckpt_every=max(1, min(recipe.train.ckpt_every, n_steps)),
         ),
-        reorder=dataclasses.replace(recipe.reorder, at_steps=()),
+        reorder=dataclasses.replace(recipe.reorder, at_steps=(), at_switch=False),
     )
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", label):
         raise ConfigError(f"baseline name {label!r} must be one path component of letters, digits and ._+-")

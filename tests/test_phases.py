@@ -296,6 +296,8 @@ def test_dense_parent_prune_distill_and_expert_prune_baselines(trained_run):
     model, meta = load_model(dense / "parent")
     assert dense.name == "dense-parent" and model.config == r.model and meta["method"] == "dense-parent"
     assert led.totals("baseline", run=led.ref(dense))["tokens"] == 30 * r.train.batch_size * r.data.seq_len
+    # one network trained normally: no warm-up switch, no re-ordering, whatever the run's schedule
+    assert not any('"reorder"' in line for line in (dense / "metrics.jsonl").open())
 
     # prune-distill: the shape of the spec, on the dense parent's most important layers, then distilled
     out = baseline(trained_run, "L2 E4 k1 W32", method="prune-distill", steps=6)
