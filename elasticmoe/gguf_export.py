@@ -7,17 +7,26 @@ Architecture mapping (the same math as `hf`, under llama.cpp's names):
   halves (GPT-NeoX style), so the rows of q_proj and k_proj are permuted within each head
   (row `j * head_dim/2 + i` of a head moves to `2 i + j`): the dot products of queries and keys,
   hence the logits, are unchanged (llama.cpp's own HF converter does the same for Llama/Mixtral);
-* `qk_norm=True` (Qwen3-MoE math) -> arch `qwen3moe`, which rotates halves: no permutation.
+* `qk_norm=True` (Qwen3-MoE math) -> arch `qwen3moe`, which rotates halves: no permutation;
+* `Qwen2MoeForCausalLM` -> arch `qwen2moe` (rotates halves): the shared expert as
+  `ffn_{gate,up,down}_shexp`, its sigmoid gate as the vector `ffn_gate_inp_shexp` (ours is a
+  (1, D) linear), the q/k/v biases as `attn_{q,k,v}.bias`, `expert_shared_feed_forward_length`;
+* `OlmoeForCausalLM` -> arch `olmoe` (rotates halves): the whole-projection q/k RMSNorm as
+  `attn_{q,k}_norm`; llama.cpp sizes `attn_k_norm` as d_model, so only kv_heads = heads loads.
 
-Both archs route like us: softmax over the experts, top-k, the k weights renormalised to one.
-Tensor names come from the `gguf` package (`TENSOR_NAMES`), never spelled here; stacked experts
-go in as llama.cpp's merged `ffn_{gate,up,down}_exps` tensors, our (E, W, D) / (E, D, W) layout
-being exactly theirs.
+All route like us: softmax over the experts, top-k; `llama` and `qwen3moe` renormalise the k
+weights to one, `qwen2moe` and `olmoe` use them as they are (the `norm_w` of their graphs, which no
+GGUF key changes), so `renormalize_top_k` must match the arch (`LLAMA_ARCH`). Refused with one
+line naming `--format hf`: ERNIE-4.5-MoE and GLM-4.5 MoE (not written yet), a renormalisation
+other than the arch's (e.g. a Qwen2-MoE with `norm_topk_prob: true`), OLMoE with grouped-query
+attention. Tensor names come from the `gguf` package (`TENSOR_NAMES`), never spelled here;
+stacked experts go in as llama.cpp's merged `ffn_{gate,up,down}_exps` tensors, our (E, W, D) /
+(E, D, W) layout being exactly theirs.
 
 Tensor types (`qtype`): `f32` (every tensor float32, reproduces our logits to ~1e-5), `f16`
 (matrices in float16), `q8_0` (matrices llama.cpp can quantise in blocks of 32 along a row in
-Q8_0, others float16). Norms and the router stay float32 in every type, as llama.cpp's converter
-keeps them.
+Q8_0, others float16). Norms, biases, the router and Qwen2-MoE's shared-expert gate stay float32
+in every type, as llama.cpp's converter keeps them.
 
 Tokenizer: `tokenizer.ggml.model = gpt2` (byte-level BPE) with our vocabulary and merges, and
 pre-tokenizer type `refact`: llama.cpp splits every digit alone and then applies the GPT-2
@@ -49,7 +58,7 @@ import torch
 
 from . import checkpoint
 from .config import ConfigError, ModelConfig
-from .hf import ARCHITECTURES, HFError, architecture_for, export_source
+from .hf import ARCHITECTURES, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, HFError, architecture_for, export_source
 from .model import ElasticMoE, rope_rows_to_pairs
 
 log = logging.getLogger(__name__)
@@ -83,16 +92,37 @@ def _gguf():
     return gguf
 
 
+# transformers model_type -> llama.cpp arch, and whether that arch's graph renormalises the top-k
+# weights (the `norm_w` argument of its `build_moe_ffn` call: true for llama and qwen3moe, false
+# for qwen2moe and olmoe, with no GGUF key to change it), which our `renormalize_top_k` must equal.
+LLAMA_ARCH = {
+    MIXTRAL: ("llama", True),
+    QWEN3_MOE: ("qwen3moe", True),
+    QWEN2_MOE: ("qwen2moe", False),
+    OLMOE: ("olmoe", False),
+}
+
+
 def _llama_arch(config: ModelConfig) -> str:
-    """llama.cpp's arch for `config`; HFError for what this writer does not cover yet (OLMoE,
-    Qwen2-MoE, ERNIE-4.5-MoE, top-k weights not renormalised), which `--format hf` exports."""
-    model_type = architecture_for(config)
-    if model_type not in ("mixtral", "qwen3_moe") or not config.renormalize_top_k:
-        raise HFError(
-            f"GGUF export covers Mixtral and Qwen3-MoE with renormalised top-k weights; this model is "
-            f"{ARCHITECTURES[model_type]} (renormalize_top_k={config.renormalize_top_k}): use --format hf"
+    """llama.cpp's arch for `config`; HFError (one line) for what no llama.cpp arch this writer
+    covers expresses (ERNIE-4.5-MoE, GLM-4.5 MoE, a top-k renormalisation other than the arch's),
+    which `--format hf` exports."""
+    c, model_type = config, architecture_for(config)
+    arch, renormalises = LLAMA_ARCH.get(model_type, (None, None))
+    problem = None
+    if arch is None:
+        problem = f"this model is {ARCHITECTURES[model_type]}"
+    elif c.renormalize_top_k != renormalises:
+        problem = (
+            f"llama.cpp's {arch} {'always' if renormalises else 'never'} renormalises the top-k weights, "
+            f"this {ARCHITECTURES[model_type]} has renormalize_top_k={c.renormalize_top_k}"
         )
-    return "qwen3moe" if model_type == "qwen3_moe" else "llama"
+    elif arch == "olmoe" and c.kv_heads != c.heads:
+        problem = f"llama.cpp's olmoe sizes attn_k_norm for kv_heads = heads, this model has {c.kv_heads} of {c.heads}"
+    if problem:
+        covered = ", ".join(f"{ARCHITECTURES[t]} ({a})" for t, (a, _) in LLAMA_ARCH.items())
+        raise HFError(f"GGUF export covers {covered}; {problem}: use --format hf")
+    return arch
 
 
 def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
@@ -105,6 +135,7 @@ def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
     out = {N[T.TOKEN_EMBD]: ours["embed.weight"], N[T.OUTPUT_NORM]: ours["norm.weight"]}
     if not c.tie_embeddings:  # llama.cpp falls back to token_embd when `output` is absent
         out[N[T.OUTPUT]] = ours["lm_head.weight"]
+    out = {f"{k}.weight": v for k, v in out.items()}
     per_layer = {
         "attn_norm.weight": T.ATTN_NORM,
         "moe_norm.weight": T.FFN_NORM,
@@ -117,8 +148,15 @@ def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
         "moe.w_up": T.FFN_UP_EXP,
         "moe.w_down": T.FFN_DOWN_EXP,
     }
-    if c.qk_norm:
+    if c.qk_norm:  # per head (qwen3moe) or over the whole projection (olmoe): the same names
         per_layer.update({"attn.q_norm.weight": T.ATTN_Q_NORM, "attn.k_norm.weight": T.ATTN_K_NORM})
+    if c.qkv_bias:
+        per_layer.update({"attn.q_proj.bias": T.ATTN_Q, "attn.k_proj.bias": T.ATTN_K, "attn.v_proj.bias": T.ATTN_V})
+    if c.shared_expert_width:
+        shared = {"gate_proj": T.FFN_GATE_SHEXP, "up_proj": T.FFN_UP_SHEXP, "down_proj": T.FFN_DOWN_SHEXP}
+        per_layer.update({f"moe.shared.{n}.weight": t for n, t in shared.items()})
+    if c.shared_expert_gate:  # llama.cpp's is one vector (n_embd), ours a (1, D) linear
+        per_layer["moe.shared_gate.weight"] = T.FFN_GATE_INP_SHEXP
     for i in range(c.layers):
         for ours_key, tensor in per_layer.items():
             w = ours[f"blocks.{i}.{ours_key}"]
@@ -126,8 +164,11 @@ def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
                 w = rope_rows_to_pairs(w, c.heads)
             elif arch == "llama" and ours_key == "attn.k_proj.weight":
                 w = rope_rows_to_pairs(w, c.kv_heads)
-            out[N[tensor].format(bid=i)] = w
-    return {f"{k}.weight": v.contiguous() for k, v in out.items()}
+            elif ours_key == "moe.shared_gate.weight":
+                w = w.reshape(-1)
+            suffix = "bias" if ours_key.endswith(".bias") else "weight"
+            out[f"{N[tensor].format(bid=i)}.{suffix}"] = w
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _tensor_type(name: str, array: np.ndarray, qtype: str):
@@ -154,7 +195,9 @@ def as_stored(model: ElasticMoE, qtype: str) -> ElasticMoE:
     with torch.no_grad():
         for name, param in stored.named_parameters():
             array = param.detach().cpu().numpy()
-            kind = _tensor_type(".ffn_gate_inp." if name.endswith("router.weight") else name, array, qtype)
+            # the router and the shared expert's gate (a vector in the file) stay float32 there
+            kept = name.endswith(("router.weight", "shared_gate.weight"))
+            kind = _tensor_type(".ffn_gate_inp." if kept else name, array, qtype)
             if kind == Q.F16:
                 param.copy_(torch.from_numpy(array.astype(np.float16).astype(np.float32)))
             elif kind != Q.F32:
@@ -234,6 +277,8 @@ def write_gguf(
     w.add_block_count(c.layers)
     w.add_feed_forward_length(c.expert_width)
     w.add_expert_feed_forward_length(c.expert_width)
+    if c.shared_expert_width:
+        w.add_expert_shared_feed_forward_length(c.shared_expert_width)
     w.add_head_count(c.heads)
     w.add_head_count_kv(c.kv_heads)
     w.add_key_length(c.head_dim)

@@ -45,50 +45,83 @@ def make_model(config, seed=0, sharpen=20.0):
 
     torch.manual_seed(seed)
     model = ElasticMoE(config).eval()
-    with torch.no_grad():  # norms away from 1 so a misplaced norm shows; sharper logits: no argmax near-ties
+    with torch.no_grad():  # norms away from 1, biases from 0, so a misplaced one shows; sharper logits: no near-ties
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.3)
         model.embed.weight.mul_(sharpen)
     return model
 
 
-def config_for(tiny_config, tokenizer, qk_norm):
+# our options for each imported architecture the GGUF writer covers (Mixtral and Qwen3-MoE math are
+# `qk_norm` False / True); heads x head_dim = d_model as Qwen2-MoE and OLMoE derive head_dim
+ARCHS = {
+    "llama": {"qk_norm": False},
+    "qwen3moe": {"qk_norm": True},
+    "qwen2moe": {
+        "source_architecture": "Qwen2MoeForCausalLM",
+        "shared_expert_width": 40,
+        "shared_expert_gate": True,
+        "qkv_bias": True,
+        "renormalize_top_k": False,
+    },
+    "olmoe": {
+        "source_architecture": "OlmoeForCausalLM",
+        "qk_norm": True,
+        "qk_norm_scope": "all",
+        "kv_heads": 4,  # llama.cpp's olmoe has no grouped-query attention
+        "renormalize_top_k": False,
+    },
+}
+
+
+def config_for(tiny_config, tokenizer, qk_norm=False, arch=None):
     # d_model 64: rows of 64 values quantise in Q8_0 blocks of 32
-    return replace(
-        tiny_config, vocab_size=tokenizer.vocab_size, d_model=64, head_dim=16, qk_norm=qk_norm, rope_theta=500.0
-    )
+    options = ARCHS[arch] if arch else {"qk_norm": qk_norm}
+    return replace(tiny_config, vocab_size=tokenizer.vocab_size, d_model=64, head_dim=16, rope_theta=500.0, **options)
 
 
 def tokens_for(config, batch=2, length=40, seed=1):
     return torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_tensor_names_are_llama_cpps(tiny_config):
-    for qk_norm, arch in ((False, gguf.MODEL_ARCH.LLAMA), (True, gguf.MODEL_ARCH.QWEN3MOE)):
-        config = replace(tiny_config, qk_norm=qk_norm, tie_embeddings=qk_norm)
-        names = set(gguf_tensors(make_model(config)))
-        known = {
-            gguf.TENSOR_NAMES[t].format(bid=i) + ".weight"
-            for t in gguf.MODEL_TENSORS[arch]
-            for i in range(config.layers)
-        }
-        assert names <= known
-        assert "blk.2.ffn_gate_exps.weight" in names and ("output.weight" in names) == (not qk_norm)
-        assert ("blk.0.attn_q_norm.weight" in names) == qk_norm
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_tensor_names_are_llama_cpps(tiny_config, arch):
+    config = replace(tiny_config, **ARCHS[arch])
+    config = replace(config, tie_embeddings=config.qk_norm)
+    names = set(gguf_tensors(make_model(config)))
+    known = {
+        f"{gguf.TENSOR_NAMES[t].format(bid=i)}.{kind}"
+        for t in gguf.MODEL_TENSORS[next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)]
+        for i in range(config.layers)
+        for kind in ("weight", "bias")
+    }
+    assert names <= known
+    assert "blk.2.ffn_gate_exps.weight" in names and ("output.weight" in names) == (not config.qk_norm)
+    assert ("blk.0.attn_q_norm.weight" in names) == config.qk_norm
+    assert ("blk.1.attn_q.bias" in names) == ("blk.1.ffn_gate_inp_shexp.weight" in names) == (arch == "qwen2moe")
 
 
 @pytest.mark.parametrize(
     "options",
     [
-        {"qk_norm": True, "qk_norm_scope": "all", "source_architecture": "OlmoeForCausalLM"},
+        {"source_architecture": "Ernie4_5_MoeForCausalLM"},
+        {"source_architecture": "Glm4MoeForCausalLM", "router_score": "sigmoid", "renormalize_eps": 1e-20},
         {"qk_norm": True, "renormalize_top_k": False},
+        {**ARCHS["qwen2moe"], "renormalize_top_k": True},
+        {**ARCHS["olmoe"], "renormalize_top_k": True},
+        {**ARCHS["olmoe"], "kv_heads": 2},
     ],
 )
 def test_what_this_writer_does_not_cover_is_refused(tiny_config, options):
-    """OLMoE, Qwen2-MoE and un-renormalised top-k go to `--format hf` until the GGUF writer has them."""
-    with pytest.raises(HFError, match="use --format hf"):
-        gguf_tensors(make_model(replace(tiny_config, **options)))
+    """What no llama.cpp arch the writer covers expresses (ERNIE-4.5-MoE, GLM-4.5 MoE, a top-k
+    renormalisation other than the arch's, OLMoE with grouped-query attention) goes to `--format hf`."""
+    config = replace(tiny_config, **options)
+    with pytest.raises(HFError, match="use --format hf") as refused:
+        gguf_tensors(make_model(config))
+    assert "\n" not in str(refused.value)
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
@@ -115,14 +148,14 @@ def test_llama_cpp_tokenises_like_us(tiny_config, tmp_path, corpus_and_tokenizer
         runner.close()
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_gguf_greedy_output_equals_transformers(tiny_config, tmp_path, corpus_and_tokenizer, qk_norm):
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_gguf_greedy_output_equals_transformers(tiny_config, tmp_path, corpus_and_tokenizer, arch):
     """The issue's bar: a child exported with --format gguf runs in llama.cpp with greedy output
     identical to transformers' (and to ours), logits to float tolerance."""
     import transformers
 
     tokenizer, tok_file, _ = corpus_and_tokenizer
-    parent = make_model(config_for(tiny_config, tokenizer, qk_norm))
+    parent = make_model(config_for(tiny_config, tokenizer, arch=arch))
     subnet = Subnet.uniform([0, 2], 3, 1, 16)
     verify = tokens_for(parent.config)
     extract_to_folder(parent, subnet, tmp_path / "child", verify, tokenizer_path=tok_file)
@@ -130,7 +163,7 @@ def test_gguf_greedy_output_equals_transformers(tiny_config, tmp_path, corpus_an
     check = record["gguf_verification"]
     assert check["max_abs_logit_diff"] <= 2e-3 * check["max_abs_logit"]
     assert check["greedy_identical"] == "2/2" and check["texts_tokenized_identically"] >= 50
-    assert record["gguf"]["arch"] == ("qwen3moe" if qk_norm else "llama")
+    assert record["gguf"]["arch"] == arch
     export_hf(tmp_path / "child", tmp_path / "hf", verify_tokens=verify)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     runner = LlamaCpp(tmp_path / "gguf" / "model-f32.gguf", n_ctx=parent.config.max_seq_len)
@@ -150,10 +183,10 @@ def test_gguf_greedy_output_equals_transformers(tiny_config, tmp_path, corpus_an
     assert "model-f32.gguf" in card and "llama.cpp" in card and str(subnet) in card
 
 
-@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
-def test_rounded_types_stay_close(tiny_config, tmp_path, corpus_and_tokenizer, qtype):
+@pytest.mark.parametrize("qtype,arch", [("f16", "llama"), ("q8_0", "llama"), ("q8_0", "qwen2moe")])
+def test_rounded_types_stay_close(tiny_config, tmp_path, corpus_and_tokenizer, qtype, arch):
     tokenizer, tok_file, _ = corpus_and_tokenizer
-    model = make_model(config_for(tiny_config, tokenizer, qk_norm=False), sharpen=1.0)
+    model = make_model(config_for(tiny_config, tokenizer, arch=arch), sharpen=1.0)
     record = export_gguf(model, tmp_path / "g", qtype=qtype, tokenizer_path=tok_file)
     check = record["gguf_verification"]
     assert "random" in check["tokens"]  # a bare model: no run folder to take held-out tokens from
@@ -161,6 +194,8 @@ def test_rounded_types_stay_close(tiny_config, tmp_path, corpus_and_tokenizer, q
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.ffn_gate_exps.weight"] == qtype.upper() and types["blk.0.ffn_gate_inp.weight"] == "F32"
     assert types["blk.0.attn_norm.weight"] == "F32"
+    if arch == "qwen2moe":  # the shared expert's gate is a vector, kept float32 like the router
+        assert types["blk.0.ffn_gate_inp_shexp.weight"] == "F32" and types["blk.0.ffn_up_shexp.weight"] == "Q8_0"
     assert 0 < check["max_abs_logit_diff"] <= {"f16": 1e-2, "q8_0": 5e-2}[qtype] * check["max_abs_logit"]
 
 
