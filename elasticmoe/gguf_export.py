@@ -12,21 +12,33 @@ Architecture mapping (the same math as `hf`, under llama.cpp's names):
   `ffn_{gate,up,down}_shexp`, its sigmoid gate as the vector `ffn_gate_inp_shexp` (ours is a
   (1, D) linear), the q/k/v biases as `attn_{q,k,v}.bias`, `expert_shared_feed_forward_length`;
 * `OlmoeForCausalLM` -> arch `olmoe` (rotates halves): the whole-projection q/k RMSNorm as
-  `attn_{q,k}_norm`; llama.cpp sizes `attn_k_norm` as d_model, so only kv_heads = heads loads.
+  `attn_{q,k}_norm`; llama.cpp sizes `attn_k_norm` as d_model, so only kv_heads = heads loads;
+* `Ernie4_5_MoeForCausalLM` -> arch `ernie4_5-moe`, adjacent-pair RoPE like `llama` (rows
+  permuted the same way): dense layers as `ffn_{gate,up,down}` (`feed_forward_length` =
+  `dense_width`), placed by `leading_dense_block_count` and `interleave_moe_layer_step` (layer i
+  is MoE iff i >= lead and (i + 1) % step == 0: no end index, so MoE layers must run to the last
+  layer), the ungated shared experts as `ffn_*_shexp` of `expert_shared_feed_forward_length`, the
+  selection bias as `exp_probs_b.bias` (zeros for a model without one).
 
-All route like us: softmax over the experts, top-k; `llama` and `qwen3moe` renormalise the k
-weights to one, `qwen2moe` and `olmoe` use them as they are (the `norm_w` of their graphs, which no
-GGUF key changes), so `renormalize_top_k` must match the arch (`LLAMA_ARCH`). Refused with one
-line naming `--format hf`: ERNIE-4.5-MoE and GLM-4.5 MoE (not written yet), a renormalisation
-other than the arch's (e.g. a Qwen2-MoE with `norm_topk_prob: true`), OLMoE with grouped-query
-attention. Tensor names come from the `gguf` package (`TENSOR_NAMES`), never spelled here;
-stacked experts go in as llama.cpp's merged `ffn_{gate,up,down}_exps` tensors, our (E, W, D) /
-(E, D, W) layout being exactly theirs.
+All route like us: softmax over the experts, top-k (ERNIE: of the scores plus `exp_probs_b`);
+`llama`, `qwen3moe` and `ernie4_5-moe` renormalise the k weights to one, `qwen2moe` and `olmoe`
+use them as they are (the `norm_w` of their graphs, which no GGUF key changes), so
+`renormalize_top_k` must match the arch (`LLAMA_ARCH`). llama.cpp floors the renormalisation's sum
+at 2^-14, ERNIE at `moe_norm_min`: the same weights while both floors are at most top_k / experts
+(the least the sum can be). Refused with one line naming `--format hf`: GLM-4.5 MoE (not written
+yet), a renormalisation other than the arch's (e.g. a Qwen2-MoE with `norm_topk_prob: true`),
+OLMoE with grouped-query attention, an ERNIE layer pattern or floor llama.cpp does not compute.
+The float check would catch such a slip: tests/test_gguf.py shows it refusing a file whose router
+renormalises differently from ours, lacks the selection bias, or leaves the shared expert ungated.
+
+Tensor names come from the `gguf` package (`TENSOR_NAMES`), never spelled here; stacked experts
+go in as llama.cpp's merged `ffn_{gate,up,down}_exps` tensors, our (E, W, D) / (E, D, W) layout
+being exactly theirs.
 
 Tensor types (`qtype`): `f32` (every tensor float32, reproduces our logits to ~1e-5), `f16`
 (matrices in float16), `q8_0` (matrices llama.cpp can quantise in blocks of 32 along a row in
-Q8_0, others float16). Norms, biases, the router and Qwen2-MoE's shared-expert gate stay float32
-in every type, as llama.cpp's converter keeps them.
+Q8_0, others float16). Norms, biases, the router, ERNIE's selection bias and Qwen2-MoE's
+shared-expert gate stay float32 in every type, as llama.cpp's converter keeps them.
 
 Tokenizer: `tokenizer.ggml.model = gpt2` (byte-level BPE) with our vocabulary and merges, and
 pre-tokenizer type `refact`: llama.cpp splits every digit alone and then applies the GPT-2
@@ -58,7 +70,7 @@ import torch
 
 from . import checkpoint
 from .config import ConfigError, ModelConfig
-from .hf import ARCHITECTURES, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, HFError, architecture_for, export_source
+from .hf import ARCHITECTURES, ERNIE, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, HFError, architecture_for, export_source
 from .model import ElasticMoE, rope_rows_to_pairs
 
 log = logging.getLogger(__name__)
@@ -100,13 +112,18 @@ LLAMA_ARCH = {
     QWEN3_MOE: ("qwen3moe", True),
     QWEN2_MOE: ("qwen2moe", False),
     OLMOE: ("olmoe", False),
+    ERNIE: ("ernie4_5-moe", True),
 }
+PAIR_ROPE_ARCHS = ("llama", "ernie4_5-moe")  # rotate adjacent pairs: q/k rows permuted per head
+# build_moe_ffn floors the sum of the renormalised top-k weights at this (2^-14, ggml's clamp)
+LLAMA_RENORMALIZE_MIN = 6.103515625e-5
 
 
 def _llama_arch(config: ModelConfig) -> str:
     """llama.cpp's arch for `config`; HFError (one line) for what no llama.cpp arch this writer
-    covers expresses (ERNIE-4.5-MoE, GLM-4.5 MoE, a top-k renormalisation other than the arch's),
-    which `--format hf` exports."""
+    covers expresses (GLM-4.5 MoE, a top-k renormalisation other than the arch's, OLMoE with
+    grouped-query attention, ERNIE layouts and floors llama.cpp does not compute), which
+    `--format hf` exports."""
     c, model_type = config, architecture_for(config)
     arch, renormalises = LLAMA_ARCH.get(model_type, (None, None))
     problem = None
@@ -117,12 +134,42 @@ def _llama_arch(config: ModelConfig) -> str:
             f"llama.cpp's {arch} {'always' if renormalises else 'never'} renormalises the top-k weights, "
             f"this {ARCHITECTURES[model_type]} has renormalize_top_k={c.renormalize_top_k}"
         )
+    elif arch == "ernie4_5-moe":
+        problem = _ernie_problem(c)
     elif arch == "olmoe" and c.kv_heads != c.heads:
         problem = f"llama.cpp's olmoe sizes attn_k_norm for kv_heads = heads, this model has {c.kv_heads} of {c.heads}"
     if problem:
         covered = ", ".join(f"{ARCHITECTURES[t]} ({a})" for t, (a, _) in LLAMA_ARCH.items())
         raise HFError(f"GGUF export covers {covered}; {problem}: use --format hf")
     return arch
+
+
+def ernie_layout(c: ModelConfig) -> tuple[int, int] | None:
+    """(leading_dense_block_count, interleave_moe_layer_step) of llama.cpp's ernie4_5-moe, whose layer
+    i is MoE iff i >= lead and (i + 1) % step == 0, giving exactly the MoE layers of `c`; or None."""
+    moe = [i for i in range(c.layers) if not c.is_dense(i)]
+    lead = moe[0] if moe else c.layers
+    for step in range(1, c.layers + 1):
+        if [i for i in range(lead, c.layers) if (i + 1) % step == 0] == moe:
+            return lead, step
+    return None
+
+
+def _ernie_problem(c: ModelConfig) -> str | None:
+    """What of an ERNIE-4.5-MoE config llama.cpp's ernie4_5-moe cannot compute, or None."""
+    if ernie_layout(c) is None:
+        return (
+            f"llama.cpp's ernie4_5-moe has MoE layers every interleave_moe_layer_step-th layer from "
+            f"leading_dense_block_count to the last, this model's dense_layers={list(c.dense_layers)} of "
+            f"{c.layers} layers are not that pattern (moe_layer_end_index before the last layer)"
+        )
+    # the sum of the top-k softmax weights is at least top_k / experts: below it neither floor acts
+    if max(c.renormalize_min, LLAMA_RENORMALIZE_MIN) > c.top_k / c.experts:
+        return (
+            f"llama.cpp floors the top-k weights' sum at {LLAMA_RENORMALIZE_MIN:g}, this model at "
+            f"renormalize_min={c.renormalize_min:g}: with top_k/experts = {c.top_k / c.experts:g} the floors can act"
+        )
+    return None
 
 
 def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
@@ -157,16 +204,23 @@ def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
         per_layer.update({f"moe.shared.{n}.weight": t for n, t in shared.items()})
     if c.shared_expert_gate:  # llama.cpp's is one vector (n_embd), ours a (1, D) linear
         per_layer["moe.shared_gate.weight"] = T.FFN_GATE_INP_SHEXP
+    if arch == "ernie4_5-moe":  # the selection bias; zeros for a model without one: the same routing
+        per_layer["moe.router_bias"] = T.FFN_EXP_PROBS_B
+    attention = {k: t for k, t in per_layer.items() if not k.startswith("moe.")}
+    dense = {**attention, "mlp.gate_proj.weight": T.FFN_GATE, "mlp.up_proj.weight": T.FFN_UP}
+    dense["mlp.down_proj.weight"] = T.FFN_DOWN
     for i in range(c.layers):
-        for ours_key, tensor in per_layer.items():
+        if arch == "ernie4_5-moe" and not c.is_dense(i) and f"blocks.{i}.moe.router_bias" not in ours:
+            ours[f"blocks.{i}.moe.router_bias"] = torch.zeros(c.layer_shape(i)[0])
+        for ours_key, tensor in (dense if c.is_dense(i) else per_layer).items():
             w = ours[f"blocks.{i}.{ours_key}"]
-            if arch == "llama" and ours_key == "attn.q_proj.weight":
+            if arch in PAIR_ROPE_ARCHS and ours_key == "attn.q_proj.weight":
                 w = rope_rows_to_pairs(w, c.heads)
-            elif arch == "llama" and ours_key == "attn.k_proj.weight":
+            elif arch in PAIR_ROPE_ARCHS and ours_key == "attn.k_proj.weight":
                 w = rope_rows_to_pairs(w, c.kv_heads)
             elif ours_key == "moe.shared_gate.weight":
                 w = w.reshape(-1)
-            suffix = "bias" if ours_key.endswith(".bias") else "weight"
+            suffix = "bias" if ours_key.endswith("bias") else "weight"
             out[f"{N[tensor].format(bid=i)}.{suffix}"] = w
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -275,8 +329,12 @@ def write_gguf(
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.d_model)
     w.add_block_count(c.layers)
-    w.add_feed_forward_length(c.expert_width)
+    w.add_feed_forward_length(c.dense_width or c.expert_width)  # dense layers' width (ERNIE), else unused
     w.add_expert_feed_forward_length(c.expert_width)
+    if arch == "ernie4_5-moe":
+        lead, step = ernie_layout(c)
+        w.add_leading_dense_block_count(lead)
+        w.add_interleave_moe_layer_step(step)
     if c.shared_expert_width:
         w.add_expert_shared_feed_forward_length(c.shared_expert_width)
     w.add_head_count(c.heads)

@@ -40,17 +40,25 @@ def corpus_and_tokenizer(tmp_path_factory):
     return tokenizer, folder / "tokenizer.json", samples
 
 
-def make_model(config, seed=0, sharpen=20.0):
+def make_model(config, seed=0, sharpen=20.0, moe_scale=1.0):
+    """`moe_scale` multiplies the MoE's (and dense MLPs') weights: at 4 the FFN outputs move the
+    logits enough that a router or shared-expert mistake exceeds the float tolerance (see
+    `test_the_check_sees_a_wrong_router_or_shared_expert`)."""
     from elasticmoe.model import ElasticMoE
 
     torch.manual_seed(seed)
     model = ElasticMoE(config).eval()
     with torch.no_grad():  # norms away from 1, biases from 0, so a misplaced one shows; sharper logits: no near-ties
         for name, p in model.named_parameters():
+            if ".moe." in name or ".mlp." in name:
+                p.mul_(moe_scale)
             if name.endswith("norm.weight"):
                 p.add_(0.3 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.3)
+        for name, b in model.named_buffers():  # selection biases that change which experts are chosen
+            if name.endswith("router_bias"):
+                b.normal_(0.0, 0.3)
         model.embed.weight.mul_(sharpen)
     return model
 
@@ -73,6 +81,15 @@ ARCHS = {
         "qk_norm_scope": "all",
         "kv_heads": 4,  # llama.cpp's olmoe has no grouped-query attention
         "renormalize_top_k": False,
+    },
+    "ernie4_5-moe": {  # a leading dense layer, 2 ungated shared experts (2 x 24), a selection bias, pair RoPE
+        "source_architecture": "Ernie4_5_MoeForCausalLM",
+        "dense_layers": (0,),
+        "dense_width": 36,
+        "shared_expert_width": 48,
+        "expert_width": 24,
+        "router_bias": True,
+        "renormalize_min": 1e-12,
     },
 }
 
@@ -102,12 +119,16 @@ def test_tensor_names_are_llama_cpps(tiny_config, arch):
     assert "blk.2.ffn_gate_exps.weight" in names and ("output.weight" in names) == (not config.qk_norm)
     assert ("blk.0.attn_q_norm.weight" in names) == config.qk_norm
     assert ("blk.1.attn_q.bias" in names) == ("blk.1.ffn_gate_inp_shexp.weight" in names) == (arch == "qwen2moe")
+    if arch == "ernie4_5-moe":  # layer 0 dense, the others MoE with the selection bias and shared experts
+        assert {"blk.0.ffn_gate.weight", "blk.1.exp_probs_b.bias", "blk.2.ffn_up_shexp.weight"} <= names
+        assert "blk.0.ffn_gate_inp.weight" not in names
 
 
 @pytest.mark.parametrize(
     "options",
     [
-        {"source_architecture": "Ernie4_5_MoeForCausalLM"},
+        {"source_architecture": "Ernie4_5_MoeForCausalLM", "dense_layers": (2,), "dense_width": 36},
+        {"source_architecture": "Ernie4_5_MoeForCausalLM", "renormalize_min": 0.9},
         {"source_architecture": "Glm4MoeForCausalLM", "router_score": "sigmoid", "renormalize_eps": 1e-20},
         {"qk_norm": True, "renormalize_top_k": False},
         {**ARCHS["qwen2moe"], "renormalize_top_k": True},
@@ -116,8 +137,9 @@ def test_tensor_names_are_llama_cpps(tiny_config, arch):
     ],
 )
 def test_what_this_writer_does_not_cover_is_refused(tiny_config, options):
-    """What no llama.cpp arch the writer covers expresses (ERNIE-4.5-MoE, GLM-4.5 MoE, a top-k
-    renormalisation other than the arch's, OLMoE with grouped-query attention) goes to `--format hf`."""
+    """What no llama.cpp arch the writer covers expresses (GLM-4.5 MoE, ERNIE's MoE layers ending
+    before the last layer or a renormalisation floor that can act, a top-k renormalisation other
+    than the arch's, OLMoE with grouped-query attention) goes to `--format hf`."""
     config = replace(tiny_config, **options)
     with pytest.raises(HFError, match="use --format hf") as refused:
         gguf_tensors(make_model(config))
@@ -155,7 +177,7 @@ def test_gguf_greedy_output_equals_transformers(tiny_config, tmp_path, corpus_an
     import transformers
 
     tokenizer, tok_file, _ = corpus_and_tokenizer
-    parent = make_model(config_for(tiny_config, tokenizer, arch=arch))
+    parent = make_model(config_for(tiny_config, tokenizer, arch=arch), moe_scale=4.0)
     subnet = Subnet.uniform([0, 2], 3, 1, 16)
     verify = tokens_for(parent.config)
     extract_to_folder(parent, subnet, tmp_path / "child", verify, tokenizer_path=tok_file)
@@ -183,7 +205,48 @@ def test_gguf_greedy_output_equals_transformers(tiny_config, tmp_path, corpus_an
     assert "model-f32.gguf" in card and "llama.cpp" in card and str(subnet) in card
 
 
-@pytest.mark.parametrize("qtype,arch", [("f16", "llama"), ("q8_0", "llama"), ("q8_0", "qwen2moe")])
+def _renormalise(model):
+    for block in model.blocks:
+        if block.moe is not None:
+            block.moe.routing = replace(block.moe.routing, renormalize=True)
+
+
+def _no_selection_bias(model):
+    for name, b in model.named_buffers():
+        if name.endswith("router_bias"):
+            b.zero_()
+
+
+def _no_shared_gate(model):  # sigmoid(0) = 1/2 for every token
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.moe is not None:
+                block.moe.shared_gate.weight.zero_()
+
+
+@pytest.mark.parametrize(
+    "arch,mistake",
+    [("qwen2moe", _renormalise), ("olmoe", _renormalise), ("ernie4_5-moe", _no_selection_bias)]
+    + [("qwen2moe", _no_shared_gate)],
+)
+def test_the_check_sees_a_wrong_router_or_shared_expert(tiny_config, tmp_path, corpus_and_tokenizer, arch, mistake):
+    """Negative control for the archs above: the file is written from the model, then our model
+    computes one thing differently (top-k renormalised where llama.cpp's qwen2moe/olmoe graph does
+    not, no selection bias, an ungated shared expert); the float check must refuse it."""
+    from elasticmoe.gguf_export import verify_gguf
+
+    tokenizer, tok_file, _ = corpus_and_tokenizer
+    model = make_model(config_for(tiny_config, tokenizer, arch=arch), moe_scale=4.0)
+    write_gguf(model, tmp_path / "m.gguf", tok_file)
+    verify_gguf(model, tmp_path / "m.gguf", tokens_for(model.config), [], tokenizer)
+    mistake(model)
+    with pytest.raises(HFError, match="does not reproduce"):
+        verify_gguf(model, tmp_path / "m.gguf", tokens_for(model.config), [], tokenizer)
+
+
+@pytest.mark.parametrize(
+    "qtype,arch", [("f16", "llama"), ("q8_0", "llama"), ("q8_0", "qwen2moe"), ("q8_0", "ernie4_5-moe")]
+)
 def test_rounded_types_stay_close(tiny_config, tmp_path, corpus_and_tokenizer, qtype, arch):
     tokenizer, tok_file, _ = corpus_and_tokenizer
     model = make_model(config_for(tiny_config, tokenizer, arch=arch), sharpen=1.0)
@@ -192,10 +255,12 @@ def test_rounded_types_stay_close(tiny_config, tmp_path, corpus_and_tokenizer, q
     assert "random" in check["tokens"]  # a bare model: no run folder to take held-out tokens from
     reader = gguf.GGUFReader(str(tmp_path / "g" / f"model-{qtype}.gguf"))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert types["blk.0.ffn_gate_exps.weight"] == qtype.upper() and types["blk.0.ffn_gate_inp.weight"] == "F32"
+    assert types["blk.1.ffn_gate_exps.weight"] == qtype.upper() and types["blk.1.ffn_gate_inp.weight"] == "F32"
     assert types["blk.0.attn_norm.weight"] == "F32"
     if arch == "qwen2moe":  # the shared expert's gate is a vector, kept float32 like the router
         assert types["blk.0.ffn_gate_inp_shexp.weight"] == "F32" and types["blk.0.ffn_up_shexp.weight"] == "Q8_0"
+    if arch == "ernie4_5-moe":  # the dense layer quantised like the experts, the selection bias float32
+        assert types["blk.0.ffn_gate.weight"] == "Q8_0" and types["blk.1.exp_probs_b.bias"] == "F32"
     assert 0 < check["max_abs_logit_diff"] <= {"f16": 1e-2, "q8_0": 5e-2}[qtype] * check["max_abs_logit"]
 
 
