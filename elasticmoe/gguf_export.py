@@ -172,18 +172,10 @@ def _ernie_problem(c: ModelConfig) -> str | None:
     return None
 
 
-def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
-    """Our tensors under llama.cpp's GGUF names (float32, contiguous), q/k permuted for `llama`."""
-    gguf = _gguf()
-    T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
-    c = model.config
-    arch = _llama_arch(c)
-    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    out = {N[T.TOKEN_EMBD]: ours["embed.weight"], N[T.OUTPUT_NORM]: ours["norm.weight"]}
-    if not c.tie_embeddings:  # llama.cpp falls back to token_embd when `output` is absent
-        out[N[T.OUTPUT]] = ours["lm_head.weight"]
-    out = {f"{k}.weight": v for k, v in out.items()}
-    per_layer = {
+def _layer_names(c: ModelConfig, arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(MoE layer, dense layer) maps: our key after `blocks.{i}.` -> llama.cpp's MODEL_TENSOR."""
+    T = _gguf().MODEL_TENSOR
+    moe = {
         "attn_norm.weight": T.ATTN_NORM,
         "moe_norm.weight": T.FFN_NORM,
         "attn.q_proj.weight": T.ATTN_Q,
@@ -196,23 +188,40 @@ def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
         "moe.w_down": T.FFN_DOWN_EXP,
     }
     if c.qk_norm:  # per head (qwen3moe) or over the whole projection (olmoe): the same names
-        per_layer.update({"attn.q_norm.weight": T.ATTN_Q_NORM, "attn.k_norm.weight": T.ATTN_K_NORM})
+        moe.update({"attn.q_norm.weight": T.ATTN_Q_NORM, "attn.k_norm.weight": T.ATTN_K_NORM})
     if c.qkv_bias:
-        per_layer.update({"attn.q_proj.bias": T.ATTN_Q, "attn.k_proj.bias": T.ATTN_K, "attn.v_proj.bias": T.ATTN_V})
+        moe.update({"attn.q_proj.bias": T.ATTN_Q, "attn.k_proj.bias": T.ATTN_K, "attn.v_proj.bias": T.ATTN_V})
     if c.shared_expert_width:
         shared = {"gate_proj": T.FFN_GATE_SHEXP, "up_proj": T.FFN_UP_SHEXP, "down_proj": T.FFN_DOWN_SHEXP}
-        per_layer.update({f"moe.shared.{n}.weight": t for n, t in shared.items()})
+        moe.update({f"moe.shared.{n}.weight": t for n, t in shared.items()})
     if c.shared_expert_gate:  # llama.cpp's is one vector (n_embd), ours a (1, D) linear
-        per_layer["moe.shared_gate.weight"] = T.FFN_GATE_INP_SHEXP
-    if arch == "ernie4_5-moe":  # the selection bias; zeros for a model without one: the same routing
-        per_layer["moe.router_bias"] = T.FFN_EXP_PROBS_B
-    attention = {k: t for k, t in per_layer.items() if not k.startswith("moe.")}
-    dense = {**attention, "mlp.gate_proj.weight": T.FFN_GATE, "mlp.up_proj.weight": T.FFN_UP}
-    dense["mlp.down_proj.weight"] = T.FFN_DOWN
+        moe["moe.shared_gate.weight"] = T.FFN_GATE_INP_SHEXP
+    if arch == "ernie4_5-moe":  # the selection bias (a `.bias`)
+        moe["moe.router_bias"] = T.FFN_EXP_PROBS_B
+    dense = {k: t for k, t in moe.items() if not k.startswith("moe.")}
+    dense.update(
+        {"mlp.gate_proj.weight": T.FFN_GATE, "mlp.up_proj.weight": T.FFN_UP, "mlp.down_proj.weight": T.FFN_DOWN}
+    )
+    return moe, dense
+
+
+def gguf_tensors(model: ElasticMoE) -> dict[str, torch.Tensor]:
+    """Our tensors under llama.cpp's GGUF names (float32, contiguous), q/k rows permuted for the
+    pair-RoPE archs (`llama`, `ernie4_5-moe`)."""
+    gguf = _gguf()
+    T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
+    c = model.config
+    arch = _llama_arch(c)
+    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    out = {N[T.TOKEN_EMBD]: ours["embed.weight"], N[T.OUTPUT_NORM]: ours["norm.weight"]}
+    if not c.tie_embeddings:  # llama.cpp falls back to token_embd when `output` is absent
+        out[N[T.OUTPUT]] = ours["lm_head.weight"]
+    out = {f"{k}.weight": v for k, v in out.items()}
+    moe, dense = _layer_names(c, arch)
     for i in range(c.layers):
-        if arch == "ernie4_5-moe" and not c.is_dense(i) and f"blocks.{i}.moe.router_bias" not in ours:
-            ours[f"blocks.{i}.moe.router_bias"] = torch.zeros(c.layer_shape(i)[0])
-        for ours_key, tensor in (dense if c.is_dense(i) else per_layer).items():
+        if "moe.router_bias" in moe and not c.is_dense(i):  # zeros for a model without one: the same routing
+            ours.setdefault(f"blocks.{i}.moe.router_bias", torch.zeros(c.layer_shape(i)[0]))
+        for ours_key, tensor in (dense if c.is_dense(i) else moe).items():
             w = ours[f"blocks.{i}.{ours_key}"]
             if arch in PAIR_ROPE_ARCHS and ours_key == "attn.q_proj.weight":
                 w = rope_rows_to_pairs(w, c.heads)
