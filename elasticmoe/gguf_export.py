@@ -18,18 +18,27 @@ Architecture mapping (the same math as `hf`, under llama.cpp's names):
   `dense_width`), placed by `leading_dense_block_count` and `interleave_moe_layer_step` (layer i
   is MoE iff i >= lead and (i + 1) % step == 0: no end index, so MoE layers must run to the last
   layer), the ungated shared experts as `ffn_*_shexp` of `expert_shared_feed_forward_length`, the
-  selection bias as `exp_probs_b.bias` (zeros for a model without one).
+  selection bias as `exp_probs_b.bias` (zeros for a model without one);
+* `Glm4MoeForCausalLM` -> arch `glm4moe` (rotates halves of the first `rope_dimension_count` =
+  `rope_dims` dims of each head, as we do): ERNIE's tensors, with the FFN pre-norm named
+  `post_attention_norm`, the first `leading_dense_block_count` layers dense, `expert_gating_func`
+  sigmoid, `expert_weights_norm` = `renormalize_top_k`, `expert_weights_scale` = `routed_scale`,
+  `expert_shared_count`, `nextn_predict_layers` 0, optional per-head q/k norm, q/k/v biases.
 
-All route like us: softmax over the experts, top-k (ERNIE: of the scores plus `exp_probs_b`);
-`llama`, `qwen3moe` and `ernie4_5-moe` renormalise the k weights to one, `qwen2moe` and `olmoe`
-use them as they are (the `norm_w` of their graphs, which no GGUF key changes), so
-`renormalize_top_k` must match the arch (`LLAMA_ARCH`). llama.cpp floors the renormalisation's sum
-at 2^-14, ERNIE at `moe_norm_min`: the same weights while both floors are at most top_k / experts
-(the least the sum can be). Refused with one line naming `--format hf`: GLM-4.5 MoE (not written
-yet), a renormalisation other than the arch's (e.g. a Qwen2-MoE with `norm_topk_prob: true`),
-OLMoE with grouped-query attention, an ERNIE layer pattern or floor llama.cpp does not compute.
-The float check would catch such a slip: tests/test_gguf.py shows it refusing a file whose router
-renormalises differently from ours, lacks the selection bias, or leaves the shared expert ungated.
+All route like us: softmax over the experts (GLM: a sigmoid per expert), top-k (ERNIE, GLM: of
+the scores plus `exp_probs_b`); `llama`, `qwen3moe` and `ernie4_5-moe` renormalise the k weights
+to one, `qwen2moe` and `olmoe` use them as they are (the `norm_w` of their graphs, which no GGUF
+key changes), so `renormalize_top_k` must match the arch (`LLAMA_ARCH`); `glm4moe` reads it from
+`expert_weights_norm`. llama.cpp floors the renormalisation's sum at 2^-14, ERNIE at
+`moe_norm_min`: the same weights while both floors are at most top_k / experts (the least a
+softmax top-k sum can be). GLM adds 1e-20 instead: the two differ only for a token whose k chosen
+sigmoid scores sum below 2^-14 (every router logit below about -10), which no config rules out;
+the float check would see it on the tokens it runs. Refused with one line naming `--format hf`:
+a renormalisation other than the arch's (e.g. a Qwen2-MoE with `norm_topk_prob: true`), OLMoE
+with grouped-query attention, an ERNIE layer pattern or floor llama.cpp does not compute, a GLM
+without shared experts. The float check catches a slip in this mapping: tests/test_gguf.py shows
+it refusing a file whose router renormalises differently from ours, lacks the selection bias or
+the routed scale, or leaves the shared expert ungated.
 
 Tensor names come from the `gguf` package (`TENSOR_NAMES`), never spelled here; stacked experts
 go in as llama.cpp's merged `ffn_{gate,up,down}_exps` tensors, our (E, W, D) / (E, D, W) layout
@@ -37,7 +46,7 @@ being exactly theirs.
 
 Tensor types (`qtype`): `f32` (every tensor float32, reproduces our logits to ~1e-5), `f16`
 (matrices in float16), `q8_0` (matrices llama.cpp can quantise in blocks of 32 along a row in
-Q8_0, others float16). Norms, biases, the router, ERNIE's selection bias and Qwen2-MoE's
+Q8_0, others float16). Norms, biases, the router, the selection bias and Qwen2-MoE's
 shared-expert gate stay float32 in every type, as llama.cpp's converter keeps them.
 
 Tokenizer: `tokenizer.ggml.model = gpt2` (byte-level BPE) with our vocabulary and merges, and
@@ -70,7 +79,18 @@ import torch
 
 from . import checkpoint
 from .config import ConfigError, ModelConfig
-from .hf import ARCHITECTURES, ERNIE, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, HFError, architecture_for, export_source
+from .hf import (
+    ARCHITECTURES,
+    ERNIE,
+    GLM,
+    MIXTRAL,
+    OLMOE,
+    QWEN2_MOE,
+    QWEN3_MOE,
+    HFError,
+    architecture_for,
+    export_source,
+)
 from .model import ElasticMoE, rope_rows_to_pairs
 
 log = logging.getLogger(__name__)
@@ -113,6 +133,7 @@ LLAMA_ARCH = {
     QWEN2_MOE: ("qwen2moe", False),
     OLMOE: ("olmoe", False),
     ERNIE: ("ernie4_5-moe", True),
+    GLM: ("glm4moe", None),  # `expert_weights_norm` states it
 }
 PAIR_ROPE_ARCHS = ("llama", "ernie4_5-moe")  # rotate adjacent pairs: q/k rows permuted per head
 # build_moe_ffn floors the sum of the renormalised top-k weights at this (2^-14, ggml's clamp)
@@ -121,21 +142,23 @@ LLAMA_RENORMALIZE_MIN = 6.103515625e-5
 
 def _llama_arch(config: ModelConfig) -> str:
     """llama.cpp's arch for `config`; HFError (one line) for what no llama.cpp arch this writer
-    covers expresses (GLM-4.5 MoE, a top-k renormalisation other than the arch's, OLMoE with
-    grouped-query attention, ERNIE layouts and floors llama.cpp does not compute), which
-    `--format hf` exports."""
+    covers expresses (a top-k renormalisation other than the arch's, OLMoE with grouped-query
+    attention, ERNIE layouts and floors llama.cpp does not compute, GLM without shared experts),
+    which `--format hf` exports."""
     c, model_type = config, architecture_for(config)
     arch, renormalises = LLAMA_ARCH.get(model_type, (None, None))
     problem = None
     if arch is None:
         problem = f"this model is {ARCHITECTURES[model_type]}"
-    elif c.renormalize_top_k != renormalises:
+    elif renormalises is not None and c.renormalize_top_k != renormalises:
         problem = (
             f"llama.cpp's {arch} {'always' if renormalises else 'never'} renormalises the top-k weights, "
             f"this {ARCHITECTURES[model_type]} has renormalize_top_k={c.renormalize_top_k}"
         )
     elif arch == "ernie4_5-moe":
         problem = _ernie_problem(c)
+    elif arch == "glm4moe" and not c.shared_expert_width:
+        problem = "llama.cpp's glm4moe graph always adds shared experts (it runs wrong without), this model has none"
     elif arch == "olmoe" and c.kv_heads != c.heads:
         problem = f"llama.cpp's olmoe sizes attn_k_norm for kv_heads = heads, this model has {c.kv_heads} of {c.heads}"
     if problem:
@@ -196,8 +219,10 @@ def _layer_names(c: ModelConfig, arch: str) -> tuple[dict[str, Any], dict[str, A
         moe.update({f"moe.shared.{n}.weight": t for n, t in shared.items()})
     if c.shared_expert_gate:  # llama.cpp's is one vector (n_embd), ours a (1, D) linear
         moe["moe.shared_gate.weight"] = T.FFN_GATE_INP_SHEXP
-    if arch == "ernie4_5-moe":  # the selection bias (a `.bias`)
+    if arch in ("ernie4_5-moe", "glm4moe"):  # the selection bias (a `.bias`)
         moe["moe.router_bias"] = T.FFN_EXP_PROBS_B
+    if arch == "glm4moe":  # its FFN's pre-norm is named post_attention_norm
+        moe["moe_norm.weight"] = T.ATTN_POST_NORM
     dense = {k: t for k, t in moe.items() if not k.startswith("moe.")}
     dense.update(
         {"mlp.gate_proj.weight": T.FFN_GATE, "mlp.up_proj.weight": T.FFN_UP, "mlp.down_proj.weight": T.FFN_DOWN}
@@ -344,13 +369,20 @@ def write_gguf(
         lead, step = ernie_layout(c)
         w.add_leading_dense_block_count(lead)
         w.add_interleave_moe_layer_step(step)
+    if arch == "glm4moe":
+        w.add_leading_dense_block_count(len(c.dense_layers))
+        w.add_expert_shared_count(c.shared_expert_width // c.expert_width)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_norm(c.renormalize_top_k)
+        w.add_expert_weights_scale(float(c.routed_scale))
+        w.add_nextn_predict_layers(0)
     if c.shared_expert_width:
         w.add_expert_shared_feed_forward_length(c.shared_expert_width)
     w.add_head_count(c.heads)
     w.add_head_count_kv(c.kv_heads)
     w.add_key_length(c.head_dim)
     w.add_value_length(c.head_dim)
-    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_dimension_count(c.rotary_dims)  # partial RoPE: GLM-4.5 only
     w.add_rope_freq_base(float(c.rope_theta))
     w.add_layer_norm_rms_eps(float(c.norm_eps))
     w.add_expert_count(c.experts)

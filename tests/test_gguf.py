@@ -91,6 +91,20 @@ ARCHS = {
         "router_bias": True,
         "renormalize_min": 1e-12,
     },
+    "glm4moe": {  # ERNIE's layout with a sigmoid router, scaled weights, q/k/v biases, q/k norm, partial RoPE
+        "source_architecture": "Glm4MoeForCausalLM",
+        "router_score": "sigmoid",
+        "renormalize_eps": 1e-20,
+        "routed_scale": 2.5,
+        "dense_layers": (0,),
+        "dense_width": 36,
+        "shared_expert_width": 48,
+        "expert_width": 24,
+        "router_bias": True,
+        "qkv_bias": True,
+        "qk_norm": True,
+        "rope_dims": 8,
+    },
 }
 
 
@@ -118,8 +132,12 @@ def test_tensor_names_are_llama_cpps(tiny_config, arch):
     assert names <= known
     assert "blk.2.ffn_gate_exps.weight" in names and ("output.weight" in names) == (not config.qk_norm)
     assert ("blk.0.attn_q_norm.weight" in names) == config.qk_norm
-    assert ("blk.1.attn_q.bias" in names) == ("blk.1.ffn_gate_inp_shexp.weight" in names) == (arch == "qwen2moe")
-    if arch == "ernie4_5-moe":  # layer 0 dense, the others MoE with the selection bias and shared experts
+    assert ("blk.1.attn_q.bias" in names) == (arch in ("qwen2moe", "glm4moe"))
+    assert ("blk.1.ffn_gate_inp_shexp.weight" in names) == (arch == "qwen2moe")
+    assert (
+        ("blk.1.post_attention_norm.weight" in names) == ("blk.1.ffn_norm.weight" not in names) == (arch == "glm4moe")
+    )
+    if arch in ("ernie4_5-moe", "glm4moe"):  # layer 0 dense, the others MoE with the selection bias and shared experts
         assert {"blk.0.ffn_gate.weight", "blk.1.exp_probs_b.bias", "blk.2.ffn_up_shexp.weight"} <= names
         assert "blk.0.ffn_gate_inp.weight" not in names
 
@@ -129,7 +147,7 @@ def test_tensor_names_are_llama_cpps(tiny_config, arch):
     [
         {"source_architecture": "Ernie4_5_MoeForCausalLM", "dense_layers": (2,), "dense_width": 36},
         {"source_architecture": "Ernie4_5_MoeForCausalLM", "renormalize_min": 0.9},
-        {"source_architecture": "Glm4MoeForCausalLM", "router_score": "sigmoid", "renormalize_eps": 1e-20},
+        {"source_architecture": "Glm4MoeForCausalLM", "router_score": "sigmoid", "renormalize_eps": 1e-20},  # no shared
         {"qk_norm": True, "renormalize_top_k": False},
         {**ARCHS["qwen2moe"], "renormalize_top_k": True},
         {**ARCHS["olmoe"], "renormalize_top_k": True},
@@ -137,7 +155,7 @@ def test_tensor_names_are_llama_cpps(tiny_config, arch):
     ],
 )
 def test_what_this_writer_does_not_cover_is_refused(tiny_config, options):
-    """What no llama.cpp arch the writer covers expresses (GLM-4.5 MoE, ERNIE's MoE layers ending
+    """What no llama.cpp arch the writer covers expresses (GLM-4.5 without shared experts, ERNIE's MoE layers ending
     before the last layer or a renormalisation floor that can act, a top-k renormalisation other
     than the arch's, OLMoE with grouped-query attention) goes to `--format hf`."""
     config = replace(tiny_config, **options)
@@ -217,6 +235,12 @@ def _no_selection_bias(model):
             b.zero_()
 
 
+def _unscaled(model):  # GLM's routed_scaling_factor left out
+    for block in model.blocks:
+        if block.moe is not None:
+            block.moe.routing = replace(block.moe.routing, scale=1.0)
+
+
 def _no_shared_gate(model):  # sigmoid(0) = 1/2 for every token
     with torch.no_grad():
         for block in model.blocks:
@@ -227,12 +251,12 @@ def _no_shared_gate(model):  # sigmoid(0) = 1/2 for every token
 @pytest.mark.parametrize(
     "arch,mistake",
     [("qwen2moe", _renormalise), ("olmoe", _renormalise), ("ernie4_5-moe", _no_selection_bias)]
-    + [("qwen2moe", _no_shared_gate)],
+    + [("qwen2moe", _no_shared_gate), ("glm4moe", _no_selection_bias), ("glm4moe", _unscaled)],
 )
 def test_the_check_sees_a_wrong_router_or_shared_expert(tiny_config, tmp_path, corpus_and_tokenizer, arch, mistake):
     """Negative control for the archs above: the file is written from the model, then our model
     computes one thing differently (top-k renormalised where llama.cpp's qwen2moe/olmoe graph does
-    not, no selection bias, an ungated shared expert); the float check must refuse it."""
+    not, no selection bias, an ungated shared expert, GLM's scale left out); the float check must refuse it."""
     from elasticmoe.gguf_export import verify_gguf
 
     tokenizer, tok_file, _ = corpus_and_tokenizer
@@ -245,7 +269,8 @@ def test_the_check_sees_a_wrong_router_or_shared_expert(tiny_config, tmp_path, c
 
 
 @pytest.mark.parametrize(
-    "qtype,arch", [("f16", "llama"), ("q8_0", "llama"), ("q8_0", "qwen2moe"), ("q8_0", "ernie4_5-moe")]
+    "qtype,arch",
+    [("f16", "llama"), ("q8_0", "llama"), ("q8_0", "qwen2moe"), ("q8_0", "ernie4_5-moe"), ("q8_0", "glm4moe")],
 )
 def test_rounded_types_stay_close(tiny_config, tmp_path, corpus_and_tokenizer, qtype, arch):
     tokenizer, tok_file, _ = corpus_and_tokenizer
@@ -259,7 +284,7 @@ def test_rounded_types_stay_close(tiny_config, tmp_path, corpus_and_tokenizer, q
     assert types["blk.0.attn_norm.weight"] == "F32"
     if arch == "qwen2moe":  # the shared expert's gate is a vector, kept float32 like the router
         assert types["blk.0.ffn_gate_inp_shexp.weight"] == "F32" and types["blk.0.ffn_up_shexp.weight"] == "Q8_0"
-    if arch == "ernie4_5-moe":  # the dense layer quantised like the experts, the selection bias float32
+    if arch in ("ernie4_5-moe", "glm4moe"):  # the dense layer quantised like the experts, the selection bias float32
         assert types["blk.0.ffn_gate.weight"] == "Q8_0" and types["blk.1.exp_probs_b.bias"] == "F32"
     assert 0 < check["max_abs_logit_diff"] <= {"f16": 1e-2, "q8_0": 5e-2}[qtype] * check["max_abs_logit"]
 
