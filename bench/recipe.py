@@ -99,9 +99,14 @@ def _data_for(base, seed: int, out: Path) -> Path:
     return folder / "data"
 
 
+# The tiny preset's schedule when these arms were run (before commit 617472a made the late switch the
+# default): each arm's overrides apply on top of it, so a rerun reproduces bench/RECIPE.md's tables.
+SCHEDULE_THEN = {"tiny": ["sampling.full_fraction=0.3", "reorder.at_switch=false", "reorder.at_steps=[250,500]"]}
+
+
 def _recipe(preset: str, seed: int, overrides: list[str], steps: int | None):
     extra = [f"train.seed={seed}"] + ([f"train.steps={steps}"] if steps else [])
-    return load_recipe(preset, extra + overrides)
+    return load_recipe(preset, extra + SCHEDULE_THEN.get(preset, []) + overrides)
 
 
 def _alone_recipe(base, spec: str | None):

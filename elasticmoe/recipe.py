@@ -73,7 +73,7 @@ class SamplingConfig:
     target_weights: tuple[float, ...] = ()  # budget mode: probabilities over targets
     # the first steps * full_fraction steps train the largest network only, the sandwich the rest:
     # 0.8 costs 1.26x a plain run's FLOPs per token (0.3: 1.91x) and its family is cheaper at every
-    # size with children as good or better (tiny, 2 seeds: bench/RECIPE.md)
+    # size with children as good (tiny, 2 seeds: bench/RECIPE.md)
     full_fraction: float = 0.8
     # progressive shrinking: fractions of the steps spent in each phase, in this order
     phases: dict[str, float] = field(default_factory=lambda: {"full": 0.1, "depth": 0.15, "experts": 0.15, "all": 0.6})
