@@ -1,5 +1,7 @@
 #!/bin/bash
-# usage: launch.sh ARM SEED  (code frozen at /work/abl)
+# usage: launch.sh ARM SEED  (code frozen at /work/abl = commit b401713: `git worktree add --detach
+# /work/abl b401713`). "default" there is the 30% switch, the default of that commit; at HEAD the
+# same schedule is --set sampling.full_fraction=0.3 --set reorder.at_switch=false --set "reorder.at_steps=[250,500]".
 arm=$1; seed=$2
 case $arm in
   default) extra=() ;;
