@@ -5,8 +5,9 @@
 #   the switch at equal all-in FLOPs to retrofit-4x: scale-launch.sh 1400 0 0.714 reference
 # Code frozen at commit b401713 (the code of the 1M-token family runs, runs/fam23) plus `run
 # --children`, in the worktree /work/scale, so that every run compares the same code. A rerun resumes.
-# Recreate it (from the repo root): git worktree add --detach /work/scale b401713 && git -C /work/scale apply "$PWD/
-# bench/recipe-results/scale-worktree.patch" (run --children, adapted to that commit).
+# Recreate it from the repo root (the patch is `run --children`, adapted to that commit):
+#   git worktree add --detach /work/scale b401713
+#   git -C /work/scale apply "$PWD/bench/recipe-results/scale-worktree.patch"
 steps=$1; seed=$2; ff=${3:-0.8}; baselines=${4:-all}
 out=/work/main/runs/scale/ff$ff-$steps-s$seed
 cd /work/scale
