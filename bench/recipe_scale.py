@@ -30,7 +30,7 @@ from statistics import mean
 
 import yaml
 
-from elasticmoe.methods import paired_text_diff
+from elasticmoe.methods import _text, paired_text_diff
 
 ELASTIC, SCRATCH = "elastic + fine-tune", "from scratch"
 RIVALS = {"scratch": SCRATCH, "retrofit-4x": "retrofit-4x + fine-tune"}
@@ -40,10 +40,6 @@ def budget(run: Path) -> int:
     """Training tokens of the run's parent: steps x batch x sequence length."""
     r = yaml.safe_load((run / "recipe.yaml").read_text())
     return int(r["train"]["steps"]) * int(r["train"]["batch_size"]) * int(r["data"]["seq_len"])
-
-
-def _text(row: dict | None) -> dict | None:
-    return ((row or {}).get("eval") or {}).get("tasks", {}).get("text")
 
 
 def run_figures(run: Path, child: str = "ernie51-shape") -> dict:

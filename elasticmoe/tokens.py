@@ -538,8 +538,8 @@ class StratifiedBatches:
             else:
                 tasks[t] = self.sources[t][0].state_dict()
         state = {"step": self.step, "seed": self.seed, "tasks": tasks}
-        if self.curriculum > 0:
-            state["curriculum"] = self._curriculum_state()
+        if (curriculum := self._curriculum_state()) is not None:
+            state["curriculum"] = curriculum
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
