@@ -33,6 +33,8 @@ ARMS = {
     "one-query": ["data.task_spec.find_queries=1"],  # find: one query per example instead of 3
     # the levels enter easiest first, one every 1/8 of the run (all four from 3/8 of it on)
     "curriculum": ["data.curriculum=0.5"],
+    # packed rows: each example attends only to itself (model.document_mask), no earlier example in view
+    "doc-mask": ["data.document_mask=true"],
 }
 COMMON = ["sampling.full_fraction=1.0"]
 

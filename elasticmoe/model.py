@@ -117,7 +117,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim if per_head else c.heads * c.head_dim, c.norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim if per_head else c.kv_heads * c.head_dim, c.norm_eps) if c.qk_norm else None
 
-    def forward(self, x_BTD, cos_TDh, sin_TDh, cache: KVCache | None = None, slot: int = 0):
+    def forward(self, x_BTD, cos_TDh, sin_TDh, cache: KVCache | None = None, slot: int = 0, mask_BTT=None):
+        """`mask_BTT` (bool, True = may attend; no cache): a causal mask of the caller's, e.g. one that
+        keeps each packed document to itself (`document_mask`); None is plain causal attention."""
         B, T, _ = x_BTD.shape
         q_BTX, k_BTX = self.q_proj(x_BTD), self.k_proj(x_BTD)
         if self.qk_norm_scope == "all":
@@ -133,7 +135,11 @@ class Attention(nn.Module):
         if cache is not None:
             start = cache.length
             k_BGTDh, v_BGTDh = cache.update(slot, k_BGTDh, v_BGTDh)
-        if start == 0:
+        if mask_BTT is not None:
+            if cache is not None:
+                raise ValueError("an attention mask cannot be combined with a KV cache")
+            mask, causal = mask_BTT[:, None], False
+        elif start == 0:
             mask, causal = None, T > 1
         else:  # new queries sit at positions start..start+T-1 and see every earlier key
             S = k_BGTDh.shape[2]
@@ -378,12 +384,12 @@ class Block(nn.Module):
                 c.d_model, experts, width, c.shared_expert_width, c.shared_expert_gate, Routing.of(c), c.router_bias
             )
 
-    def forward(self, x_BTD, cos, sin, spec: LayerSpec, cache=None, slot=0, dispatch: str = "auto"):
-        return self.moe_half(self.attention_half(x_BTD, cos, sin, cache, slot), spec, dispatch)
+    def forward(self, x_BTD, cos, sin, spec: LayerSpec, cache=None, slot=0, dispatch: str = "auto", mask_BTT=None):
+        return self.moe_half(self.attention_half(x_BTD, cos, sin, cache, slot, mask_BTT), spec, dispatch)
 
     # the two residual halves, also run on their own by re-ordering (importance) and latency tables
-    def attention_half(self, x_BTD, cos, sin, cache=None, slot=0):
-        return x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, slot)
+    def attention_half(self, x_BTD, cos, sin, cache=None, slot=0, mask_BTT=None):
+        return x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, cache, slot, mask_BTT)
 
     def moe_half(self, x_BTD, spec: LayerSpec, dispatch: str = "auto"):
         if self.moe is None:  # a dense layer: no router, no auxiliary losses
@@ -392,6 +398,19 @@ class Block(nn.Module):
         B, T, D = x_BTD.shape
         y_ND, aux, z = self.moe(self.moe_norm(x_BTD).reshape(B * T, D), spec, dispatch)
         return x_BTD + y_ND.view(B, T, D), aux, z
+
+
+def document_mask(tokens_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T, T) bool: query t may attend to key s when s <= t and both lie in the same document of
+    the packed row. An EOS starts a document (it is the BOS of the one after it, as in evaluation's
+    [EOS] + prompt), so the token that predicts an EOS still sees its document, and the EOS, which
+    predicts the next document's first token, sees only itself. Packing without it lets a query see
+    earlier examples' keys (the same letters with other values), which a retrieval must then learn
+    to ignore (bench/TASKS.md, one example per row)."""
+    doc_BT = (tokens_BT == eos_id).cumsum(1)
+    T = tokens_BT.shape[1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=tokens_BT.device).tril()
+    return (doc_BT[:, :, None] == doc_BT[:, None, :]) & causal_TT
 
 
 @dataclass
@@ -443,8 +462,11 @@ class ElasticMoE(nn.Module):
         subnet: Subnet | None = None,
         cache: KVCache | None = None,
         dispatch: str = "auto",
+        doc_eos: int | None = None,
     ) -> ModelOutput:
-        """`dispatch` picks the MoE kernel (see MoE.forward); every choice gives the same function."""
+        """`dispatch` picks the MoE kernel (see MoE.forward); every choice gives the same function.
+        `doc_eos` (an EOS id; for packed rows): each token attends only within its own document, an EOS
+        starting one (`document_mask`); a row that is one document gives the same logits either way."""
         subnet = self.resolve(subnet)
         B, T = tokens_BT.shape
         start = cache.length if cache is not None else 0
@@ -453,10 +475,11 @@ class ElasticMoE(nn.Module):
         x_BTD = self.embed(tokens_BT)
         positions = torch.arange(start, start + T, device=tokens_BT.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x_BTD.dtype)
+        mask_BTT = None if doc_eos is None else document_mask(tokens_BT, doc_eos)
         aux = x_BTD.new_zeros((), dtype=torch.float32)
         z = x_BTD.new_zeros((), dtype=torch.float32)
         for slot, (i, spec) in enumerate(zip(subnet.layers, subnet.specs)):
-            x_BTD, a, zz = self.blocks[i](x_BTD, cos, sin, spec, cache, slot, dispatch)
+            x_BTD, a, zz = self.blocks[i](x_BTD, cos, sin, spec, cache, slot, dispatch, mask_BTT)
             aux, z = aux + a, z + zz
         if cache is not None:
             cache.length += T

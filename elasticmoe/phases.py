@@ -124,16 +124,19 @@ def _steps_for(tokens: int | None, steps: int | None, tokens_per_step: int) -> i
 
 
 @torch.no_grad()
-def mean_kd(child, teacher, windows: dict[str, torch.Tensor], device, temperature: float = 1.0) -> float:
+def mean_kd(
+    child, teacher, windows: dict[str, torch.Tensor], device, temperature: float = 1.0, doc_eos: int | None = None
+) -> float:
     """Mean KL(teacher || child) per token over the windows of every task (over the kept targets
-    of a task given as (windows, keep))."""
+    of a task given as (windows, keep)); `doc_eos` as in train.eval_losses."""
     total, n = 0.0, 0
     for w, keep in map(unpack_windows, windows.values()):
         x = w[:, :-1].to(device)
         keep = keep.to(device) if keep is not None else None
         count = int(keep.sum()) if keep is not None else x.numel()
         if count:
-            total += kd_loss(child(x).logits, teacher(x).logits, temperature, keep).item() * count
+            child_logits, teacher_logits = child(x, doc_eos=doc_eos).logits, teacher(x, doc_eos=doc_eos).logits
+            total += kd_loss(child_logits, teacher_logits, temperature, keep).item() * count
             n += count
     return total / max(n, 1)
 
@@ -235,13 +238,14 @@ def finetune(
     if task_weights:
         windows = {t: w for t, w in windows.items() if task_weights.get(t, 0) > 0} or windows
     full = Subnet.full(child.config)
+    doc_eos = data.tokenizer.eos_id if recipe.data.document_mask else None
     before_file = out_dir / "before.json"
     if resume and before_file.is_file():  # measured on the zero-shot child when this fine-tune began
         saved = json.loads(before_file.read_text())
         before, kd_before = saved["val"], saved["kd"]
     else:
-        before = eval_losses(child, windows, {"child": full}, dev)["child"]
-        kd_before = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
+        before = eval_losses(child, windows, {"child": full}, dev, doc_eos=doc_eos)["child"]
+        kd_before = mean_kd(child, teacher, windows, dev, temperature, doc_eos) if teacher is not None else None
         atomic_write_text(before_file, json.dumps({"val": before, "kd": kd_before}) + "\n")
     ledger = Ledger(ledger_path or data_run / "ledger.jsonl")
     info = {
@@ -255,8 +259,8 @@ def finetune(
     late: dict[str, Any] = {"kd": None, "kept": None}  # set when the model is published
 
     def final_meta(model, _val, kept) -> dict:
-        after.update(eval_losses(model, windows, {"child": full}, dev)["child"])
-        late["kd"] = mean_kd(model, teacher, windows, dev, temperature) if teacher is not None else None
+        after.update(eval_losses(model, windows, {"child": full}, dev, doc_eos=doc_eos)["child"])
+        late["kd"] = mean_kd(model, teacher, windows, dev, temperature, doc_eos) if teacher is not None else None
         late["kept"] = kept
         return {
             **child_meta,
@@ -298,8 +302,8 @@ def finetune(
     finally:
         par.close()
     if not after:  # stopped early, or resumed a finished fine-tune: measure the model as it is
-        after = eval_losses(child, windows, {"child": full}, dev)["child"]
-        late["kd"] = mean_kd(child, teacher, windows, dev, temperature) if teacher is not None else None
+        after = eval_losses(child, windows, {"child": full}, dev, doc_eos=doc_eos)["child"]
+        late["kd"] = mean_kd(child, teacher, windows, dev, temperature, doc_eos) if teacher is not None else None
     tokens = res.step * bs * recipe.data.seq_len
     return FinetuneResult(out_dir, res.step, tokens, before, after, kd_before, late["kd"], late["kept"])
 
@@ -376,7 +380,10 @@ def search_run(
     parent.to(dev)
     data = load_run_data(run_dir, recipe)
     evaluator = SubnetEvaluator(
-        parent, data.eval_windows("search", windows or recipe.train.eval_windows, recipe.data.loss_on), dev
+        parent,
+        data.eval_windows("search", windows or recipe.train.eval_windows, recipe.data.loss_on),
+        dev,
+        doc_eos=data.tokenizer.eos_id if recipe.data.document_mask else None,
     )
     seed = recipe.train.seed if seed is None else seed
     parent_cost = costmod.cost(parent.config, None, seq)

@@ -38,6 +38,9 @@ class DataConfig:
     # tasks' levels enter one by one, easiest first (tokens.StratifiedBatches); 0 = off, every
     # level from the first step (the mix of task_spec.level_weights)
     curriculum: float = 0.0
+    # packed rows: each token attends only within its own document (an EOS starts one), so an
+    # example never sees the keys of the examples packed before it (model.document_mask)
+    document_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,8 @@ class Recipe:
             check_type(p, name, value(name), str)
         for name in ("data.paths", "data.eval_paths", "sampling.targets"):
             check_type(p, name, value(name), tuple, str)
-        for name in ("sampling.per_layer", "reorder.neurons", "reorder.layers", "reorder.at_switch"):
+        bools = ("sampling.per_layer", "reorder.neurons", "reorder.layers", "reorder.at_switch", "data.document_mask")
+        for name in bools:
             check_type(p, name, value(name), bool)
         for name in ("data.task_weights", "sampling.phases"):
             mapping = value(name)

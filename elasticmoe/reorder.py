@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import torch
 
-from .model import ElasticMoE, rope_cos_sin
+from .model import ElasticMoE, document_mask, rope_cos_sin
 from .subnet import Subnet
 
 
 @torch.no_grad()
-def measure_importance(model: ElasticMoE, batches: list[torch.Tensor], experts_by: str = "mass") -> dict:
-    """Expert scores per layer (E,), neuron scores per layer (E, W), layer scores (L,)."""
+def measure_importance(
+    model: ElasticMoE, batches: list[torch.Tensor], experts_by: str = "mass", doc_eos: int | None = None
+) -> dict:
+    """Expert scores per layer (E,), neuron scores per layer (E, W), layer scores (L,). `doc_eos`:
+    attention kept inside each packed document, as in training (`data.document_mask`)."""
     c = model.config
     full = Subnet.full(c)
     expert_scores = [torch.zeros(0 if b.moe is None else b.moe.router.weight.shape[0]) for b in model.blocks]
@@ -42,9 +45,10 @@ def measure_importance(model: ElasticMoE, batches: list[torch.Tensor], experts_b
     for tokens in batches:
         x = model.embed(tokens)
         cos, sin = rope_cos_sin(model.inv_freq, torch.arange(tokens.shape[1], device=tokens.device), x.dtype)
+        mask = None if doc_eos is None else document_mask(tokens, doc_eos)
         for i, spec in zip(full.layers, full.specs):
             block = model.blocks[i]
-            h = block.attention_half(x, cos, sin)
+            h = block.attention_half(x, cos, sin, mask_BTT=mask)
             if block.moe is not None:
                 hn = block.moe_norm(h).reshape(-1, c.d_model)
                 expert_scores[i] += _expert_scores(block.moe, hn, spec, experts_by)
@@ -117,11 +121,12 @@ def reorder(
     experts_by: str = "mass",
     neurons: bool = True,
     layers: bool = True,
+    doc_eos: int | None = None,
 ) -> dict:
     """Measure importance on `batches` (held-out validation tokens) and apply it. Returns a summary."""
     was_training = model.training
     model.eval()
-    scores = measure_importance(model, batches, experts_by)
+    scores = measure_importance(model, batches, experts_by, doc_eos)
     summary: dict = {"expert_perms": [], "layer_order": None}
     for i in range(model.config.layers):
         if model.blocks[i].moe is None:  # a dense layer: nothing to re-order

@@ -278,6 +278,7 @@ class SubnetEvaluator:
         device: torch.device | str,
         task_weights: dict[str, float] | None = None,
         batch: int = 8,
+        doc_eos: int | None = None,
     ):
         if not windows:
             raise ConfigError("search needs at least one task of validation windows")
@@ -288,7 +289,7 @@ class SubnetEvaluator:
             for t, w in windows.items()
         }
         self._set_weights(dict(task_weights or dict.fromkeys(windows, 1.0)))
-        self.batch = batch
+        self.batch, self.doc_eos = batch, doc_eos  # doc_eos: as in train.eval_losses
         self.cache: dict[Subnet, dict[str, float]] = {}
         self.tokens = self.flops = self.evaluations = 0
         self.seconds = 0.0
@@ -326,7 +327,9 @@ class SubnetEvaluator:
         """Per-task mean next-token cross-entropy (nats) of `subnet`; cached."""
         if subnet not in self.cache:
             t0 = time.perf_counter()
-            self.cache[subnet] = eval_losses(self.parent, self.windows, {"s": subnet}, self.device, self.batch)["s"]
+            self.cache[subnet] = eval_losses(
+                self.parent, self.windows, {"s": subnet}, self.device, self.batch, self.doc_eos
+            )["s"]
             for w, _ in map(unpack_windows, self.windows.values()):
                 self.tokens += w[:, 1:].numel()
                 self.flops += costmod.cost(self.config, subnet, w.shape[1] - 1).flops_forward * w[:, 1:].numel()

@@ -224,9 +224,11 @@ def eval_losses(
     subnets: dict[str, Subnet],
     device: torch.device,
     batch: int = 8,
+    doc_eos: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Mean next-token cross-entropy per task for each named sub-network, on held-out windows.
-    A task's windows may be (windows, keep): only the targets where keep is True count."""
+    A task's windows may be (windows, keep): only the targets where keep is True count. `doc_eos`:
+    each document of a window attends only to itself (`data.document_mask`, as in training)."""
     was = model.training
     model.eval()
     out: dict[str, dict[str, float]] = {}
@@ -241,7 +243,7 @@ def eval_losses(
                 if keep is not None:
                     y = y.masked_fill(~keep[i : i + batch].to(device), IGNORE)
                 with autocast(device):
-                    logits = model(chunk[:, :-1], sn).logits
+                    logits = model(chunk[:, :-1], sn, doc_eos=doc_eos).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
                 total += loss.item()
                 count += int((y != IGNORE).sum())
@@ -376,7 +378,9 @@ class StepResult:
     flops: int  # training FLOPs spent, teacher forward included
 
 
-def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teacher=None) -> StepResult:
+def train_step(
+    model, opt, x, y, subnets, recipe: Recipe, par, step: int, teacher=None, doc_eos: int | None = None
+) -> StepResult:
     """One optimizer step: each sub-network's forward and backward (gradient accumulation), one
     clip, one AdamW step. With no external teacher the first (largest) sub-network learns from the
     data and teaches the others in place; the step's loss is a weighted mean (distill.subnet_weight).
@@ -389,7 +393,7 @@ def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teache
     target = None
     if teacher is not None:
         with torch.no_grad(), autocast(par.device):
-            target = teacher(x).logits.detach()
+            target = teacher(x, doc_eos=doc_eos).logits.detach()
         flops += costmod.cost(teacher.config, None, seq).flops_forward * x.numel()
     losses: dict[str, float] = {}
     out = None
@@ -405,13 +409,15 @@ def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teache
         if n and ks is not None and not bool(ks.any()):
             continue  # this sub-network's rows hold no target the data trains on
         with autocast(par.device):
-            out = model(xs, sn)
+            out = model(xs, sn, doc_eos=doc_eos)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), ys.flatten())
         if target is None:  # in-place distillation: the largest is the teacher of the step
             loss, target = ce, out.logits.detach()
         else:
             if rows_mode:
-                teach, extra = _teacher_rows(model, x, target, full_rows, rows_of[n], subnets[0][1], par.device)
+                teach, extra = _teacher_rows(
+                    model, x, target, full_rows, rows_of[n], subnets[0][1], par.device, doc_eos
+                )
                 flops += costmod.cost(recipe.model, subnets[0][1], seq).flops_forward * extra * seq
             else:
                 teach = target
@@ -434,14 +440,14 @@ def train_step(model, opt, x, y, subnets, recipe: Recipe, par, step: int, teache
     return StepResult(True, losses, out.aux_loss.item(), grad_norm.item(), flops)
 
 
-def _teacher_rows(model, x, full_logits, full_rows: list[int], rows: list[int], largest_sn, device):
+def _teacher_rows(model, x, full_logits, full_rows: list[int], rows: list[int], largest_sn, device, doc_eos=None):
     """Teacher logits of `rows`: the largest's own (detached) logits where it trained on all of
     them, else a forward of the largest on them without gradient. Returns (logits, rows run)."""
     where = {r: i for i, r in enumerate(full_rows)}
     if all(r in where for r in rows):
         return full_logits[torch.tensor([where[r] for r in rows], device=full_logits.device)], 0
     with torch.no_grad(), autocast(device):
-        return model(x[torch.tensor(rows, device=x.device)], largest_sn).logits.detach(), len(rows)
+        return model(x[torch.tensor(rows, device=x.device)], largest_sn, doc_eos=doc_eos).logits.detach(), len(rows)
 
 
 def train(
@@ -510,6 +516,7 @@ def run_job(
         curriculum=recipe.data.curriculum,
         total_steps=t.steps,
     )
+    doc_eos = job.data.tokenizer.eos_id if recipe.data.document_mask else None
     step, bad_in_row, tokens_seen = 0, 0, 0
     # this attempt's id; the ids of all attempts whose work led to the saved state travel with the
     # checkpoints and the final model, so a report can sum exactly the work behind an artefact
@@ -538,7 +545,7 @@ def run_job(
 
     def evaluate() -> dict:
         t0, subnets = time.perf_counter(), _eval_subnets(recipe, model)
-        out = eval_losses(model, windows, subnets, device)
+        out = eval_losses(model, windows, subnets, device, doc_eos=doc_eos)
         n = sum(w[:, 1:].numel() for w, _ in map(unpack_windows, windows.values()))
         flops = sum(costmod.cost(recipe.model, sn, recipe.data.seq_len).flops_forward for sn in subnets.values())
         ledger.append(
@@ -562,7 +569,7 @@ def run_job(
     def reorder_now() -> None:
         held_out = [w[: recipe.reorder.batches * 4, :-1].to(device) for w, _ in map(unpack_windows, windows.values())]
         t0 = time.perf_counter()
-        summary = par.reorder(model, opt, functools.partial(_reorder, recipe, held_out))
+        summary = par.reorder(model, opt, functools.partial(_reorder, recipe, held_out, doc_eos))
         n = sum(h.numel() for h in held_out)
         ledger.append(
             {
@@ -614,7 +621,7 @@ def run_job(
                 g["lr"] = lr
             x, y = (v.to(device) for v in next(batches))
             subnets = par.agree_on_subnets(step, sample_step(recipe, step, model.layer_order))
-            res = train_step(model, opt, x, y, subnets, recipe, par, step, job.teacher)
+            res = train_step(model, opt, x, y, subnets, recipe, par, step, job.teacher, doc_eos)
             step += 1
             dt = time.perf_counter() - t0
             seg["flops"] += res.flops  # a skipped step's compute was spent all the same
@@ -754,9 +761,9 @@ class _Best:
         }
 
 
-def _reorder(recipe: Recipe, held_out: list[torch.Tensor], model: ElasticMoE, opt) -> dict:
+def _reorder(recipe: Recipe, held_out: list[torch.Tensor], doc_eos: int | None, model: ElasticMoE, opt) -> dict:
     r = recipe.reorder
-    return reorder(model, held_out, opt, r.experts_by, r.neurons, r.layers)
+    return reorder(model, held_out, opt, r.experts_by, r.neurons, r.layers, doc_eos)
 
 
 def _eval_subnets(recipe: Recipe, model: ElasticMoE) -> dict[str, Subnet]:

@@ -317,6 +317,35 @@ def test_chunked_prefill_with_cache_equals_one_shot(tiny_config, subnet):
     assert torch.allclose(torch.cat([first, second], dim=1), one_shot, atol=1e-5, rtol=0)
 
 
+# -- document masking (packed rows) ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "subnet", [None, Subnet((1, 2), (LayerSpec(3, 2, 8), LayerSpec(2, 1, 24)))], ids=["parent", "subnet"]
+)
+def test_document_mask_gives_each_packed_document_its_own_logits(tiny_config, subnet):
+    """A row packing [EOS]+doc three times, masked by documents, gives every document the logits
+    it gets alone (RoPE is relative: the shift of positions does not matter); unmasked it does not."""
+    model = make_model(tiny_config)
+    eos = 0
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(1, tiny_config.vocab_size, (n,), generator=g) for n in (5, 3, 7)]
+    row = torch.cat([torch.cat([torch.tensor([eos]), d]) for d in docs])[None]
+    with torch.no_grad():
+        masked = model(row, subnet, doc_eos=eos).logits[0]
+        plain = model(row, subnet).logits[0]
+        start = 0
+        for d in docs:
+            alone = model(torch.cat([torch.tensor([eos]), d])[None], subnet).logits[0]
+            got = masked[start : start + len(d) + 1]
+            assert torch.allclose(got, alone, atol=1e-5, rtol=0)
+            if start:  # a later document sees the earlier ones without the mask
+                assert not torch.allclose(plain[start : start + len(d) + 1], alone, atol=1e-3, rtol=0)
+            start += len(d) + 1
+        one = row[:, :6]  # one document: the mask is plain causal attention
+        assert torch.allclose(model(one, subnet, doc_eos=eos).logits, model(one, subnet).logits, atol=1e-6, rtol=0)
+        with pytest.raises(ValueError, match="KV cache"):
+            model(row, subnet, model.new_cache(1, row.shape[1], subnet), doc_eos=eos)
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
 def test_save_load_round_trip_gives_identical_logits(tiny_config, tmp_path):
     config = replace(tiny_config, shared_expert_width=8, qk_norm=True)

@@ -18,6 +18,7 @@ from elasticmoe import train as trainmod
 from elasticmoe.checkpoint import CheckpointError, verify_manifest
 from elasticmoe.metrics import read_metrics
 from elasticmoe.recipe import load_recipe
+from elasticmoe.tokenizer import load_tokenizer
 from elasticmoe.train import describe_schedule, sample_step, train
 from elasticmoe.trainstate import find_checkpoint
 
@@ -50,6 +51,32 @@ def test_training_lowers_validation_loss_of_largest_and_smallest(tmp_path):
     assert (tmp_path / "run" / "parent" / "manifest.json").exists()
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert res.tokens_per_s > 0
+
+
+def test_document_mask_reaches_training_and_validation(tmp_path, monkeypatch):
+    """data.document_mask: every forward of the steps and the validation gets the EOS id (a packed
+    validation window holds several documents, so its loss at step 0, the same
+    initial weights, differs from the unmasked run's); the run trains to a finite loss."""
+    seen = []
+    real = trainmod.ElasticMoE.forward
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("doc_eos"))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(trainmod.ElasticMoE, "forward", spy)
+    over = {"train.steps": 6, "train.eval_every": 6, "reorder.at_steps": "[3]"}
+    train(micro(**over, **{"data.document_mask": "true"}), tmp_path / "masked", progress=False)
+    assert set(seen) == {load_tokenizer(tmp_path / "masked" / "parent").eos_id}, set(seen)
+    seen.clear()
+    train(micro(**over), tmp_path / "plain", progress=False)
+    assert set(seen) == {None}
+    masked, plain = (
+        [r for r in read_metrics(tmp_path / run / "metrics.jsonl") if "val" in r] for run in ("masked", "plain")
+    )
+    assert masked[0]["step"] == plain[0]["step"] == 0
+    assert masked[0]["val"]["largest"]["text"] != plain[0]["val"]["largest"]["text"]
+    assert all(v == v and v < 20 for v in masked[-1]["val"]["largest"].values())
 
 
 def test_sandwich_sampling_is_a_function_of_seed_and_step():
@@ -207,6 +234,7 @@ def test_nonfinite_step_is_skipped_and_parameters_untouched(tmp_path, monkeypatc
         (["--set", "train.bogus=1"], "bogus"),
         (["--set", "space.top_ks=[3]"], "top_ks"),
         (["--set", "space.widths=[999]"], "widths"),
+        (["--set", "data.document_mask=2"], "document_mask"),
     ],
 )
 def test_bad_inputs_give_one_line_errors_and_exit_2(tmp_path, extra, needle):
