@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-# arm -> recipe overrides of the structured data (the default formats: levels, kv every key queried,
-# arith reversed and zero-padded, sort over 0-3 since this ablation, find 3 queries, a uniform mix
-# over levels from the first step)
+# arm -> recipe overrides of the structured data. The base (COMMON) is `tiny` as it was before the
+# document-mask ablation changed its presets: levels, kv every key queried, arith reversed and
+# zero-padded, sort over 0-3, find 3 queries, a uniform mix over levels, packed rows unmasked. So
+# `default` is that base, and every arm's rows stay reproducible after the presets moved on.
 ARMS = {
     "default": [],
     "not-reversed": ["data.task_spec.arith_reversed=false"],  # arith answers most-significant digit first
@@ -35,8 +36,11 @@ ARMS = {
     "curriculum": ["data.curriculum=0.5"],
     # packed rows: each example attends only to itself (model.document_mask), no earlier example in view
     "doc-mask": ["data.document_mask=true"],
+    # both: the mix leans to the easy levels, each example alone in its attention
+    "doc-mask-easy-first": ["data.document_mask=true", "data.task_spec.level_weights=[4,3,2,1]"],
+    "doc-mask-easier-first": ["data.document_mask=true", "data.task_spec.level_weights=[8,4,2,1]"],
 }
-COMMON = ["sampling.full_fraction=1.0"]
+COMMON = ["sampling.full_fraction=1.0", "data.document_mask=false", "data.task_spec.level_weights=[]"]
 
 
 def commands(arm: str, seed: int, out: Path, examples: int) -> list[list[str]]:
