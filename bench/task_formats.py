@@ -11,6 +11,8 @@ line per (arm, seed) in --out; a rerun skips the lines already there.
         --root runs/task-formats --out bench/task-formats/results.jsonl
     python bench/task_formats.py --table bench/task-formats/results.jsonl
     python bench/task_formats.py --table bench/task-formats/curriculum.jsonl --versus default curriculum
+    OMP_NUM_THREADS=1 python bench/task_formats.py --config small --arms preset --seeds 0 \
+        --out bench/task-formats/small.jsonl      # the small preset's elastic parent as it is
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ ARMS = {
     # both: the mix leans to the easy levels, each example alone in its attention
     "doc-mask-easy-first": ["data.document_mask=true", "data.task_spec.level_weights=[4,3,2,1]"],
     "doc-mask-easier-first": ["data.document_mask=true", "data.task_spec.level_weights=[8,4,2,1]"],
+    # the preset exactly as it is (no COMMON): the elastic parent, with today's formats and schedule
+    "preset": None,
 }
 COMMON = ["sampling.full_fraction=1.0", "data.document_mask=false", "data.task_spec.level_weights=[]"]
 
 
-def commands(arm: str, seed: int, out: Path, examples: int) -> list[list[str]]:
-    sets = [f"train.seed={seed}", *COMMON, *ARMS[arm]]
-    train = ["elasticmoe", "train", "--config", "tiny", *(x for s in sets for x in ("--set", s)), "--out", str(out)]
+def commands(arm: str, seed: int, out: Path, examples: int, config: str = "tiny") -> list[list[str]]:
+    sets = [f"train.seed={seed}", *([] if ARMS[arm] is None else [*COMMON, *ARMS[arm]])]
+    train = ["elasticmoe", "train", "--config", config, *(x for s in sets for x in ("--set", s)), "--out", str(out)]
     evaluate = ["elasticmoe", "eval", str(out / "parent"), "--examples", str(examples), "--out", str(out / "eval.json")]
     return [train + ["--quiet"], evaluate]
 
@@ -69,21 +73,24 @@ def summary(eval_json: Path) -> dict:
     return out
 
 
-def run(arms: list[str], seeds: list[int], root: Path, out: Path, examples: int) -> None:
+def run(arms: list[str], seeds: list[int], root: Path, out: Path, examples: int, config: str = "tiny") -> None:
+    """Each (arm, seed) not yet in `out`: train, evaluate, append a line. Another preset than tiny
+    names its rows `config:arm`."""
     done = set()
     if out.is_file():
         done = {(r["arm"], r["seed"]) for r in map(json.loads, out.read_text().splitlines())}
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in seeds:  # seeds outermost: a cut-short ablation still holds every arm of seed 0
         for arm in arms:
-            if (arm, seed) in done:
+            name = arm if config == "tiny" else f"{config}:{arm}"
+            if (name, seed) in done:
                 continue
-            folder = root / f"{arm}-s{seed}"
-            cmds = commands(arm, seed, folder, examples)
+            folder = root / f"{name.replace(':', '-')}-s{seed}"
+            cmds = commands(arm, seed, folder, examples, config)
             t0 = time.time()
             for cmd in cmds:
                 subprocess.run([sys.executable, "-m", "elasticmoe", *cmd[1:]], check=True, stdout=subprocess.DEVNULL)
-            row = {"arm": arm, "seed": seed, "overrides": ARMS[arm], "commands": [" ".join(c) for c in cmds]}
+            row = {"arm": name, "seed": seed, "overrides": ARMS[arm], "commands": [" ".join(c) for c in cmds]}
             row |= {"seconds": round(time.time() - t0), "results": summary(folder / "eval.json")}
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -145,13 +152,14 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=Path("runs/task-formats"))
     p.add_argument("--out", type=Path, default=Path("bench/task-formats/results.jsonl"))
     p.add_argument("--examples", type=int, default=400, help="test examples per task (shared between levels)")
+    p.add_argument("--config", default="tiny", help="the preset the arms change (rows of another are named config:arm)")
     p.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
     p.add_argument("--versus", nargs=2, metavar=("BASE", "ARM"), help="with --table: ARM minus BASE, seed by seed")
     args = p.parse_args()
     if args.table:
         print(versus(args.table, *args.versus) if args.versus else table(args.table))
         return
-    run(args.arms, args.seeds, args.root, args.out, args.examples)
+    run(args.arms, args.seeds, args.root, args.out, args.examples, args.config)
 
 
 if __name__ == "__main__":
