@@ -206,6 +206,8 @@ def render_markdown(
     ]
     if parent_info.get("schedule"):
         lines += [f"Training schedule: {parent_info['schedule']}.", ""]
+    if parent_info.get("data"):
+        lines += [f"Training data: {parent_info['data']}.", ""]
     lines += [
         "Cost definitions (FLOPs from the analytic cost model, forward+backward = 3x forward):",
         "(a) marginal = search/K + extraction + fine-tune; (b) all-in = parent + marginal; "
@@ -552,8 +554,9 @@ def report_run(
     }
     if (run_dir / "recipe.yaml").exists():
         from .recipe import load_recipe
-        from .train import describe_schedule
+        from .train import describe_data, describe_schedule
 
-        info["schedule"] = describe_schedule(load_recipe(run_dir / "recipe.yaml"))
+        recipe = load_recipe(run_dir / "recipe.yaml")
+        info["schedule"], info["data"] = describe_schedule(recipe), describe_data(recipe)
     retention = _read(run_dir / "eval" / "results.json").get("retention")
     return write_report(run_dir, children, baselines, info, evals, claims, require_percent, retention)

@@ -165,6 +165,22 @@ def describe_schedule(recipe: Recipe) -> str:
     return f"{start}{step}{reorder}"
 
 
+def describe_data(recipe: Recipe) -> str:
+    """One phrase: how the rows are read (loss on, document masking, the level mix of the embedded
+    corpus's tasks), for the report beside the schedule."""
+    d = recipe.data
+    parts = ["structured rows trained on their answers only" if d.loss_on == "answers" else "loss on every token"]
+    parts.append(
+        "each packed document attends only to itself" if d.document_mask else "packed documents see the ones before"
+    )
+    if d.source == "default":
+        weights = list(d.task_spec.get("level_weights") or [])
+        parts.append(f"task levels drawn {weights} (easiest first)" if weights else "task levels drawn uniformly")
+        if d.curriculum:
+            parts.append(f"levels entering easiest first over {d.curriculum:.0%} of the run")
+    return "; ".join(parts)
+
+
 def row_layout(recipe: Recipe, rows: int, n_sub: int) -> tuple[list[int], list[list[int]]]:
     """Mode rows: which of `rows` rows (a rank's share of the batch: whole blocks) the largest
     trains on, and the rows of each of up to `n_sub` sub-networks (fewer when the block has fewer

@@ -238,6 +238,7 @@ def test_pipeline_end_to_end_with_kill_and_rerun(tmp_path):
     assert ratio > 1.5 and "Training FLOPs per token: elastic parent" in md and f"({ratio:.2f}x" in md
     assert "Fine-tuned row: kept " in md and "chosen on the validation split" in md  # which fine-tune state
     assert f"Training schedule: {describe_schedule(r)}." in md and "a sandwich" in md
+    assert "Training data: loss on every token; packed documents see the ones before; task levels drawn" in md
     # each child's percentages name that child's own from-scratch baseline
     assert f"Percentages are of this child's from-scratch baseline: measured: {ernie['subnet']} trained" in md
     rows = report["methods"]["children"]["ernie51-shape"]["rows"]

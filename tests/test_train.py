@@ -19,7 +19,7 @@ from elasticmoe.checkpoint import CheckpointError, verify_manifest
 from elasticmoe.metrics import read_metrics
 from elasticmoe.recipe import load_recipe
 from elasticmoe.tokenizer import load_tokenizer
-from elasticmoe.train import describe_schedule, sample_step, train
+from elasticmoe.train import describe_data, describe_schedule, sample_step, train
 from elasticmoe.trainstate import find_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -77,6 +77,16 @@ def test_document_mask_reaches_training_and_validation(tmp_path, monkeypatch):
     assert masked[0]["step"] == plain[0]["step"] == 0
     assert masked[0]["val"]["largest"]["text"] != plain[0]["val"]["largest"]["text"]
     assert all(v == v and v < 20 for v in masked[-1]["val"]["largest"].values())
+
+
+def test_describe_data_names_how_rows_are_read():
+    assert describe_data(load_recipe("tiny")) == (
+        "structured rows trained on their answers only; each packed document attends only to itself; "
+        "task levels drawn [8, 4, 2, 1] (easiest first)"
+    )
+    plain = describe_data(micro(**{"data.curriculum": 0.5}))
+    assert plain.startswith("loss on every token; packed documents see the ones before; task levels drawn uniformly")
+    assert plain.endswith("levels entering easiest first over 50% of the run")
 
 
 def test_sandwich_sampling_is_a_function_of_seed_and_step():
