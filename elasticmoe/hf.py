@@ -83,6 +83,7 @@ selection biases stored in float32 beside bf16 weights (ERNIE, GLM) stay float32
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -463,6 +464,43 @@ def export_source(model_dir_or_model, tokenizer_path=None) -> tuple[ElasticMoE, 
     return model, {"source": str(source), **meta}, tokenizer_path
 
 
+# transformers runs MoE experts with a grouped GEMM that needs 16-byte strides
+KERNEL_STRIDE_BYTES = 16
+
+
+def pad_expert_width(model: ElasticMoE, multiple: int | None = None) -> tuple[ElasticMoE, int | None]:
+    """The same function with the experts' hidden width rounded up to a multiple of `multiple` (by
+    default 16 bytes of the model's dtype: 4 float32 units, 8 bfloat16) by zero units (zero gate and
+    up rows, zero down columns: silu(0) * 0 adds nothing), so that transformers' grouped-GEMM kernel
+    can run it (a float32 child of width 2, 5 or 6 otherwise fails there with "strides should be
+    multiple of 16 bytes"). Returns (model, None) when nothing needs it, else (a padded copy, the
+    original width). Widths must be one for every MoE layer."""
+    c = model.config
+    multiple = multiple or max(1, KERNEL_STRIDE_BYTES // model.embed.weight.element_size())
+    widths = {c.layer_shape(i)[2] for i in range(c.layers) if not c.is_dense(i)}
+    if len(widths) != 1 or next(iter(widths)) % multiple == 0:
+        return model, None
+    (width,) = widths
+    padded_width = -(-width // multiple) * multiple
+    config = dataclasses.replace(
+        c, expert_width=padded_width, layer_shapes=tuple((e, k, padded_width) for e, k, _ in c.layer_shapes)
+    )
+    weight = model.embed.weight
+    padded = ElasticMoE(config).to(device=weight.device, dtype=weight.dtype)
+    source = model.state_dict()
+    state = {}
+    for name, target in padded.state_dict().items():
+        tensor = source[name]
+        if tensor.shape != target.shape:  # an expert tensor: the kept units first, zeros after them
+            grown = torch.zeros_like(target)
+            grown[tuple(slice(0, n) for n in tensor.shape)] = tensor
+            tensor = grown
+        state[name] = tensor
+    padded.load_state_dict(state)
+    padded.layer_order = list(model.layer_order)
+    return padded.train(model.training), width
+
+
 def export_hf(
     model_dir_or_model: ElasticMoE | str | Path,
     out_dir: str | Path,
@@ -481,8 +519,9 @@ def export_hf(
     (a folder outside a run), on random token ids: the record says which (`hf_verification.tokens`).
     `verify=False` skips the check (and the record says so). Returns the provenance.
     """
-    model, meta, tokenizer_path = export_source(model_dir_or_model, tokenizer_path)
-    model_type = architecture_for(model.config)
+    original, meta, tokenizer_path = export_source(model_dir_or_model, tokenizer_path)
+    model_type = architecture_for(original.config)
+    model, padded_from = pad_expert_width(original)
     dtype = model.embed.weight.dtype
     record = _jsonable(
         {
@@ -493,6 +532,13 @@ def export_hf(
             "layer_order": list(model.layer_order),
         }
     )
+    if padded_from is not None:
+        record["expert_width_padded"] = {
+            "width": padded_from,
+            "exported": model.config.expert_width,
+            "why": f"transformers' grouped-GEMM expert kernel needs rows of {KERNEL_STRIDE_BYTES}-byte "
+            "multiples; the added units are zero and change no logit",
+        }
     from .model_card import model_card, model_name, portable
 
     record.setdefault("name", model_name(record, out_dir))
@@ -518,7 +564,11 @@ def export_hf(
             tmp / "config.json", hf_config(model.config, model_type, dtype, token_id, portable(record), pad_id)
         )
         if verify:
-            record["hf_verification"] = {**_verify_folder(model, tmp, verify_tokens, tolerance), "tokens": tokens_note}
+            # against the model as it was (unpadded): the check covers the padding too
+            record["hf_verification"] = {
+                **_verify_folder(original, tmp, verify_tokens, tolerance),
+                "tokens": tokens_note,
+            }
         else:
             record["hf_verification"] = {"skipped": "verify=False"}
         checkpoint.write_json(

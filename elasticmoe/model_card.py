@@ -192,6 +192,12 @@ def model_card(
         lines.append(f"- this folder holds the **fine-tuned** child: {teacher} for {ft.get('tokens', 0):,} tokens")
     elif subnet:
         lines.append("- this folder holds the **zero-shot** child: extracted from the parent, not fine-tuned")
+    pad = record.get("expert_width_padded")
+    if isinstance(pad, dict):
+        lines.append(
+            f"- expert width {pad.get('width')} stored as {pad.get('exported')} with zero units "
+            f"(same logits): {pad.get('why', '')}"
+        )
     v = record.get("verification") or {}
     if v:
         lines.append(

@@ -75,6 +75,21 @@ def test_export_logits_match(tiny_config, tmp_path, qk_norm, arch, tied):
     assert arch in card and "parity test" in card
 
 
+@pytest.mark.parametrize("width, padded", [(2, 4), (6, 8)])
+def test_narrow_experts_export_padded_with_zero_units(tiny_config, tmp_path, width, padded):
+    """transformers' grouped-GEMM expert kernel refuses widths whose rows are not 16-byte multiples
+    (2 or 6 float32 units): the export pads the experts with zero units to a multiple of 4, which
+    changes no logit, and says so in the record and the card; the exported model runs in transformers."""
+    model = make_model(replace(tiny_config, expert_width=width))
+    record = export_hf(model, tmp_path / "hf", verify_tokens=tokens_for(model.config))
+    assert record["expert_width_padded"]["width"] == width and record["expert_width_padded"]["exported"] == padded
+    hf = load_hf(tmp_path / "hf")
+    assert hf.config.intermediate_size == padded
+    assert max_logit_diff_hf(model, hf, tokens_for(model.config, 3, 40, seed=2)) <= TOL
+    assert f"expert width {width} stored as {padded} with zero units" in (tmp_path / "hf" / "README.md").read_text()
+    assert model.config.expert_width == width  # the caller's model is not touched
+
+
 def test_export_keys_identical_to_save_pretrained(tiny_config, tmp_path):
     for qk_norm in (False, True):
         export_hf(make_model(replace(tiny_config, qk_norm=qk_norm)), tmp_path / f"ours{qk_norm}")
