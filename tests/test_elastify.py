@@ -101,7 +101,8 @@ def test_the_teacher_is_the_frozen_original(tmp_path, monkeypatch):
     seen = []
     real_step = trainmod.train_step
 
-    def spy(model, opt, x, y, subnets, recipe, par, step, teacher=None):
+    def spy(model, opt, x, y, subnets, recipe, par, step, teacher=None, doc_eos=None):
+        assert doc_eos is None  # micro: packed rows unmasked, so the teacher's check below is like for like
         assert teacher is not None and teacher is not model, "the teacher must be a model apart from the student"
         assert not any(p.requires_grad for p in teacher.parameters())
         now = teacher.state_dict()
@@ -112,7 +113,7 @@ def test_the_teacher_is_the_frozen_original(tmp_path, monkeypatch):
         assert diff <= TOL  # the teacher computes as the original does
         assert len(subnets) >= 2  # elastic from the first step: no full-network warm-up
         seen.append((id(teacher), step))
-        return real_step(model, opt, x, y, subnets, recipe, par, step, teacher)
+        return real_step(model, opt, x, y, subnets, recipe, par, step, teacher, doc_eos)
 
     monkeypatch.setattr(trainmod, "train_step", spy)
     p = plan(src, "micro", ["reorder.at_steps=[2]"], tokens=3 * STEP_TOKENS, lr=1e-2, parent_flops=1e12)
