@@ -41,6 +41,7 @@ ARMS = {
     # both: the mix leans to the easy levels, each example alone in its attention
     "doc-mask-easy-first": ["data.document_mask=true", "data.task_spec.level_weights=[4,3,2,1]"],
     "doc-mask-easier-first": ["data.document_mask=true", "data.task_spec.level_weights=[8,4,2,1]"],
+    "doc-mask-steeper": ["data.document_mask=true", "data.task_spec.level_weights=[16,8,4,1]"],
     # the preset exactly as it is (no COMMON): the elastic parent, with today's formats and schedule
     "preset": None,
 }
