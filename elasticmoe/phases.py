@@ -43,7 +43,7 @@ from .recipe import DistillConfig, Recipe, SamplingConfig, load_recipe
 from .rundata import load_run_data
 from .subnet import Subnet
 from .tokens import unpack_windows
-from .train import Job, eval_losses, kd_loss, resolve_device, run_job, train
+from .train import Job, document_eos, eval_losses, kd_loss, resolve_device, run_job, train
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def finetune(
     if task_weights:
         windows = {t: w for t, w in windows.items() if task_weights.get(t, 0) > 0} or windows
     full = Subnet.full(child.config)
-    doc_eos = data.tokenizer.eos_id if recipe.data.document_mask else None
+    doc_eos = document_eos(recipe, data)
     before_file = out_dir / "before.json"
     if resume and before_file.is_file():  # measured on the zero-shot child when this fine-tune began
         saved = json.loads(before_file.read_text())
@@ -383,7 +383,7 @@ def search_run(
         parent,
         data.eval_windows("search", windows or recipe.train.eval_windows, recipe.data.loss_on),
         dev,
-        doc_eos=data.tokenizer.eos_id if recipe.data.document_mask else None,
+        doc_eos=document_eos(recipe, data),
     )
     seed = recipe.train.seed if seed is None else seed
     parent_cost = costmod.cost(parent.config, None, seq)

@@ -181,6 +181,12 @@ def describe_data(recipe: Recipe) -> str:
     return "; ".join(parts)
 
 
+def document_eos(recipe: Recipe, data) -> int | None:
+    """The EOS id that keeps packed documents apart in attention (`data.document_mask`), for every
+    forward over a run's packed rows (training, validation, search, re-ordering); None when off."""
+    return data.tokenizer.eos_id if recipe.data.document_mask else None
+
+
 def row_layout(recipe: Recipe, rows: int, n_sub: int) -> tuple[list[int], list[list[int]]]:
     """Mode rows: which of `rows` rows (a rank's share of the batch: whole blocks) the largest
     trains on, and the rows of each of up to `n_sub` sub-networks (fewer when the block has fewer
@@ -532,7 +538,7 @@ def run_job(
         curriculum=recipe.data.curriculum,
         total_steps=t.steps,
     )
-    doc_eos = job.data.tokenizer.eos_id if recipe.data.document_mask else None
+    doc_eos = document_eos(recipe, job.data)
     step, bad_in_row, tokens_seen = 0, 0, 0
     # this attempt's id; the ids of all attempts whose work led to the saved state travel with the
     # checkpoints and the final model, so a report can sum exactly the work behind an artefact
